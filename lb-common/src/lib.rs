@@ -1,0 +1,384 @@
+//! Types shared byte for byte by the `lb` eBPF data path and its userspace.
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding fields, so the
+//! layout is the same for `bpfel-unknown-none` and the host; the tests at the
+//! bottom pin size, alignment and every field offset.
+//!
+//! Byte order: addresses and ports are stored exactly as they appear on the
+//! wire (network order), so the data path compares raw header words without
+//! swapping. Build keys with the constructors here rather than by hand.
+#![cfg_attr(not(test), no_std)]
+
+/// Names of the maps in the eBPF object. Userspace looks maps up by these
+/// names; the kernel truncates names to 15 bytes, which all of these fit.
+pub mod maps {
+    /// `HASH` [`ServiceKey`](crate::ServiceKey) -> [`ServiceValue`](crate::ServiceValue).
+    pub const SERVICES: &str = "LB_SERVICES";
+    /// `ARRAY` backend id -> [`Backend`](crate::Backend).
+    pub const BACKENDS: &str = "LB_BACKENDS";
+    /// `ARRAY` of backend ids: every service's two Maglev tables, back to back.
+    pub const MAGLEV: &str = "LB_MAGLEV";
+    /// `LRU_HASH` client-side [`FlowKey`](crate::FlowKey) -> [`Flow`](crate::Flow).
+    pub const FLOWS: &str = "LB_FLOWS";
+    /// `LRU_HASH` backend-side [`FlowKey`](crate::FlowKey) -> [`RevFlow`](crate::RevFlow).
+    pub const REV_FLOWS: &str = "LB_REV_FLOWS";
+    /// `PERCPU_ARRAY` service id -> [`Counters`](crate::Counters).
+    pub const SERVICE_STATS: &str = "LB_SVC_STATS";
+    /// `PERCPU_ARRAY` backend id -> [`Counters`](crate::Counters).
+    pub const BACKEND_STATS: &str = "LB_BE_STATS";
+    /// `PERCPU_ARRAY` [`stat`](crate::stat) index -> `u64` packet count.
+    pub const GLOBAL_STATS: &str = "LB_GLOBAL_STATS";
+    /// `HASH` ifindex -> `IFACE_F_*` flags of the interfaces `lb` attached to.
+    pub const IFACES: &str = "LB_IFACES";
+}
+
+/// [`maps::IFACES`] flag: the XDP forward program runs on this interface, so
+/// the TC program there sees only what XDP passed (and XDP counted).
+pub const IFACE_F_XDP: u32 = 1 << 0;
+
+/// Names of the programs in the eBPF object.
+pub mod programs {
+    /// XDP forward path, attached to external interfaces.
+    pub const XDP_FORWARD: &str = "lb_xdp_fwd";
+    /// TC (clsact ingress) program: the skb-path twin of the forward path on
+    /// external interfaces, and the reverse path on backend-facing interfaces.
+    pub const TC: &str = "lb_tc";
+}
+
+/// Default sizes. Each can be changed in the config file; the data path reads
+/// them from the map definitions, never from these constants.
+pub mod defaults {
+    /// Maglev lookup table size per service (prime, as the paper requires).
+    pub const TABLE_SIZE: u32 = 65_537;
+    /// Services the maps can hold.
+    pub const MAX_SERVICES: u32 = 64;
+    /// Backends the maps can hold, over all services.
+    pub const MAX_BACKENDS: u32 = 4_096;
+    /// Entries in each flow table (forward and reverse).
+    pub const FLOW_TABLE_SIZE: u32 = 1 << 20;
+}
+
+/// IANA protocol number of TCP.
+pub const IPPROTO_TCP: u8 = 6;
+/// IANA protocol number of UDP.
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Slot value of a Maglev table with no backend to pick.
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Key of [`maps::SERVICES`]: a virtual IP, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// Virtual IPv4 address, network order.
+    pub addr: u32,
+    /// Virtual port, network order.
+    pub port: u16,
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub proto: u8,
+    /// Always zero.
+    pub _pad: u8,
+}
+
+impl ServiceKey {
+    /// Builds a key from host-order values.
+    pub const fn new(addr: [u8; 4], port: u16, proto: u8) -> Self {
+        Self {
+            addr: u32::from_ne_bytes(addr),
+            port: u16::from_ne_bytes(port.to_be_bytes()),
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of [`maps::SERVICES`].
+///
+/// Replaced as a whole by userspace: switching `table_base` from one of the
+/// service's two Maglev copies to the other is the atomic flip.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Service id: index into [`maps::SERVICE_STATS`].
+    pub id: u32,
+    /// Index in [`maps::MAGLEV`] of slot 0 of the active table.
+    pub table_base: u32,
+    /// Slots in the active table (prime).
+    pub table_size: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+}
+
+/// [`Backend::state`]: no flow may use it (also the state of an unused slot).
+pub const BACKEND_DOWN: u32 = 0;
+/// [`Backend::state`]: takes new flows and keeps its existing ones.
+pub const BACKEND_ACTIVE: u32 = 1;
+/// [`Backend::state`]: keeps its existing flows, gets no new ones.
+pub const BACKEND_DRAINING: u32 = 2;
+
+/// [`Backend::flags`]: `dst_mac`/`src_mac` hold the next hop and egress MACs.
+pub const BACKEND_F_MAC: u32 = 1 << 0;
+/// [`Backend::flags`]: the egress interface takes XDP frames (e.g. a veth whose
+/// peer has GRO on), so XDP may redirect straight to it.
+pub const BACKEND_F_XDP: u32 = 1 << 1;
+/// [`Backend::flags`]: the egress is a veth whose peer holds the backend, so the
+/// skb path may hand the packet to the peer directly (`bpf_redirect_peer`).
+pub const BACKEND_F_PEER: u32 = 1 << 2;
+
+/// Value of [`maps::BACKENDS`], indexed by backend id.
+///
+/// Userspace rewrites a live entry only with the same address, port and
+/// service, so a reader racing an update sees old or new delivery data, never
+/// another backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Backend IPv4 address, network order.
+    pub addr: u32,
+    /// Backend port, network order.
+    pub port: u16,
+    /// Always zero.
+    pub _pad: u16,
+    /// Interface that leads to the backend.
+    pub ifindex: u32,
+    /// Id of the service this backend belongs to; a flow whose backend now
+    /// belongs to another service is treated as a miss.
+    pub service_id: u32,
+    /// [`BACKEND_DOWN`], [`BACKEND_ACTIVE`] or [`BACKEND_DRAINING`].
+    pub state: u32,
+    /// `BACKEND_F_*` bits.
+    pub flags: u32,
+    /// Destination MAC: the backend's, or the router's towards it.
+    pub dst_mac: [u8; 6],
+    /// Source MAC: the egress interface's own.
+    pub src_mac: [u8; 6],
+}
+
+/// A flow's 5-tuple as seen in one direction, used as the key of both flow
+/// tables: client to VIP in [`maps::FLOWS`], backend to client in
+/// [`maps::REV_FLOWS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source address, network order.
+    pub src_addr: u32,
+    /// Destination address, network order.
+    pub dst_addr: u32,
+    /// Source port, network order.
+    pub src_port: u16,
+    /// Destination port, network order.
+    pub dst_port: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Always zero.
+    pub _pad: [u8; 3],
+}
+
+/// Value of [`maps::FLOWS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Backend id the flow was given.
+    pub backend_id: u32,
+}
+
+/// [`RevFlow::flags`]: the client's frames carried an 802.1Q tag, `vlan_tci`.
+pub const REV_F_VLAN: u16 = 1 << 0;
+
+/// Value of [`maps::REV_FLOWS`]: how to turn a backend's reply back into the
+/// service's and where to send it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevFlow {
+    /// Service address to restore as the source, network order.
+    pub vip: u32,
+    /// Service port to restore as the source, network order.
+    pub vport: u16,
+    /// 802.1Q TCI of the client's frames, host order, when `REV_F_VLAN` is set.
+    pub vlan_tci: u16,
+    /// Interface the client's packets arrived on; replies leave through it.
+    pub ifindex: u32,
+    /// Source MAC of the client's frames (client or its router).
+    pub client_mac: [u8; 6],
+    /// Destination MAC of the client's frames (this host's interface).
+    pub lb_mac: [u8; 6],
+    /// `REV_F_*` bits.
+    pub flags: u16,
+    /// Always zero.
+    pub _pad: u16,
+}
+
+/// Per-CPU counters of one service or one backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Packets forwarded.
+    pub packets: u64,
+    /// Bytes forwarded (whole frames as received).
+    pub bytes: u64,
+    /// Flows started.
+    pub new_flows: u64,
+}
+
+/// Indexes of [`maps::GLOBAL_STATS`]: what happened to each packet the data
+/// path saw, one counter per outcome.
+pub mod stat {
+    /// Passed: not IPv4 (ARP, IPv6, LLDP, QinQ, …).
+    pub const PASS_NOT_IPV4: u32 = 0;
+    /// Passed: IPv4 but neither TCP nor UDP.
+    pub const PASS_NOT_L4: u32 = 1;
+    /// Passed: TCP/UDP to no service.
+    pub const PASS_NO_SERVICE: u32 = 2;
+    /// Passed: an IPv4 fragment (ports unknown or incomplete).
+    pub const PASS_FRAGMENT: u32 = 3;
+    /// Passed: too short for its headers or with an invalid header field.
+    pub const PASS_MALFORMED: u32 = 4;
+    /// Passed by XDP to the TC program, because the backend's egress cannot take
+    /// XDP frames yet (the skb path delivers it).
+    pub const PASS_TO_SKB_PATH: u32 = 5;
+    /// Dropped: the service has no backend to take a new flow.
+    pub const DROP_NO_BACKEND: u32 = 6;
+    /// Forwarded to a backend by XDP redirect.
+    pub const FWD_XDP: u32 = 7;
+    /// Forwarded to a backend by the TC program (skb path).
+    pub const FWD_SKB: u32 = 8;
+    /// Dropped: a redirect or header helper failed.
+    pub const DROP_REDIRECT_ERROR: u32 = 9;
+    /// Replies from a backend rewritten back to the service and sent on.
+    pub const REVERSE_NAT: u32 = 10;
+    /// Passed by the TC program: from a backend-side interface, no flow.
+    pub const PASS_NO_FLOW: u32 = 11;
+    /// Flows moved because their backend went down or left the service.
+    pub const FLOW_REBALANCED: u32 = 12;
+    /// Number of counters.
+    pub const COUNT: u32 = 13;
+
+    /// Counter names, by index, as userspace reports them.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "pass_not_ipv4",
+        "pass_not_l4",
+        "pass_no_service",
+        "pass_fragment",
+        "pass_malformed",
+        "pass_to_skb_path",
+        "drop_no_backend",
+        "fwd_xdp",
+        "fwd_skb",
+        "drop_redirect_error",
+        "reverse_nat",
+        "pass_no_flow",
+        "flow_rebalanced",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, made only of integers and
+    // byte arrays, and have no implicit padding (see the layout tests).
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::RevFlow {}
+    unsafe impl aya::Pod for super::Counters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{align_of, offset_of, size_of};
+
+    use super::*;
+
+    #[test]
+    fn service_key_layout() {
+        assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(align_of::<ServiceKey>(), 4);
+        assert_eq!(offset_of!(ServiceKey, addr), 0);
+        assert_eq!(offset_of!(ServiceKey, port), 4);
+        assert_eq!(offset_of!(ServiceKey, proto), 6);
+        assert_eq!(offset_of!(ServiceKey, _pad), 7);
+    }
+
+    #[test]
+    fn service_key_is_network_order() {
+        let k = ServiceKey::new([198, 18, 101, 1], 80, IPPROTO_TCP);
+        assert_eq!(k.addr.to_ne_bytes(), [198, 18, 101, 1]);
+        assert_eq!(k.port.to_ne_bytes(), [0, 80]);
+    }
+
+    #[test]
+    fn service_value_layout() {
+        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(align_of::<ServiceValue>(), 4);
+        assert_eq!(offset_of!(ServiceValue, id), 0);
+        assert_eq!(offset_of!(ServiceValue, table_base), 4);
+        assert_eq!(offset_of!(ServiceValue, table_size), 8);
+        assert_eq!(offset_of!(ServiceValue, flags), 12);
+    }
+
+    #[test]
+    fn backend_layout() {
+        assert_eq!(size_of::<Backend>(), 36);
+        assert_eq!(align_of::<Backend>(), 4);
+        assert_eq!(offset_of!(Backend, addr), 0);
+        assert_eq!(offset_of!(Backend, port), 4);
+        assert_eq!(offset_of!(Backend, _pad), 6);
+        assert_eq!(offset_of!(Backend, ifindex), 8);
+        assert_eq!(offset_of!(Backend, service_id), 12);
+        assert_eq!(offset_of!(Backend, state), 16);
+        assert_eq!(offset_of!(Backend, flags), 20);
+        assert_eq!(offset_of!(Backend, dst_mac), 24);
+        assert_eq!(offset_of!(Backend, src_mac), 30);
+    }
+
+    #[test]
+    fn flow_key_layout() {
+        assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(align_of::<FlowKey>(), 4);
+        assert_eq!(offset_of!(FlowKey, src_addr), 0);
+        assert_eq!(offset_of!(FlowKey, dst_addr), 4);
+        assert_eq!(offset_of!(FlowKey, src_port), 8);
+        assert_eq!(offset_of!(FlowKey, dst_port), 10);
+        assert_eq!(offset_of!(FlowKey, proto), 12);
+        assert_eq!(offset_of!(FlowKey, _pad), 13);
+    }
+
+    #[test]
+    fn flow_layout() {
+        assert_eq!(size_of::<Flow>(), 4);
+        assert_eq!(align_of::<Flow>(), 4);
+        assert_eq!(offset_of!(Flow, backend_id), 0);
+    }
+
+    #[test]
+    fn rev_flow_layout() {
+        assert_eq!(size_of::<RevFlow>(), 28);
+        assert_eq!(align_of::<RevFlow>(), 4);
+        assert_eq!(offset_of!(RevFlow, vip), 0);
+        assert_eq!(offset_of!(RevFlow, vport), 4);
+        assert_eq!(offset_of!(RevFlow, vlan_tci), 6);
+        assert_eq!(offset_of!(RevFlow, ifindex), 8);
+        assert_eq!(offset_of!(RevFlow, client_mac), 12);
+        assert_eq!(offset_of!(RevFlow, lb_mac), 18);
+        assert_eq!(offset_of!(RevFlow, flags), 24);
+        assert_eq!(offset_of!(RevFlow, _pad), 26);
+    }
+
+    #[test]
+    fn counters_layout() {
+        assert_eq!(size_of::<Counters>(), 24);
+        assert_eq!(align_of::<Counters>(), 8);
+        assert_eq!(offset_of!(Counters, packets), 0);
+        assert_eq!(offset_of!(Counters, bytes), 8);
+        assert_eq!(offset_of!(Counters, new_flows), 16);
+    }
+
+    #[test]
+    fn every_stat_has_a_unique_name() {
+        let mut names = stat::NAMES.to_vec();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), stat::COUNT as usize);
+    }
+}

@@ -1,0 +1,453 @@
+//! The TOML config file: parsed, then validated into a [`Config`] whose every
+//! value is usable as it is. Errors name the file, the service and the field.
+
+use std::{
+    collections::HashSet,
+    fmt, fs,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use lb_common::{defaults, IPPROTO_TCP, IPPROTO_UDP};
+use serde::Deserialize;
+
+use crate::maglev::is_prime;
+
+/// Why a config file was refused. Each renders as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped fields.
+    #[error("{path}:{line}: {message}")]
+    Syntax {
+        /// The config file.
+        path: PathBuf,
+        /// 1-based line of the error.
+        line: usize,
+        /// The parser's message, on one line.
+        message: String,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("{path}: {field}: {reason}")]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// Which field, e.g. `service "web" vip`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// A transport protocol a service balances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// IANA protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// How the forward program is attached to the external interfaces.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardMode {
+    /// XDP on NICs, TC on veth (see ARCHITECTURE.md: a veth hands XDP
+    /// `CHECKSUM_PARTIAL` packets whose checksums XDP cannot complete).
+    #[default]
+    Auto,
+    /// XDP (native where the driver has it), falling back to TC per backend.
+    Xdp,
+    /// TC only (the skb path).
+    Tc,
+}
+
+/// A backend address with its weight, written `ip:port` or `ip:port@weight`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendSpec {
+    /// Address and port.
+    pub addr: SocketAddrV4,
+    /// Relative share of new flows (at least 1).
+    pub weight: u32,
+}
+
+impl FromStr for BackendSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, weight) = match s.split_once('@') {
+            Some((a, w)) => (
+                a,
+                w.parse::<u32>()
+                    .map_err(|_| format!("weight {w:?} in {s:?} is not a whole number"))?,
+            ),
+            None => (s, 1),
+        };
+        if weight == 0 {
+            return Err(format!("weight 0 in {s:?}: weights start at 1 (use drain or remove the backend)"));
+        }
+        let addr = parse_socket_addr(addr)?;
+        Ok(Self { addr, weight })
+    }
+}
+
+impl fmt::Display for BackendSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.weight == 1 {
+            write!(f, "{}", self.addr)
+        } else {
+            write!(f, "{}@{}", self.addr, self.weight)
+        }
+    }
+}
+
+/// Parses `a.b.c.d:port` with a port from 1 to 65535.
+pub fn parse_socket_addr(s: &str) -> Result<SocketAddrV4, String> {
+    let (ip, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not IPv4:port"))?;
+    let ip: Ipv4Addr = ip
+        .parse()
+        .map_err(|_| format!("{ip:?} in {s:?} is not an IPv4 address"))?;
+    let port: u32 = port
+        .parse()
+        .map_err(|_| format!("port {port:?} in {s:?} is not a number"))?;
+    if port == 0 || port > 65535 {
+        return Err(format!("port {port} in {s:?} is out of range 1-65535"));
+    }
+    Ok(SocketAddrV4::new(ip, port as u16))
+}
+
+/// A service, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// Unique name.
+    pub name: String,
+    /// Virtual address and port.
+    pub vip: SocketAddrV4,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Maglev table size (prime).
+    pub table_size: u32,
+    /// Static backends, unique by address.
+    pub backends: Vec<BackendSpec>,
+}
+
+/// The data path section, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatapathSpec {
+    /// Interfaces where clients' packets arrive (must exist at start).
+    pub external: Vec<String>,
+    /// How to attach the forward program there.
+    pub mode: ForwardMode,
+    /// Services the maps can hold.
+    pub max_services: u32,
+    /// Backends the maps can hold.
+    pub max_backends: u32,
+    /// Largest Maglev table a service may use.
+    pub max_table_size: u32,
+    /// Entries per flow table.
+    pub flow_table_size: u32,
+}
+
+/// A whole validated config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Data path settings.
+    pub datapath: DatapathSpec,
+    /// Services, in file order.
+    pub services: Vec<ServiceSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    datapath: RawDatapath,
+    #[serde(default, rename = "service")]
+    services: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatapath {
+    external: Vec<String>,
+    #[serde(default)]
+    mode: ForwardMode,
+    max_services: Option<u32>,
+    max_backends: Option<u32>,
+    max_table_size: Option<u32>,
+    flow_table_size: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    vip: String,
+    protocol: Option<String>,
+    #[serde(default)]
+    backends: Vec<String>,
+    table_size: Option<u32>,
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates `text` as the contents of `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            line: e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
+                .unwrap_or(1),
+            message: e.message().replace('\n', " "),
+        })?;
+        let invalid = |field: String, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            reason,
+        };
+
+        let d = raw.datapath;
+        if d.external.is_empty() {
+            return Err(invalid(
+                "datapath.external".into(),
+                "empty: name at least one interface where clients' packets arrive".into(),
+            ));
+        }
+        let mut seen_if = HashSet::new();
+        for i in &d.external {
+            if i.is_empty() || i.len() > 15 || i.contains(['/', ' ']) {
+                return Err(invalid("datapath.external".into(), format!("{i:?} is not an interface name")));
+            }
+            if !seen_if.insert(i) {
+                return Err(invalid("datapath.external".into(), format!("{i:?} is listed twice")));
+            }
+        }
+        let positive = |v: Option<u32>, default: u32, field: &str| match v {
+            Some(0) => Err(invalid(format!("datapath.{field}"), "must be at least 1".into())),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+        let max_table_size = positive(d.max_table_size, defaults::TABLE_SIZE, "max_table_size")?;
+        if !is_prime(max_table_size) {
+            return Err(invalid(
+                "datapath.max_table_size".into(),
+                format!("{max_table_size} is not prime (Maglev needs a prime table size)"),
+            ));
+        }
+        let datapath = DatapathSpec {
+            external: d.external,
+            mode: d.mode,
+            max_services: positive(d.max_services, defaults::MAX_SERVICES, "max_services")?,
+            max_backends: positive(d.max_backends, defaults::MAX_BACKENDS, "max_backends")?,
+            max_table_size,
+            flow_table_size: positive(d.flow_table_size, defaults::FLOW_TABLE_SIZE, "flow_table_size")?,
+        };
+        if u64::from(datapath.max_services) * 2 * u64::from(max_table_size) > u64::from(u32::MAX) {
+            return Err(invalid(
+                "datapath.max_services".into(),
+                "max_services * 2 * max_table_size must fit in 32 bits".into(),
+            ));
+        }
+
+        let mut services = Vec::new();
+        let mut names = HashSet::new();
+        let mut vips = HashSet::new();
+        let mut total_backends = 0usize;
+        for s in raw.services {
+            let field = |f: &str| format!("service {:?} {f}", s.name);
+            if s.name.is_empty() || s.name.len() > 64 || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return Err(invalid(
+                    "service name".into(),
+                    format!("{:?}: use 1-64 letters, digits, '-', '_' or '.'", s.name),
+                ));
+            }
+            if !names.insert(s.name.clone()) {
+                return Err(invalid(field("name"), "a service with this name is defined twice".into()));
+            }
+            let protocol = match s.protocol.as_deref() {
+                None | Some("tcp") => Protocol::Tcp,
+                Some("udp") => Protocol::Udp,
+                Some(p) => return Err(invalid(field("protocol"), format!("{p:?} is neither \"tcp\" nor \"udp\""))),
+            };
+            let vip = parse_socket_addr(&s.vip).map_err(|r| invalid(field("vip"), r))?;
+            if !vips.insert((vip, protocol)) {
+                return Err(invalid(field("vip"), format!("{protocol} {vip} is already used by another service")));
+            }
+            let table_size = s.table_size.unwrap_or(defaults::TABLE_SIZE.min(max_table_size));
+            if !is_prime(table_size) {
+                return Err(invalid(field("table_size"), format!("{table_size} is not prime")));
+            }
+            if table_size > max_table_size {
+                return Err(invalid(
+                    field("table_size"),
+                    format!("{table_size} is larger than datapath.max_table_size {max_table_size}"),
+                ));
+            }
+            if s.backends.is_empty() {
+                return Err(invalid(
+                    field("backends"),
+                    "empty: a service needs at least one backend".into(),
+                ));
+            }
+            let mut backends = Vec::new();
+            let mut seen = HashSet::new();
+            for b in &s.backends {
+                let spec: BackendSpec = b.parse().map_err(|r| invalid(field("backends"), r))?;
+                if !seen.insert(spec.addr) {
+                    return Err(invalid(field("backends"), format!("{} is listed twice", spec.addr)));
+                }
+                backends.push(spec);
+            }
+            if backends.len() > table_size as usize {
+                return Err(invalid(field("backends"), format!("more backends than table slots ({table_size})")));
+            }
+            total_backends += backends.len();
+            services.push(ServiceSpec {
+                name: s.name,
+                vip,
+                protocol,
+                table_size,
+                backends,
+            });
+        }
+        if services.len() > datapath.max_services as usize {
+            return Err(invalid(
+                "service".into(),
+                format!("{} services, more than datapath.max_services {}", services.len(), datapath.max_services),
+            ));
+        }
+        if total_backends > datapath.max_backends as usize {
+            return Err(invalid(
+                "backends".into(),
+                format!("{total_backends} backends, more than datapath.max_backends {}", datapath.max_backends),
+            ));
+        }
+        Ok(Self { datapath, services })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[datapath]
+external = ["eth1"]            # interfaces where clients' packets arrive
+
+[[service]]
+name = "web"
+vip = "198.18.101.1:80"        # address:port of the service
+protocol = "tcp"               # tcp | udp
+backends = ["198.18.103.2:8080", "198.18.104.2:8080@2"]   # ip:port, optional @weight
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("lb.toml"), text)
+    }
+
+    fn err(text: &str) -> String {
+        let e = parse(text).expect_err("must be refused").to_string();
+        assert!(!e.contains('\n'), "error must be one line: {e}");
+        e
+    }
+
+    #[test]
+    fn the_first_config_a_user_writes_works() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.datapath.external, ["eth1"]);
+        assert_eq!(c.datapath.mode, ForwardMode::Auto);
+        let s = &c.services[0];
+        assert_eq!(s.name, "web");
+        assert_eq!(s.vip, "198.18.101.1:80".parse().unwrap());
+        assert_eq!(s.protocol, Protocol::Tcp);
+        assert_eq!(s.table_size, 65_537);
+        assert_eq!(s.backends[0].weight, 1);
+        assert_eq!(s.backends[1].weight, 2);
+        assert_eq!(s.backends[1].addr, "198.18.104.2:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases = [
+            (GOOD.replace("198.18.101.1:80", "198.18.101.1:99999"), "vip"),
+            (GOOD.replace("198.18.101.1:80", "198.18.101.1:0"), "vip"),
+            (GOOD.replace("198.18.101.1:80", "web.example:80"), "vip"),
+            (GOOD.replace("8080@2", "8080@0"), "backends"),
+            (GOOD.replace("8080@2", "8080@x"), "backends"),
+            (GOOD.replace("198.18.103.2:8080", "198.18.103.2"), "backends"),
+            (GOOD.replace("198.18.104.2:8080@2", "198.18.103.2:8080"), "backends"),
+            (GOOD.replace(r#"["198.18.103.2:8080", "198.18.104.2:8080@2"]"#, "[]"), "backends"),
+            (GOOD.replace(r#"["eth1"]"#, "[]"), "external"),
+            (GOOD.replace(r#""tcp""#, r#""sctp""#), "protocol"),
+            (format!("{GOOD}table_size = 65536\n"), "table_size"),
+            (format!("{GOOD}colour = 1\n"), "colour"),
+            (format!("{GOOD}\n[[service]]\nname = \"web\"\nvip = \"198.18.101.2:80\"\nbackends = [\"198.18.103.2:1\"]\n"), "name"),
+            (format!("{GOOD}\n[[service]]\nname = \"web2\"\nvip = \"198.18.101.1:80\"\nbackends = [\"198.18.103.2:1\"]\n"), "vip"),
+        ];
+        for (text, field) in cases {
+            let e = err(&text);
+            assert!(e.contains(field), "{field:?} not named in: {e}");
+            assert!(e.starts_with("lb.toml"), "file not named in: {e}");
+        }
+    }
+
+    #[test]
+    fn same_vip_port_with_another_protocol_is_fine() {
+        let text = format!(
+            "{GOOD}\n[[service]]\nname = \"dns\"\nvip = \"198.18.101.1:80\"\nprotocol = \"udp\"\nbackends = [\"198.18.103.2:53\"]\n"
+        );
+        assert_eq!(parse(&text).unwrap().services.len(), 2);
+    }
+
+    #[test]
+    fn syntax_errors_give_a_line() {
+        let e = err("[datapath]\nexternal = [\"eth1\"\n");
+        assert!(e.starts_with("lb.toml:"), "{e}");
+    }
+
+    #[test]
+    fn backend_spec_round_trips() {
+        for s in ["198.18.103.2:8080", "198.18.103.2:8080@7"] {
+            assert_eq!(s.parse::<BackendSpec>().unwrap().to_string(), s);
+        }
+    }
+}

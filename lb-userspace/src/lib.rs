@@ -1,0 +1,8 @@
+//! The `lb` daemon as a library: config, Maglev, the data path loader, host
+//! queries and the reconcile loop. `main.rs` is the command line on top.
+pub mod config;
+pub mod daemon;
+pub mod datapath;
+pub mod host;
+pub mod maglev;
+pub mod reconcile;

@@ -1,0 +1,555 @@
+//! The one owner of the maps: turns the desired services into map contents.
+//!
+//! Sources of desired state (the config file now; the API and Docker later)
+//! never write maps; they hand whole service lists to [`Reconciler::apply`].
+//!
+//! Order of writes, so that no packet ever sees an inconsistent state:
+//! 1. backend entries a table will reference are written first;
+//! 2. the service's inactive Maglev copy is written (only the slots that
+//!    differ from what that copy already holds);
+//! 3. the service entry is replaced as a whole, pointing at that copy: the
+//!    flip. A `HASH` map update swaps the element atomically;
+//! 4. only then are removed backends marked down, so flows still on them
+//!    move on their next packet.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use aya::maps::MapError;
+use lb_common::{
+    maps, Backend, ServiceKey, ServiceValue, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_F_MAC,
+    BACKEND_F_PEER, BACKEND_F_XDP, NO_BACKEND,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::{ServiceSpec},
+    datapath::{Datapath, DatapathError, MapSizes},
+    host::{self, HostError},
+    maglev::{self, MaglevBackend, MaglevError},
+};
+
+/// Errors of the reconcile loop.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// A map write failed.
+    #[error("writing map {name}")]
+    Map {
+        /// The map.
+        name: &'static str,
+        /// What went wrong.
+        #[source]
+        source: MapError,
+    },
+    /// Attaching to a backend's interface failed.
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    /// A Maglev table could not be built.
+    #[error("service {service}: building its Maglev table")]
+    Maglev {
+        /// The service.
+        service: String,
+        /// What went wrong.
+        #[source]
+        source: MaglevError,
+    },
+    /// No service id left.
+    #[error("service {0}: the maps are full (datapath.max_services)")]
+    ServicesFull(String),
+    /// No backend id left.
+    #[error("service {0}: the maps are full (datapath.max_backends)")]
+    BackendsFull(String),
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> ReconcileError {
+    move |source| ReconcileError::Map { name, source }
+}
+
+/// Hands out ids round-robin, so a freed id is reused as late as possible
+/// and a stale flow pointing at it is unlikely to find a new tenant.
+#[derive(Debug)]
+struct Ids {
+    used: Vec<bool>,
+    next: usize,
+}
+
+impl Ids {
+    fn new(capacity: u32) -> Self {
+        Self {
+            used: vec![false; capacity as usize],
+            next: 0,
+        }
+    }
+
+    fn alloc(&mut self) -> Option<u32> {
+        let n = self.used.len();
+        let i = (0..n).map(|k| (self.next + k) % n).find(|&i| !self.used[i])?;
+        self.used[i] = true;
+        self.next = (i + 1) % n;
+        Some(i as u32)
+    }
+
+    fn free(&mut self, id: u32) {
+        self.used[id as usize] = false;
+    }
+}
+
+/// How packets reach a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// Egress interface.
+    pub ifindex: u32,
+    /// Its MAC.
+    pub src_mac: [u8; 6],
+    /// The next hop's MAC, once resolved.
+    pub dst_mac: Option<[u8; 6]>,
+    /// `BACKEND_F_*` bits.
+    pub flags: u32,
+}
+
+#[derive(Debug)]
+struct BackendState {
+    id: u32,
+    weight: u32,
+    delivery: Option<Delivery>,
+}
+
+impl BackendState {
+    fn usable(&self) -> bool {
+        self.delivery.is_some()
+    }
+}
+
+#[derive(Debug)]
+struct ServiceState {
+    spec: ServiceSpec,
+    id: u32,
+    /// Which copy the service entry points at, once written.
+    active: Option<usize>,
+    /// What each copy of the table holds in the map (empty: unknown).
+    copies: [Vec<u32>; 2],
+    backends: BTreeMap<SocketAddrV4, BackendState>,
+}
+
+impl ServiceState {
+    fn key(&self) -> ServiceKey {
+        service_key(&self.spec)
+    }
+}
+
+fn service_key(s: &ServiceSpec) -> ServiceKey {
+    ServiceKey::new(s.vip.ip().octets(), s.vip.port(), s.protocol.number())
+}
+
+/// Stable Maglev identity of a backend: its address and port.
+fn maglev_key(addr: SocketAddrV4) -> u64 {
+    (u64::from(u32::from(*addr.ip())) << 16) | u64::from(addr.port())
+}
+
+/// Owns the data path's maps and keeps them equal to the desired services.
+pub struct Reconciler {
+    dp: Datapath,
+    sizes: MapSizes,
+    services: BTreeMap<String, ServiceState>,
+    service_ids: Ids,
+    backend_ids: Ids,
+    /// Backend-facing interfaces already set up (TC attached, GRO checked).
+    ready_ifaces: BTreeSet<u32>,
+    /// Neighbour entries this daemon asked the kernel to keep resolved.
+    managed_neighbors: BTreeSet<(Ipv4Addr, String)>,
+}
+
+impl Reconciler {
+    /// Takes over a loaded data path.
+    pub fn new(dp: Datapath, sizes: MapSizes) -> Self {
+        Self {
+            dp,
+            sizes,
+            services: BTreeMap::new(),
+            service_ids: Ids::new(sizes.max_services),
+            backend_ids: Ids::new(sizes.max_backends),
+            ready_ifaces: BTreeSet::new(),
+            managed_neighbors: BTreeSet::new(),
+        }
+    }
+
+    /// The data path, e.g. to read counters.
+    pub fn datapath(&self) -> &Datapath {
+        &self.dp
+    }
+
+    /// Makes the maps hold exactly `desired`.
+    pub async fn apply(&mut self, desired: &[ServiceSpec]) -> Result<(), ReconcileError> {
+        let wanted: HashMap<&str, &ServiceSpec> = desired.iter().map(|s| (s.name.as_str(), s)).collect();
+        let gone: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(name, st)| {
+                wanted
+                    .get(name.as_str())
+                    .is_none_or(|s| service_key(s) != st.key())
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            self.remove_service(&name)?;
+        }
+        for spec in desired {
+            self.upsert_service(spec).await?;
+        }
+        Ok(())
+    }
+
+    fn remove_service(&mut self, name: &str) -> Result<(), ReconcileError> {
+        let Some(st) = self.services.remove(name) else {
+            return Ok(());
+        };
+        // The key goes first: from then on no packet reaches the backends.
+        match self.dp.maps.services.remove(&st.key()) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(maps::SERVICES)(e)),
+        }
+        for b in st.backends.values() {
+            self.write_backend_down(b.id)?;
+            self.backend_ids.free(b.id);
+        }
+        self.service_ids.free(st.id);
+        info!(service = name, "service removed");
+        Ok(())
+    }
+
+    async fn upsert_service(&mut self, spec: &ServiceSpec) -> Result<(), ReconcileError> {
+        if !self.services.contains_key(&spec.name) {
+            let id = self
+                .service_ids
+                .alloc()
+                .ok_or_else(|| ReconcileError::ServicesFull(spec.name.clone()))?;
+            self.services.insert(
+                spec.name.clone(),
+                ServiceState {
+                    spec: spec.clone(),
+                    id,
+                    active: None,
+                    copies: [Vec::new(), Vec::new()],
+                    backends: BTreeMap::new(),
+                },
+            );
+            info!(service = spec.name, vip = %spec.vip, protocol = %spec.protocol, "service added");
+        }
+        let wanted: BTreeMap<SocketAddrV4, u32> = spec.backends.iter().map(|b| (b.addr, b.weight)).collect();
+        let st = self.services.get_mut(&spec.name).expect("inserted above");
+        st.spec = spec.clone();
+        let removed: Vec<(SocketAddrV4, u32)> = st
+            .backends
+            .iter()
+            .filter(|(a, _)| !wanted.contains_key(a))
+            .map(|(a, b)| (*a, b.id))
+            .collect();
+        let added: Vec<(SocketAddrV4, u32)> = wanted
+            .iter()
+            .filter(|(a, _)| !st.backends.contains_key(a))
+            .map(|(a, w)| (*a, *w))
+            .collect();
+        for (addr, weight) in &wanted {
+            if let Some(b) = st.backends.get_mut(addr) {
+                b.weight = *weight;
+            }
+        }
+        let service_id = st.id;
+        for (addr, weight) in added {
+            let id = self
+                .backend_ids
+                .alloc()
+                .ok_or_else(|| ReconcileError::BackendsFull(spec.name.clone()))?;
+            let delivery = self.resolve(addr, &spec.name).await?;
+            self.write_backend(service_id, addr, id, delivery)?;
+            let st = self.services.get_mut(&spec.name).expect("present");
+            st.backends.insert(addr, BackendState { id, weight, delivery });
+            info!(service = spec.name, backend = %addr, id, weight, "backend added");
+        }
+        self.write_table(&spec.name)?;
+        for (addr, id) in removed {
+            self.write_backend_down(id)?;
+            self.backend_ids.free(id);
+            let st = self.services.get_mut(&spec.name).expect("present");
+            st.backends.remove(&addr);
+            info!(service = spec.name, backend = %addr, id, "backend removed");
+        }
+        Ok(())
+    }
+
+    /// Works out how to reach `addr` and prepares its interface: TC attached
+    /// for the replies, and GRO on the veth peer so XDP can deliver to it.
+    /// `None` (the backend stays out of the table) when it cannot be reached.
+    async fn resolve(&mut self, addr: SocketAddrV4, service: &str) -> Result<Option<Delivery>, ReconcileError> {
+        match self.try_resolve(*addr.ip()).await {
+            Ok(d) => Ok(Some(d)),
+            Err(ResolveError::Host(e)) => {
+                warn!(service, backend = %addr, error = %e, "backend unreachable; kept out of the table until it is");
+                Ok(None)
+            }
+            Err(ResolveError::Datapath(e)) => Err(e.into()),
+        }
+    }
+
+    async fn try_resolve(&mut self, ip: Ipv4Addr) -> Result<Delivery, ResolveError> {
+        let route = host::route_get(ip).await?;
+        let link = host::link(&route.dev).await?;
+        let next_hop = route.gateway.unwrap_or(ip);
+        let mut mac = host::neighbor(next_hop, &link.name).await?;
+        if mac.is_none() {
+            host::keep_neighbor_resolved(next_hop, &link.name).await?;
+            self.managed_neighbors.insert((next_hop, link.name.clone()));
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                mac = host::neighbor(next_hop, &link.name).await?;
+                if mac.is_some() {
+                    break;
+                }
+            }
+        }
+        let mut flags = 0;
+        if mac.is_some() {
+            flags |= BACKEND_F_MAC;
+        }
+        let peer = link.veth && link.peer_netnsid.is_some();
+        if peer {
+            flags |= BACKEND_F_PEER;
+        }
+        if !self.ready_ifaces.contains(&link.ifindex) {
+            self.dp
+                .attach_tc(&link.name, link.ifindex)
+                .map_err(ResolveError::Datapath)?;
+            info!(iface = link.name, "reverse path attached (TC ingress)");
+        }
+        if peer && mac.is_some() && self.peer_takes_xdp(&link).await {
+            flags |= BACKEND_F_XDP;
+        }
+        self.ready_ifaces.insert(link.ifindex);
+        Ok(Delivery {
+            ifindex: link.ifindex,
+            src_mac: link.mac,
+            dst_mac: mac,
+            flags,
+        })
+    }
+
+    /// Makes sure the veth peer behind `link` has GRO on; `false` when its
+    /// namespace cannot be found or changed (delivery then takes the skb path).
+    async fn peer_takes_xdp(&self, link: &host::Link) -> bool {
+        let (Some(peer), Some(nsid)) = (link.peer_ifindex, link.peer_netnsid) else {
+            return false;
+        };
+        let result = async {
+            let Some(ns) = host::find_peer_netns(link.ifindex, peer, nsid).await? else {
+                return Ok::<_, HostError>(false);
+            };
+            let Some(peer_link) = host::link_in_netns(&ns, peer).await? else {
+                return Ok(false);
+            };
+            if host::ensure_gro(&ns, &peer_link.name).await? {
+                info!(
+                    iface = link.name,
+                    peer = peer_link.name,
+                    netns = %ns.display(),
+                    "turned GRO on in the backend's namespace so XDP can deliver to it"
+                );
+            }
+            Ok(true)
+        }
+        .await;
+        match result {
+            Ok(ok) => {
+                if !ok {
+                    debug!(iface = link.name, "veth peer namespace not found; using the skb path");
+                }
+                ok
+            }
+            Err(e) => {
+                warn!(iface = link.name, error = %e, "could not prepare the veth peer for XDP; using the skb path");
+                false
+            }
+        }
+    }
+
+    fn write_backend(&mut self, service_id: u32, addr: SocketAddrV4, id: u32, d: Option<Delivery>) -> Result<(), ReconcileError> {
+        let value = match d {
+            Some(d) => Backend {
+                addr: u32::from_ne_bytes(addr.ip().octets()),
+                port: addr.port().to_be(),
+                _pad: 0,
+                ifindex: d.ifindex,
+                service_id,
+                state: BACKEND_ACTIVE,
+                flags: d.flags,
+                dst_mac: d.dst_mac.unwrap_or_default(),
+                src_mac: d.src_mac,
+            },
+            None => Backend {
+                addr: u32::from_ne_bytes(addr.ip().octets()),
+                port: addr.port().to_be(),
+                service_id,
+                state: BACKEND_DOWN,
+                ..Backend::default()
+            },
+        };
+        self.dp
+            .maps
+            .backends
+            .set(id, value, 0)
+            .map_err(map_err(maps::BACKENDS))
+    }
+
+    fn write_backend_down(&mut self, id: u32) -> Result<(), ReconcileError> {
+        let mut b = self
+            .dp
+            .maps
+            .backends
+            .get(&id, 0)
+            .map_err(map_err(maps::BACKENDS))?;
+        b.state = BACKEND_DOWN;
+        self.dp
+            .maps
+            .backends
+            .set(id, b, 0)
+            .map_err(map_err(maps::BACKENDS))
+    }
+
+    /// Builds the service's table, writes it into the inactive copy and flips.
+    fn write_table(&mut self, name: &str) -> Result<(), ReconcileError> {
+        let max_table = self.sizes.max_table_size;
+        let st = self.services.get_mut(name).expect("caller checked");
+        let members: Vec<MaglevBackend> = st
+            .backends
+            .iter()
+            .filter(|(_, b)| b.usable())
+            .map(|(a, b)| MaglevBackend {
+                key: maglev_key(*a),
+                id: b.id,
+                weight: b.weight,
+            })
+            .collect();
+        let size = st.spec.table_size;
+        let table = maglev::build(&members, size).map_err(|source| ReconcileError::Maglev {
+            service: name.to_owned(),
+            source,
+        })?;
+        let copy = st.active.map_or(0, |a| 1 - a);
+        let base = (st.id * 2 + copy as u32) * max_table;
+        let old = &st.copies[copy];
+        let mut written = 0usize;
+        for (i, &slot) in table.iter().enumerate() {
+            if old.len() == table.len() && old[i] == slot {
+                continue;
+            }
+            self.dp
+                .maps
+                .maglev
+                .set(base + i as u32, slot, 0)
+                .map_err(map_err(maps::MAGLEV))?;
+            written += 1;
+        }
+        let value = ServiceValue {
+            id: st.id,
+            table_base: base,
+            table_size: size,
+            flags: 0,
+        };
+        self.dp
+            .maps
+            .services
+            .insert(st.key(), value, 0)
+            .map_err(map_err(maps::SERVICES))?;
+        let in_table = members.len();
+        let empty = table.first() == Some(&NO_BACKEND);
+        st.copies[copy] = table;
+        st.active = Some(copy);
+        info!(service = name, backends = in_table, slots_written = written, copy, "table flipped");
+        if empty {
+            warn!(service = name, "no usable backend: new flows are dropped (counted drop_no_backend)");
+        }
+        Ok(())
+    }
+
+    /// Re-resolves every backend's delivery (routes, neighbours, veth peers)
+    /// and rewrites what changed; a backend that became reachable or
+    /// unreachable changes its service's table.
+    pub async fn refresh(&mut self) -> Result<(), ReconcileError> {
+        let names: Vec<String> = self.services.keys().cloned().collect();
+        for name in names {
+            let backends: Vec<(SocketAddrV4, u32, Option<Delivery>)> = self.services[&name]
+                .backends
+                .iter()
+                .map(|(a, b)| (*a, b.id, b.delivery))
+                .collect();
+            let mut table_changed = false;
+            for (addr, id, old) in backends {
+                let new = self.resolve(addr, &name).await?;
+                if new == old {
+                    continue;
+                }
+                let service_id = self.services[&name].id;
+                self.write_backend(service_id, addr, id, new)?;
+                table_changed |= new.is_some() != old.is_some();
+                if let Some(b) = self.services.get_mut(&name).and_then(|s| s.backends.get_mut(&addr)) {
+                    b.delivery = new;
+                }
+                debug!(service = name, backend = %addr, ?new, "backend delivery updated");
+            }
+            if table_changed {
+                self.write_table(&name)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the neighbour entries this daemon made managed.
+    pub async fn release_neighbors(&mut self) {
+        for (addr, dev) in std::mem::take(&mut self.managed_neighbors) {
+            let a = addr.to_string();
+            let _ = tokio::process::Command::new("ip")
+                .args(["neigh", "del", &a, "dev", &dev])
+                .output()
+                .await;
+        }
+    }
+}
+
+enum ResolveError {
+    Host(HostError),
+    Datapath(DatapathError),
+}
+
+impl From<HostError> for ResolveError {
+    fn from(e: HostError) -> Self {
+        Self::Host(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_reused_as_late_as_possible() {
+        let mut ids = Ids::new(3);
+        assert_eq!(ids.alloc(), Some(0));
+        assert_eq!(ids.alloc(), Some(1));
+        ids.free(0);
+        assert_eq!(ids.alloc(), Some(2));
+        assert_eq!(ids.alloc(), Some(0));
+        assert_eq!(ids.alloc(), None);
+    }
+
+    #[test]
+    fn maglev_keys_differ_by_port_and_address() {
+        let a: SocketAddrV4 = "198.18.103.2:8080".parse().unwrap();
+        let b: SocketAddrV4 = "198.18.103.2:8081".parse().unwrap();
+        let c: SocketAddrV4 = "198.18.103.3:8080".parse().unwrap();
+        assert_ne!(maglev_key(a), maglev_key(b));
+        assert_ne!(maglev_key(a), maglev_key(c));
+    }
+}

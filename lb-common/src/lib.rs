@@ -20,8 +20,9 @@ pub mod maps {
     pub const MAGLEV: &str = "LB_MAGLEV";
     /// `LRU_HASH` client-side [`FlowKey`](crate::FlowKey) -> [`Flow`](crate::Flow).
     pub const FLOWS: &str = "LB_FLOWS";
-    /// `LRU_HASH` backend-side [`FlowKey`](crate::FlowKey) -> [`RevFlow`](crate::RevFlow).
-    pub const REV_FLOWS: &str = "LB_REV_FLOWS";
+    /// `HASH` a backend's [`ServiceKey`](crate::ServiceKey)-shaped (address,
+    /// port, protocol) -> [`RevNat`](crate::RevNat): the services it serves.
+    pub const REV_NAT: &str = "LB_REV_NAT";
     /// `PERCPU_ARRAY` service id -> [`Counters`](crate::Counters).
     pub const SERVICE_STATS: &str = "LB_SVC_STATS";
     /// `PERCPU_ARRAY` backend id -> [`Counters`](crate::Counters).
@@ -43,6 +44,10 @@ pub mod programs {
     /// TC (clsact ingress) program: the skb-path twin of the forward path on
     /// external interfaces, and the reverse path on backend-facing interfaces.
     pub const TC: &str = "lb_tc";
+    /// An XDP program that returns `XDP_PASS`: the benchmarks' floor.
+    pub const XDP_NOOP: &str = "lb_xdp_noop";
+    /// A TC program that returns `TC_ACT_OK`: the benchmarks' floor.
+    pub const TC_NOOP: &str = "lb_tc_noop";
 }
 
 /// Default sizes. Each can be changed in the config file; the data path reads
@@ -66,7 +71,8 @@ pub const IPPROTO_UDP: u8 = 17;
 /// Slot value of a Maglev table with no backend to pick.
 pub const NO_BACKEND: u32 = u32::MAX;
 
-/// Key of [`maps::SERVICES`]: a virtual IP, port and protocol.
+/// Key of [`maps::SERVICES`]: a virtual IP, port and protocol. Also the key of
+/// [`maps::REV_NAT`], where it names a backend's address, port and protocol.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceKey {
@@ -154,9 +160,9 @@ pub struct Backend {
     pub src_mac: [u8; 6],
 }
 
-/// A flow's 5-tuple as seen in one direction, used as the key of both flow
-/// tables: client to VIP in [`maps::FLOWS`], backend to client in
-/// [`maps::REV_FLOWS`].
+/// A flow's 5-tuple as the client sends it (client to VIP): the key of
+/// [`maps::FLOWS`]. A backend's reply is matched by building this key back
+/// from the reply and a VIP from [`maps::REV_NAT`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -174,38 +180,42 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// Value of [`maps::FLOWS`].
+/// [`Flow::flags`]: the client's frames carried an 802.1Q tag, `vlan_tci`.
+pub const FLOW_F_VLAN: u16 = 1 << 0;
+
+/// Value of [`maps::FLOWS`]: the flow's backend, and what the reverse path
+/// needs to send the backend's replies back the way the client came.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
     /// Backend id the flow was given.
     pub backend_id: u32,
-}
-
-/// [`RevFlow::flags`]: the client's frames carried an 802.1Q tag, `vlan_tci`.
-pub const REV_F_VLAN: u16 = 1 << 0;
-
-/// Value of [`maps::REV_FLOWS`]: how to turn a backend's reply back into the
-/// service's and where to send it.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RevFlow {
-    /// Service address to restore as the source, network order.
-    pub vip: u32,
-    /// Service port to restore as the source, network order.
-    pub vport: u16,
-    /// 802.1Q TCI of the client's frames, host order, when `REV_F_VLAN` is set.
-    pub vlan_tci: u16,
     /// Interface the client's packets arrived on; replies leave through it.
     pub ifindex: u32,
-    /// Source MAC of the client's frames (client or its router).
+    /// Source MAC of the client's frames (the client or its router).
     pub client_mac: [u8; 6],
     /// Destination MAC of the client's frames (this host's interface).
     pub lb_mac: [u8; 6],
-    /// `REV_F_*` bits.
+    /// 802.1Q TCI of the client's frames, host order, when `FLOW_F_VLAN` is set.
+    pub vlan_tci: u16,
+    /// `FLOW_F_*` bits.
     pub flags: u16,
-    /// Always zero.
-    pub _pad: u16,
+}
+
+/// How many services one backend address:port can serve at once.
+pub const REV_NAT_MAX: usize = 4;
+
+/// Value of [`maps::REV_NAT`]: the services (VIP and port) a backend serves,
+/// the candidates a reply's flow is looked up with.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevNat {
+    /// Service addresses, network order; the first `count` are valid.
+    pub vip: [u32; REV_NAT_MAX],
+    /// Service ports, network order.
+    pub vport: [u16; REV_NAT_MAX],
+    /// Valid entries.
+    pub count: u32,
 }
 
 /// Per-CPU counters of one service or one backend.
@@ -246,7 +256,8 @@ pub mod stat {
     pub const DROP_REDIRECT_ERROR: u32 = 9;
     /// Replies from a backend rewritten back to the service and sent on.
     pub const REVERSE_NAT: u32 = 10;
-    /// Passed by the TC program: from a backend-side interface, no flow.
+    /// Passed by the TC program: from a backend's address and port, but of no
+    /// flow in the table (e.g. evicted, or the backend's own connections).
     pub const PASS_NO_FLOW: u32 = 11;
     /// Flows moved because their backend went down or left the service.
     pub const FLOW_REBALANCED: u32 = 12;
@@ -280,7 +291,7 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
-    unsafe impl aya::Pod for super::RevFlow {}
+    unsafe impl aya::Pod for super::RevNat {}
     unsafe impl aya::Pod for super::Counters {}
 }
 
@@ -346,23 +357,23 @@ mod tests {
 
     #[test]
     fn flow_layout() {
-        assert_eq!(size_of::<Flow>(), 4);
+        assert_eq!(size_of::<Flow>(), 24);
         assert_eq!(align_of::<Flow>(), 4);
         assert_eq!(offset_of!(Flow, backend_id), 0);
+        assert_eq!(offset_of!(Flow, ifindex), 4);
+        assert_eq!(offset_of!(Flow, client_mac), 8);
+        assert_eq!(offset_of!(Flow, lb_mac), 14);
+        assert_eq!(offset_of!(Flow, vlan_tci), 20);
+        assert_eq!(offset_of!(Flow, flags), 22);
     }
 
     #[test]
-    fn rev_flow_layout() {
-        assert_eq!(size_of::<RevFlow>(), 28);
-        assert_eq!(align_of::<RevFlow>(), 4);
-        assert_eq!(offset_of!(RevFlow, vip), 0);
-        assert_eq!(offset_of!(RevFlow, vport), 4);
-        assert_eq!(offset_of!(RevFlow, vlan_tci), 6);
-        assert_eq!(offset_of!(RevFlow, ifindex), 8);
-        assert_eq!(offset_of!(RevFlow, client_mac), 12);
-        assert_eq!(offset_of!(RevFlow, lb_mac), 18);
-        assert_eq!(offset_of!(RevFlow, flags), 24);
-        assert_eq!(offset_of!(RevFlow, _pad), 26);
+    fn rev_nat_layout() {
+        assert_eq!(size_of::<RevNat>(), 28);
+        assert_eq!(align_of::<RevNat>(), 4);
+        assert_eq!(offset_of!(RevNat, vip), 0);
+        assert_eq!(offset_of!(RevNat, vport), 16);
+        assert_eq!(offset_of!(RevNat, count), 24);
     }
 
     #[test]

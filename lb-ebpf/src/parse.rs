@@ -95,22 +95,43 @@ impl Parsed {
     }
 }
 
-/// Reads a `T` at `offset`, or `None` past `end`. Packet data is only 2-byte
-/// aligned (14-byte Ethernet header), hence the unaligned read.
+/// Reads a `T` at `offset`, or `None` past `end`.
+///
+/// Packet data is only 2-byte aligned (a 14-byte Ethernet header). On the
+/// host (unit tests) reads are unaligned reads. In BPF they are plain loads:
+/// BPF loads have no alignment requirement on packet memory (the verifier
+/// enforces none without `BPF_F_STRICT_ALIGNMENT`, and the JITs of x86-64 and
+/// arm64 emit ordinary loads), exactly as C programs read `iph->saddr`; an
+/// unaligned read would make LLVM split every field into byte loads.
 #[inline(always)]
 pub fn load<T: Copy>(start: usize, end: usize, offset: usize) -> Option<T> {
     let p = crate::ptr_at::<T>(start, end, offset)?;
-    // SAFETY: `ptr_at` checked that `size_of::<T>()` bytes at `p` are in the packet.
-    Some(unsafe { p.read_unaligned() })
+    // SAFETY: `ptr_at` checked that `size_of::<T>()` bytes at `p` are in the
+    // packet; on BPF, packet loads need no alignment (see above).
+    #[cfg(target_arch = "bpf")]
+    let v = unsafe { p.read() };
+    // SAFETY: as above, without any alignment assumption.
+    #[cfg(not(target_arch = "bpf"))]
+    let v = unsafe { p.read_unaligned() };
+    Some(v)
 }
 
-/// Writes `v` at `offset`; `false` (and nothing written) past `end`.
+/// Writes `v` at `offset`; `false` (and nothing written) past `end`. The
+/// same alignment reasoning as [`load`] applies.
 #[inline(always)]
 pub fn store<T: Copy>(start: usize, end: usize, offset: usize, v: T) -> bool {
     match crate::ptr_at::<T>(start, end, offset) {
         Some(p) => {
             // SAFETY: as in `load`.
-            unsafe { p.write_unaligned(v) };
+            #[cfg(target_arch = "bpf")]
+            unsafe {
+                p.write(v)
+            };
+            // SAFETY: as in `load`.
+            #[cfg(not(target_arch = "bpf"))]
+            unsafe {
+                p.write_unaligned(v)
+            };
             true
         }
         None => false,

@@ -2,7 +2,7 @@
 //! value is usable as it is. Errors name the file, the service and the field.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fmt, fs,
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
@@ -349,6 +349,25 @@ impl Config {
                 backends,
             });
         }
+        // The reverse path tells a backend's services apart by trying each.
+        let mut shared: HashMap<(SocketAddrV4, Protocol), usize> = HashMap::new();
+        for s in &services {
+            for b in &s.backends {
+                let n = shared.entry((b.addr, s.protocol)).or_default();
+                *n += 1;
+                if *n > lb_common::REV_NAT_MAX {
+                    return Err(invalid(
+                        format!("service {:?} backends", s.name),
+                        format!(
+                            "{} {} serves more than {} services",
+                            s.protocol,
+                            b.addr,
+                            lb_common::REV_NAT_MAX
+                        ),
+                    ));
+                }
+            }
+        }
         if services.len() > datapath.max_services as usize {
             return Err(invalid(
                 "service".into(),
@@ -436,6 +455,18 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080@2"]   # ip:port, optional @w
             "{GOOD}\n[[service]]\nname = \"dns\"\nvip = \"198.18.101.1:80\"\nprotocol = \"udp\"\nbackends = [\"198.18.103.2:53\"]\n"
         );
         assert_eq!(parse(&text).unwrap().services.len(), 2);
+    }
+
+    #[test]
+    fn a_backend_serves_at_most_four_services() {
+        let mut text = String::from("[datapath]\nexternal = [\"eth1\"]\n");
+        for i in 0..5 {
+            text.push_str(&format!(
+                "[[service]]\nname = \"s{i}\"\nvip = \"198.18.101.{i}:80\"\nbackends = [\"198.18.103.2:8080\"]\n"
+            ));
+        }
+        let e = err(&text);
+        assert!(e.contains("s4") && e.contains("more than 4 services"), "{e}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use lb_common::{
-    defaults, maps, programs, stat, Backend, Counters, Flow, FlowKey, RevFlow, ServiceKey,
+    defaults, maps, programs, stat, Backend, Counters, Flow, FlowKey, RevNat, ServiceKey,
     ServiceValue,
 };
 
@@ -99,8 +99,8 @@ pub struct Maps {
     pub maglev: Array<MapData, u32>,
     /// Forward flow table.
     pub flows: HashMap<MapData, FlowKey, Flow>,
-    /// Reverse flow table.
-    pub rev_flows: HashMap<MapData, FlowKey, RevFlow>,
+    /// Services each backend address:port serves, for the reverse path.
+    pub rev_nat: HashMap<MapData, ServiceKey, RevNat>,
     /// Per-CPU counters by service id.
     pub service_stats: PerCpuArray<MapData, Counters>,
     /// Per-CPU counters by backend id.
@@ -126,7 +126,7 @@ impl Maps {
             backends: take(ebpf, maps::BACKENDS)?,
             maglev: take(ebpf, maps::MAGLEV)?,
             flows: take(ebpf, maps::FLOWS)?,
-            rev_flows: take(ebpf, maps::REV_FLOWS)?,
+            rev_nat: take(ebpf, maps::REV_NAT)?,
             service_stats: take(ebpf, maps::SERVICE_STATS)?,
             backend_stats: take(ebpf, maps::BACKEND_STATS)?,
             global_stats: take(ebpf, maps::GLOBAL_STATS)?,
@@ -185,8 +185,8 @@ impl Datapath {
             .map_max_entries(maps::BACKENDS, sizes.max_backends)
             .map_max_entries(maps::BACKEND_STATS, sizes.max_backends)
             .map_max_entries(maps::MAGLEV, sizes.maglev_slots())
+            .map_max_entries(maps::REV_NAT, sizes.max_backends)
             .map_max_entries(maps::FLOWS, sizes.flow_table_size)
-            .map_max_entries(maps::REV_FLOWS, sizes.flow_table_size)
             .load(OBJECT)
             .map_err(DatapathError::Load)?;
         for name in [programs::XDP_FORWARD, programs::TC] {
@@ -227,6 +227,45 @@ impl Datapath {
             .program_mut(programs::TC)
             .and_then(|p| p.try_into().ok())
             .expect("the object has a TC program (checked at load)")
+    }
+
+    /// The empty XDP program (loaded on first use): the floor of the
+    /// per-packet benchmarks.
+    pub fn xdp_noop(&mut self) -> Result<&mut Xdp, DatapathError> {
+        let what = || format!("loading {}", programs::XDP_NOOP);
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(programs::XDP_NOOP)
+            .ok_or_else(|| DatapathError::Program {
+                what: what(),
+                source: ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { what: what(), source })?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| DatapathError::Program { what: what(), source })?;
+        }
+        Ok(prog)
+    }
+
+    /// The empty TC program (loaded on first use).
+    pub fn tc_noop(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        let what = || format!("loading {}", programs::TC_NOOP);
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(programs::TC_NOOP)
+            .ok_or_else(|| DatapathError::Program {
+                what: what(),
+                source: ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { what: what(), source })?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| DatapathError::Program { what: what(), source })?;
+        }
+        Ok(prog)
     }
 
     /// Attaches the XDP forward program to `iface`.

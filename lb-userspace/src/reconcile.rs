@@ -20,13 +20,13 @@ use std::{
 
 use aya::maps::MapError;
 use lb_common::{
-    maps, Backend, ServiceKey, ServiceValue, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_F_MAC,
-    BACKEND_F_PEER, BACKEND_F_XDP, NO_BACKEND,
+    maps, Backend, RevNat, ServiceKey, ServiceValue, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_F_MAC,
+    BACKEND_F_PEER, BACKEND_F_XDP, NO_BACKEND, REV_NAT_MAX,
 };
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::{ServiceSpec},
+    config::{Protocol, ServiceSpec},
     datapath::{Datapath, DatapathError, MapSizes},
     host::{self, HostError},
     maglev::{self, MaglevBackend, MaglevError},
@@ -62,6 +62,17 @@ pub enum ReconcileError {
     /// No backend id left.
     #[error("service {0}: the maps are full (datapath.max_backends)")]
     BackendsFull(String),
+    /// A backend address:port would serve more services than the reverse
+    /// path can tell apart.
+    #[error("service {service}: backend {backend} already serves {max} services (the most one backend can)")]
+    BackendShared {
+        /// The service.
+        service: String,
+        /// The backend.
+        backend: SocketAddrV4,
+        /// [`REV_NAT_MAX`].
+        max: usize,
+    },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> ReconcileError {
@@ -160,6 +171,8 @@ pub struct Reconciler {
     ready_ifaces: BTreeSet<u32>,
     /// Neighbour entries this daemon asked the kernel to keep resolved.
     managed_neighbors: BTreeSet<(Ipv4Addr, String)>,
+    /// What `REV_NAT` holds: the services (VIPs) each backend serves.
+    rev_nat: BTreeMap<(SocketAddrV4, Protocol), Vec<SocketAddrV4>>,
 }
 
 impl Reconciler {
@@ -173,6 +186,7 @@ impl Reconciler {
             backend_ids: Ids::new(sizes.max_backends),
             ready_ifaces: BTreeSet::new(),
             managed_neighbors: BTreeSet::new(),
+            rev_nat: BTreeMap::new(),
         }
     }
 
@@ -212,9 +226,10 @@ impl Reconciler {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(map_err(maps::SERVICES)(e)),
         }
-        for b in st.backends.values() {
+        for (addr, b) in &st.backends {
             self.write_backend_down(b.id)?;
             self.backend_ids.free(b.id);
+            self.rev_nat_remove(*addr, st.spec.protocol, st.spec.vip)?;
         }
         self.service_ids.free(st.id);
         info!(service = name, "service removed");
@@ -260,6 +275,8 @@ impl Reconciler {
         }
         let service_id = st.id;
         for (addr, weight) in added {
+            // Replies must be recognisable before the first flow reaches it.
+            self.rev_nat_add(addr, spec)?;
             let id = self
                 .backend_ids
                 .alloc()
@@ -276,9 +293,58 @@ impl Reconciler {
             self.backend_ids.free(id);
             let st = self.services.get_mut(&spec.name).expect("present");
             st.backends.remove(&addr);
+            self.rev_nat_remove(addr, spec.protocol, spec.vip)?;
             info!(service = spec.name, backend = %addr, id, "backend removed");
         }
         Ok(())
+    }
+
+    fn rev_nat_add(&mut self, addr: SocketAddrV4, spec: &ServiceSpec) -> Result<(), ReconcileError> {
+        let vips = self.rev_nat.entry((addr, spec.protocol)).or_default();
+        if vips.contains(&spec.vip) {
+            return Ok(());
+        }
+        if vips.len() >= REV_NAT_MAX {
+            return Err(ReconcileError::BackendShared {
+                service: spec.name.clone(),
+                backend: addr,
+                max: REV_NAT_MAX,
+            });
+        }
+        vips.push(spec.vip);
+        self.write_rev_nat(addr, spec.protocol)
+    }
+
+    fn rev_nat_remove(&mut self, addr: SocketAddrV4, proto: Protocol, vip: SocketAddrV4) -> Result<(), ReconcileError> {
+        if let Some(vips) = self.rev_nat.get_mut(&(addr, proto)) {
+            vips.retain(|v| *v != vip);
+        }
+        self.write_rev_nat(addr, proto)
+    }
+
+    fn write_rev_nat(&mut self, addr: SocketAddrV4, proto: Protocol) -> Result<(), ReconcileError> {
+        let key = ServiceKey::new(addr.ip().octets(), addr.port(), proto.number());
+        let vips = self.rev_nat.get(&(addr, proto)).cloned().unwrap_or_default();
+        if vips.is_empty() {
+            self.rev_nat.remove(&(addr, proto));
+            return match self.dp.maps.rev_nat.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(map_err(maps::REV_NAT)(e)),
+            };
+        }
+        let mut value = RevNat {
+            count: vips.len() as u32,
+            ..RevNat::default()
+        };
+        for (i, v) in vips.iter().enumerate() {
+            value.vip[i] = u32::from_ne_bytes(v.ip().octets());
+            value.vport[i] = v.port().to_be();
+        }
+        self.dp
+            .maps
+            .rev_nat
+            .insert(key, value, 0)
+            .map_err(map_err(maps::REV_NAT))
     }
 
     /// Works out how to reach `addr` and prepares its interface: TC attached

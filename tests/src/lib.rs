@@ -1,0 +1,52 @@
+//! Test harness of `lb`: network namespaces, a veth topology, real kernel
+//! servers and clients, guards for host state, and a guard for the `lb`
+//! daemon itself.
+//!
+//! Everything here is meant to be reused by the end-to-end tests in
+//! `tests/tests/`, by `cargo xtask demo` and by benchmarks. All of it needs
+//! root (see [`require_root`]); every object it creates (namespace, veth,
+//! address, process, file, firewall policy change) is undone by a `Drop`
+//! guard, so a panicking test still leaves the host as it found it.
+//!
+//! Addresses: only 198.18.0.0/15 (RFC 2544 benchmarking range) is used; see
+//! [`topology`] for the plan.
+
+#![warn(missing_docs)]
+
+pub mod attach;
+pub mod clients;
+pub mod cmd;
+pub mod config;
+pub mod daemon;
+pub mod forward;
+pub mod netns;
+pub mod packets;
+pub mod servers;
+pub mod tempdir;
+pub mod topology;
+
+pub use attach::{attachments, Attachments};
+pub use clients::{
+    http_get, http_get_here, http_tally, udp_roundtrip, udp_roundtrip_here, udp_tally, HttpTally,
+    UdpReply, UdpTally, CLIENT_TIMEOUT,
+};
+pub use cmd::{output_with_timeout, run, run_ok};
+pub use config::{render_config, ServiceConfig};
+pub use daemon::{lb_binary, Daemon, READY_MARKER};
+pub use forward::{forward_policy, ForwardDrop};
+pub use netns::Netns;
+pub use servers::{HttpServer, UdpEcho};
+pub use tempdir::TempDir;
+pub use topology::Topology;
+
+/// Panics with a clear message unless the process runs as root (effective
+/// uid 0). Tests call it first: a missing prerequisite must fail a test, not
+/// skip it.
+pub fn require_root() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!(
+            "this test needs root (network namespaces, veths, iptables, BPF); \
+             run it as root, e.g. `sudo -E cargo test -p lb-tests`"
+        );
+    }
+}

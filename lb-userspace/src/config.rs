@@ -12,7 +12,7 @@ use std::{
 use lb_common::{defaults, IPPROTO_TCP, IPPROTO_UDP};
 use serde::Deserialize;
 
-use crate::maglev::is_prime;
+use crate::maglev::{is_prime, MAX_TABLE_SIZE};
 
 /// Why a config file was refused. Each renders as one line.
 #[derive(Debug, thiserror::Error)]
@@ -267,6 +267,12 @@ impl Config {
             None => Ok(default),
         };
         let max_table_size = positive(d.max_table_size, defaults::TABLE_SIZE, "max_table_size")?;
+        if max_table_size > MAX_TABLE_SIZE {
+            return Err(invalid(
+                "datapath.max_table_size".into(),
+                format!("{max_table_size} is larger than {MAX_TABLE_SIZE}"),
+            ));
+        }
         if !is_prime(max_table_size) {
             return Err(invalid(
                 "datapath.max_table_size".into(),
@@ -438,6 +444,7 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080@2"]   # ip:port, optional @w
             (GOOD.replace(r#"["eth1"]"#, "[]"), "external"),
             (GOOD.replace(r#""tcp""#, r#""sctp""#), "protocol"),
             (format!("{GOOD}table_size = 65536\n"), "table_size"),
+            (GOOD.replace("external = [\"eth1\"]", "external = [\"eth1\"]\nmax_table_size = 4294967291"), "max_table_size"),
             (format!("{GOOD}colour = 1\n"), "colour"),
             (format!("{GOOD}\n[[service]]\nname = \"web\"\nvip = \"198.18.101.2:80\"\nbackends = [\"198.18.103.2:1\"]\n"), "name"),
             (format!("{GOOD}\n[[service]]\nname = \"web2\"\nvip = \"198.18.101.1:80\"\nbackends = [\"198.18.103.2:1\"]\n"), "vip"),

@@ -176,8 +176,11 @@ pub struct FlowKey {
     pub dst_port: u16,
     /// IP protocol.
     pub proto: u8,
+    /// Always zero. (Two fields rather than `[u8; 3]`, which the BPF backend
+    /// zeroes with a call to `memset`.)
+    pub _pad1: u8,
     /// Always zero.
-    pub _pad: [u8; 3],
+    pub _pad2: u16,
 }
 
 /// [`Flow::flags`]: the client's frames carried an 802.1Q tag, `vlan_tci`.
@@ -352,7 +355,8 @@ mod tests {
         assert_eq!(offset_of!(FlowKey, src_port), 8);
         assert_eq!(offset_of!(FlowKey, dst_port), 10);
         assert_eq!(offset_of!(FlowKey, proto), 12);
-        assert_eq!(offset_of!(FlowKey, _pad), 13);
+        assert_eq!(offset_of!(FlowKey, _pad1), 13);
+        assert_eq!(offset_of!(FlowKey, _pad2), 14);
     }
 
     #[test]

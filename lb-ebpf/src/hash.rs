@@ -37,7 +37,8 @@ mod tests {
             src_port: src_port.to_be(),
             dst_port: 80u16.to_be(),
             proto: 6,
-            _pad: [0; 3],
+            _pad1: 0,
+            _pad2: 0,
         }
     }
 

@@ -181,7 +181,11 @@ pub fn parse(start: usize, end: usize, frame_len: usize) -> Result<Parsed, Skip>
     }
 
     let l4_off = l3_off + ihl;
-    let l4_len = if proto == IPPROTO_TCP { TCP_HLEN } else { UDP_HLEN };
+    let l4_len = if proto == IPPROTO_TCP {
+        TCP_HLEN
+    } else {
+        UDP_HLEN
+    };
     if ihl + l4_len > tot_len {
         return Err(Skip::Malformed);
     }
@@ -206,7 +210,8 @@ pub fn parse(start: usize, end: usize, frame_len: usize) -> Result<Parsed, Skip>
             src_port,
             dst_port,
             proto,
-            _pad: [0; 3],
+            _pad1: 0,
+            _pad2: 0,
         },
     })
 }

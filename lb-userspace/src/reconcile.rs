@@ -381,7 +381,11 @@ impl Reconciler {
         if mac.is_some() {
             flags |= BACKEND_F_MAC;
         }
-        let peer = link.veth && link.peer_netnsid.is_some();
+        // Only a backend on the veth's own link lives in the peer namespace;
+        // behind a gateway the peer is a router this daemon does not own, so
+        // it gets the skb path (`bpf_redirect_neigh`) and its devices are
+        // left alone.
+        let peer = link.veth && link.peer_netnsid.is_some() && route.gateway.is_none();
         if peer {
             flags |= BACKEND_F_PEER;
         }

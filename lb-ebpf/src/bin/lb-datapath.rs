@@ -312,7 +312,8 @@ fn reply_flow(p: &Parsed, rev: &RevNat) -> Option<(u32, u16, Flow)> {
             src_port: p.key.dst_port,
             dst_port: rev.vport[i],
             proto: p.key.proto,
-            _pad: [0; 3],
+            _pad1: 0,
+            _pad2: 0,
         };
         // SAFETY: plain data.
         let Some(flow) = (unsafe { FLOWS.get(&key) }) else {

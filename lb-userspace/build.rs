@@ -6,7 +6,10 @@
 //! for this (see aya_build::build_ebpf's docs). When bpf-linker is missing
 //! (e.g. `cargo clippy` on a machine without `cargo xtask setup`), an empty
 //! object is written instead so host builds and unit tests still work; the
-//! daemon then refuses to start with a message that says why.
+//! daemon then refuses to start with a message that says why. With
+//! `LB_REQUIRE_EBPF` set (as `cargo xtask build` and `cargo xtask test` do),
+//! a missing bpf-linker is an error instead, so a release build can never
+//! carry the stub.
 use std::{env, fs, path::PathBuf};
 
 use anyhow::Context as _;
@@ -18,6 +21,7 @@ fn main() -> anyhow::Result<()> {
     let root = manifest.parent().context("workspace root")?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     println!("cargo:rerun-if-env-changed=LB_SKIP_EBPF");
+    println!("cargo:rerun-if-env-changed=LB_REQUIRE_EBPF");
 
     // bpf-linker lives in the repo's tools folder (see `cargo xtask setup`).
     let tools = root.join(".tools/bin");
@@ -27,7 +31,27 @@ fn main() -> anyhow::Result<()> {
     let joined = env::join_paths(paths)?;
     let has_linker = env::split_paths(&joined).any(|d| d.join("bpf-linker").is_file());
 
-    if env::var_os("LB_SKIP_EBPF").is_some() || !has_linker {
+    let skip = env::var_os("LB_SKIP_EBPF").is_some();
+    if env::var_os("LB_REQUIRE_EBPF").is_some() {
+        if skip {
+            anyhow::bail!("LB_REQUIRE_EBPF and LB_SKIP_EBPF are both set; unset one");
+        }
+        if !has_linker {
+            anyhow::bail!(
+                "LB_REQUIRE_EBPF is set but bpf-linker is not in {} or PATH: run `cargo xtask setup`",
+                tools.display()
+            );
+        }
+    }
+    if skip || !has_linker {
+        // Once `cargo xtask setup` installs bpf-linker, rebuild the real
+        // object instead of keeping this stub. While that file is missing,
+        // cargo reruns this script (and so recompiles lb) on every build;
+        // that only happens on machines that have not run setup.
+        println!(
+            "cargo:rerun-if-changed={}",
+            tools.join("bpf-linker").display()
+        );
         println!(
             "cargo:warning=bpf-linker not found (run `cargo xtask setup`): building lb without its data path"
         );

@@ -73,14 +73,23 @@ mod tests {
         hdr[10..12].copy_from_slice(&c.to_be_bytes());
         assert_eq!(full(&hdr), 0, "a correct header sums to zero");
 
-        for new_dst in [[198u8, 18, 103, 2], [0, 0, 0, 0], [255, 255, 255, 255], [1, 2, 3, 4]] {
+        for new_dst in [
+            [198u8, 18, 103, 2],
+            [0, 0, 0, 0],
+            [255, 255, 255, 255],
+            [1, 2, 3, 4],
+        ] {
             let mut h = hdr;
             let old = ne32(&h, 16);
             h[16..20].copy_from_slice(&new_dst);
             let new = ne32(&h, 16);
             let check = replace32(ne16(&h, 10), old, new);
             h[10..12].copy_from_slice(&check.to_ne_bytes());
-            assert_eq!(full(&h), 0, "header checksum wrong after rewrite to {new_dst:?}");
+            assert_eq!(
+                full(&h),
+                0,
+                "header checksum wrong after rewrite to {new_dst:?}"
+            );
         }
     }
 

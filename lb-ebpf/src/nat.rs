@@ -54,8 +54,12 @@ pub fn rewrite(start: usize, end: usize, p: &Parsed, side: Side, addr: u32, port
             c
         }
     };
-    store(start, end, ip_check_off, csum::replace32(ip_check, old_addr, addr))
-        && store(start, end, addr_off, addr)
+    store(
+        start,
+        end,
+        ip_check_off,
+        csum::replace32(ip_check, old_addr, addr),
+    ) && store(start, end, addr_off, addr)
         && store(start, end, port_off, port)
         && store(start, end, l4_check_off, l4_check)
 }
@@ -93,18 +97,12 @@ mod tests {
         );
         match sliced.transport {
             Some(TransportSlice::Tcp(t)) => {
-                let want = t
-                    .to_header()
-                    .calc_checksum_ipv4(&hdr, t.payload())
-                    .unwrap();
+                let want = t.to_header().calc_checksum_ipv4(&hdr, t.payload()).unwrap();
                 assert_eq!(t.checksum(), want, "TCP checksum");
             }
             Some(TransportSlice::Udp(u)) => {
                 if u.checksum() != 0 {
-                    let want = u
-                        .to_header()
-                        .calc_checksum_ipv4(&hdr, u.payload())
-                        .unwrap();
+                    let want = u.to_header().calc_checksum_ipv4(&hdr, u.payload()).unwrap();
                     assert_eq!(u.checksum(), want, "UDP checksum");
                 }
             }

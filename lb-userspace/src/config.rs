@@ -49,7 +49,9 @@ pub enum ConfigError {
 }
 
 /// A transport protocol a service balances.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// TCP.
@@ -113,7 +115,9 @@ impl FromStr for BackendSpec {
             None => (s, 1),
         };
         if weight == 0 {
-            return Err(format!("weight 0 in {s:?}: weights start at 1 (use drain or remove the backend)"));
+            return Err(format!(
+                "weight 0 in {s:?}: weights start at 1 (use drain or remove the backend)"
+            ));
         }
         let addr = parse_socket_addr(addr)?;
         Ok(Self { addr, weight })
@@ -255,14 +259,23 @@ impl Config {
         let mut seen_if = HashSet::new();
         for i in &d.external {
             if i.is_empty() || i.len() > 15 || i.contains(['/', ' ']) {
-                return Err(invalid("datapath.external".into(), format!("{i:?} is not an interface name")));
+                return Err(invalid(
+                    "datapath.external".into(),
+                    format!("{i:?} is not an interface name"),
+                ));
             }
             if !seen_if.insert(i) {
-                return Err(invalid("datapath.external".into(), format!("{i:?} is listed twice")));
+                return Err(invalid(
+                    "datapath.external".into(),
+                    format!("{i:?} is listed twice"),
+                ));
             }
         }
         let positive = |v: Option<u32>, default: u32, field: &str| match v {
-            Some(0) => Err(invalid(format!("datapath.{field}"), "must be at least 1".into())),
+            Some(0) => Err(invalid(
+                format!("datapath.{field}"),
+                "must be at least 1".into(),
+            )),
             Some(v) => Ok(v),
             None => Ok(default),
         };
@@ -285,7 +298,11 @@ impl Config {
             max_services: positive(d.max_services, defaults::MAX_SERVICES, "max_services")?,
             max_backends: positive(d.max_backends, defaults::MAX_BACKENDS, "max_backends")?,
             max_table_size,
-            flow_table_size: positive(d.flow_table_size, defaults::FLOW_TABLE_SIZE, "flow_table_size")?,
+            flow_table_size: positive(
+                d.flow_table_size,
+                defaults::FLOW_TABLE_SIZE,
+                "flow_table_size",
+            )?,
         };
         if u64::from(datapath.max_services) * 2 * u64::from(max_table_size) > u64::from(u32::MAX) {
             return Err(invalid(
@@ -300,27 +317,49 @@ impl Config {
         let mut total_backends = 0usize;
         for s in raw.services {
             let field = |f: &str| format!("service {:?} {f}", s.name);
-            if s.name.is_empty() || s.name.len() > 64 || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            if s.name.is_empty()
+                || s.name.len() > 64
+                || !s
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
                 return Err(invalid(
                     "service name".into(),
                     format!("{:?}: use 1-64 letters, digits, '-', '_' or '.'", s.name),
                 ));
             }
             if !names.insert(s.name.clone()) {
-                return Err(invalid(field("name"), "a service with this name is defined twice".into()));
+                return Err(invalid(
+                    field("name"),
+                    "a service with this name is defined twice".into(),
+                ));
             }
             let protocol = match s.protocol.as_deref() {
                 None | Some("tcp") => Protocol::Tcp,
                 Some("udp") => Protocol::Udp,
-                Some(p) => return Err(invalid(field("protocol"), format!("{p:?} is neither \"tcp\" nor \"udp\""))),
+                Some(p) => {
+                    return Err(invalid(
+                        field("protocol"),
+                        format!("{p:?} is neither \"tcp\" nor \"udp\""),
+                    ))
+                }
             };
             let vip = parse_socket_addr(&s.vip).map_err(|r| invalid(field("vip"), r))?;
             if !vips.insert((vip, protocol)) {
-                return Err(invalid(field("vip"), format!("{protocol} {vip} is already used by another service")));
+                return Err(invalid(
+                    field("vip"),
+                    format!("{protocol} {vip} is already used by another service"),
+                ));
             }
-            let table_size = s.table_size.unwrap_or(defaults::TABLE_SIZE.min(max_table_size));
+            let table_size = s
+                .table_size
+                .unwrap_or(defaults::TABLE_SIZE.min(max_table_size));
             if !is_prime(table_size) {
-                return Err(invalid(field("table_size"), format!("{table_size} is not prime")));
+                return Err(invalid(
+                    field("table_size"),
+                    format!("{table_size} is not prime"),
+                ));
             }
             if table_size > max_table_size {
                 return Err(invalid(
@@ -339,12 +378,18 @@ impl Config {
             for b in &s.backends {
                 let spec: BackendSpec = b.parse().map_err(|r| invalid(field("backends"), r))?;
                 if !seen.insert(spec.addr) {
-                    return Err(invalid(field("backends"), format!("{} is listed twice", spec.addr)));
+                    return Err(invalid(
+                        field("backends"),
+                        format!("{} is listed twice", spec.addr),
+                    ));
                 }
                 backends.push(spec);
             }
             if backends.len() > table_size as usize {
-                return Err(invalid(field("backends"), format!("more backends than table slots ({table_size})")));
+                return Err(invalid(
+                    field("backends"),
+                    format!("more backends than table slots ({table_size})"),
+                ));
             }
             total_backends += backends.len();
             services.push(ServiceSpec {
@@ -377,13 +422,20 @@ impl Config {
         if services.len() > datapath.max_services as usize {
             return Err(invalid(
                 "service".into(),
-                format!("{} services, more than datapath.max_services {}", services.len(), datapath.max_services),
+                format!(
+                    "{} services, more than datapath.max_services {}",
+                    services.len(),
+                    datapath.max_services
+                ),
             ));
         }
         if total_backends > datapath.max_backends as usize {
             return Err(invalid(
                 "backends".into(),
-                format!("{total_backends} backends, more than datapath.max_backends {}", datapath.max_backends),
+                format!(
+                    "{total_backends} backends, more than datapath.max_backends {}",
+                    datapath.max_backends
+                ),
             ));
         }
         Ok(Self { datapath, services })
@@ -473,7 +525,10 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080@2"]   # ip:port, optional @w
             ));
         }
         let e = err(&text);
-        assert!(e.contains("s4") && e.contains("more than 4 services"), "{e}");
+        assert!(
+            e.contains("s4") && e.contains("more than 4 services"),
+            "{e}"
+        );
     }
 
     #[test]

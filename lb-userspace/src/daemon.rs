@@ -62,7 +62,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             dp.set_iface_flags(link.ifindex, IFACE_F_XDP)?;
         }
         dp.attach_tc(&link.name, link.ifindex)?;
-        info!(iface = link.name, forward = if xdp { "xdp" } else { "tc" }, "external interface attached");
+        info!(
+            iface = link.name,
+            forward = if xdp { "xdp" } else { "tc" },
+            "external interface attached"
+        );
     }
 
     let mut rec = Reconciler::new(dp, sizes);

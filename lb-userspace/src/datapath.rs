@@ -241,10 +241,15 @@ impl Datapath {
                 source: ProgramError::UnexpectedProgramType,
             })?
             .try_into()
-            .map_err(|source| DatapathError::Program { what: what(), source })?;
+            .map_err(|source| DatapathError::Program {
+                what: what(),
+                source,
+            })?;
         if prog.fd().is_err() {
-            prog.load()
-                .map_err(|source| DatapathError::Program { what: what(), source })?;
+            prog.load().map_err(|source| DatapathError::Program {
+                what: what(),
+                source,
+            })?;
         }
         Ok(prog)
     }
@@ -260,16 +265,26 @@ impl Datapath {
                 source: ProgramError::UnexpectedProgramType,
             })?
             .try_into()
-            .map_err(|source| DatapathError::Program { what: what(), source })?;
+            .map_err(|source| DatapathError::Program {
+                what: what(),
+                source,
+            })?;
         if prog.fd().is_err() {
-            prog.load()
-                .map_err(|source| DatapathError::Program { what: what(), source })?;
+            prog.load().map_err(|source| DatapathError::Program {
+                what: what(),
+                source,
+            })?;
         }
         Ok(prog)
     }
 
     /// Attaches the XDP forward program to `iface`.
-    pub fn attach_xdp(&mut self, iface: &str, ifindex: u32, mode: XdpMode) -> Result<(), DatapathError> {
+    pub fn attach_xdp(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        mode: XdpMode,
+    ) -> Result<(), DatapathError> {
         if self.xdp_links.contains_key(&ifindex) {
             return Ok(());
         }

@@ -78,7 +78,10 @@ async fn run(program: &str, args: &[&str]) -> Result<Vec<u8>, HostError> {
     Ok(out.stdout)
 }
 
-async fn run_json<T: for<'de> Deserialize<'de>>(program: &str, args: &[&str]) -> Result<T, HostError> {
+async fn run_json<T: for<'de> Deserialize<'de>>(
+    program: &str,
+    args: &[&str],
+) -> Result<T, HostError> {
     let out = run(program, args).await?;
     // `ip -j` prints nothing at all for an empty answer on some versions.
     let text = if out.iter().all(u8::is_ascii_whitespace) {
@@ -163,7 +166,8 @@ impl TryFrom<RawLink> for Link {
 
 /// Looks an interface up by name.
 pub async fn link(name: &str) -> Result<Link, HostError> {
-    let links: Vec<RawLink> = match run_json("ip", &["-j", "-d", "link", "show", "dev", name]).await {
+    let links: Vec<RawLink> = match run_json("ip", &["-j", "-d", "link", "show", "dev", name]).await
+    {
         Ok(l) => l,
         Err(HostError::Failed { .. }) => return Err(HostError::NoInterface(name.to_owned())),
         Err(e) => return Err(e),
@@ -220,12 +224,15 @@ struct RawNeigh {
 /// The MAC of neighbour `addr` on `dev`, if the kernel has one it trusts.
 pub async fn neighbor(addr: Ipv4Addr, dev: &str) -> Result<Option<[u8; 6]>, HostError> {
     let a = addr.to_string();
-    let neighs: Vec<RawNeigh> = run_json("ip", &["-j", "neigh", "show", "to", &a, "dev", dev]).await?;
+    let neighs: Vec<RawNeigh> =
+        run_json("ip", &["-j", "neigh", "show", "to", &a, "dev", dev]).await?;
     for n in neighs {
-        let usable = n
-            .state
-            .iter()
-            .any(|s| matches!(s.as_str(), "REACHABLE" | "STALE" | "DELAY" | "PROBE" | "PERMANENT" | "NOARP"));
+        let usable = n.state.iter().any(|s| {
+            matches!(
+                s.as_str(),
+                "REACHABLE" | "STALE" | "DELAY" | "PROBE" | "PERMANENT" | "NOARP"
+            )
+        });
         if let (true, Some(mac)) = (usable, n.lladdr) {
             return Ok(Some(parse_mac(&mac)?));
         }
@@ -245,14 +252,24 @@ pub async fn keep_neighbor_resolved(addr: Ipv4Addr, dev: &str) -> Result<(), Hos
 /// here) that holds interface `peer_ifindex` whose own peer is `ifindex`
 /// here. Looks at named namespaces (`/run/netns`) first, then at every
 /// process's namespace (containers).
-pub async fn find_peer_netns(ifindex: u32, peer_ifindex: u32, nsid: i32) -> Result<Option<PathBuf>, HostError> {
+pub async fn find_peer_netns(
+    ifindex: u32,
+    peer_ifindex: u32,
+    nsid: i32,
+) -> Result<Option<PathBuf>, HostError> {
     #[derive(Deserialize)]
     struct RawNsid {
         nsid: i32,
         name: Option<String>,
     }
-    let ids: Vec<RawNsid> = run_json("ip", &["-j", "netns", "list-id"]).await.unwrap_or_default();
-    if let Some(name) = ids.into_iter().find(|i| i.nsid == nsid).and_then(|i| i.name) {
+    let ids: Vec<RawNsid> = run_json("ip", &["-j", "netns", "list-id"])
+        .await
+        .unwrap_or_default();
+    if let Some(name) = ids
+        .into_iter()
+        .find(|i| i.nsid == nsid)
+        .and_then(|i| i.name)
+    {
         return Ok(Some(Path::new("/run/netns").join(name)));
     }
     let own = std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).ok();
@@ -261,7 +278,12 @@ pub async fn find_peer_netns(ifindex: u32, peer_ifindex: u32, nsid: i32) -> Resu
         return Ok(None);
     };
     for entry in procs.flatten() {
-        if !entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
             continue;
         }
         let path = entry.path().join("ns/net");
@@ -313,7 +335,10 @@ mod tests {
 
     #[test]
     fn macs_parse() {
-        assert_eq!(parse_mac("66:c5:ca:b3:7b:f4").unwrap(), [0x66, 0xc5, 0xca, 0xb3, 0x7b, 0xf4]);
+        assert_eq!(
+            parse_mac("66:c5:ca:b3:7b:f4").unwrap(),
+            [0x66, 0xc5, 0xca, 0xb3, 0x7b, 0xf4]
+        );
         assert!(parse_mac("66:c5:ca:b3:7b").is_err());
         assert!(parse_mac("66:c5:ca:b3:7b:f4:00").is_err());
         assert!(parse_mac("zz:c5:ca:b3:7b:f4").is_err());

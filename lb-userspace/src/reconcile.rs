@@ -97,7 +97,9 @@ impl Ids {
 
     fn alloc(&mut self) -> Option<u32> {
         let n = self.used.len();
-        let i = (0..n).map(|k| (self.next + k) % n).find(|&i| !self.used[i])?;
+        let i = (0..n)
+            .map(|k| (self.next + k) % n)
+            .find(|&i| !self.used[i])?;
         self.used[i] = true;
         self.next = (i + 1) % n;
         Some(i as u32)
@@ -197,7 +199,8 @@ impl Reconciler {
 
     /// Makes the maps hold exactly `desired`.
     pub async fn apply(&mut self, desired: &[ServiceSpec]) -> Result<(), ReconcileError> {
-        let wanted: HashMap<&str, &ServiceSpec> = desired.iter().map(|s| (s.name.as_str(), s)).collect();
+        let wanted: HashMap<&str, &ServiceSpec> =
+            desired.iter().map(|s| (s.name.as_str(), s)).collect();
         let gone: Vec<String> = self
             .services
             .iter()
@@ -254,7 +257,8 @@ impl Reconciler {
             );
             info!(service = spec.name, vip = %spec.vip, protocol = %spec.protocol, "service added");
         }
-        let wanted: BTreeMap<SocketAddrV4, u32> = spec.backends.iter().map(|b| (b.addr, b.weight)).collect();
+        let wanted: BTreeMap<SocketAddrV4, u32> =
+            spec.backends.iter().map(|b| (b.addr, b.weight)).collect();
         let st = self.services.get_mut(&spec.name).expect("inserted above");
         st.spec = spec.clone();
         let removed: Vec<(SocketAddrV4, u32)> = st
@@ -284,7 +288,14 @@ impl Reconciler {
             let delivery = self.resolve(addr, &spec.name).await?;
             self.write_backend(service_id, addr, id, delivery)?;
             let st = self.services.get_mut(&spec.name).expect("present");
-            st.backends.insert(addr, BackendState { id, weight, delivery });
+            st.backends.insert(
+                addr,
+                BackendState {
+                    id,
+                    weight,
+                    delivery,
+                },
+            );
             info!(service = spec.name, backend = %addr, id, weight, "backend added");
         }
         self.write_table(&spec.name)?;
@@ -299,7 +310,11 @@ impl Reconciler {
         Ok(())
     }
 
-    fn rev_nat_add(&mut self, addr: SocketAddrV4, spec: &ServiceSpec) -> Result<(), ReconcileError> {
+    fn rev_nat_add(
+        &mut self,
+        addr: SocketAddrV4,
+        spec: &ServiceSpec,
+    ) -> Result<(), ReconcileError> {
         let vips = self.rev_nat.entry((addr, spec.protocol)).or_default();
         if vips.contains(&spec.vip) {
             return Ok(());
@@ -315,7 +330,12 @@ impl Reconciler {
         self.write_rev_nat(addr, spec.protocol)
     }
 
-    fn rev_nat_remove(&mut self, addr: SocketAddrV4, proto: Protocol, vip: SocketAddrV4) -> Result<(), ReconcileError> {
+    fn rev_nat_remove(
+        &mut self,
+        addr: SocketAddrV4,
+        proto: Protocol,
+        vip: SocketAddrV4,
+    ) -> Result<(), ReconcileError> {
         if let Some(vips) = self.rev_nat.get_mut(&(addr, proto)) {
             vips.retain(|v| *v != vip);
         }
@@ -324,7 +344,11 @@ impl Reconciler {
 
     fn write_rev_nat(&mut self, addr: SocketAddrV4, proto: Protocol) -> Result<(), ReconcileError> {
         let key = ServiceKey::new(addr.ip().octets(), addr.port(), proto.number());
-        let vips = self.rev_nat.get(&(addr, proto)).cloned().unwrap_or_default();
+        let vips = self
+            .rev_nat
+            .get(&(addr, proto))
+            .cloned()
+            .unwrap_or_default();
         if vips.is_empty() {
             self.rev_nat.remove(&(addr, proto));
             return match self.dp.maps.rev_nat.remove(&key) {
@@ -350,7 +374,11 @@ impl Reconciler {
     /// Works out how to reach `addr` and prepares its interface: TC attached
     /// for the replies, and GRO on the veth peer so XDP can deliver to it.
     /// `None` (the backend stays out of the table) when it cannot be reached.
-    async fn resolve(&mut self, addr: SocketAddrV4, service: &str) -> Result<Option<Delivery>, ReconcileError> {
+    async fn resolve(
+        &mut self,
+        addr: SocketAddrV4,
+        service: &str,
+    ) -> Result<Option<Delivery>, ReconcileError> {
         match self.try_resolve(*addr.ip()).await {
             Ok(d) => Ok(Some(d)),
             Err(ResolveError::Host(e)) => {
@@ -434,7 +462,10 @@ impl Reconciler {
         match result {
             Ok(ok) => {
                 if !ok {
-                    debug!(iface = link.name, "veth peer namespace not found; using the skb path");
+                    debug!(
+                        iface = link.name,
+                        "veth peer namespace not found; using the skb path"
+                    );
                 }
                 ok
             }
@@ -445,7 +476,13 @@ impl Reconciler {
         }
     }
 
-    fn write_backend(&mut self, service_id: u32, addr: SocketAddrV4, id: u32, d: Option<Delivery>) -> Result<(), ReconcileError> {
+    fn write_backend(
+        &mut self,
+        service_id: u32,
+        addr: SocketAddrV4,
+        id: u32,
+        d: Option<Delivery>,
+    ) -> Result<(), ReconcileError> {
         let value = match d {
             Some(d) => Backend {
                 addr: u32::from_ne_bytes(addr.ip().octets()),
@@ -537,9 +574,18 @@ impl Reconciler {
         let empty = table.first() == Some(&NO_BACKEND);
         st.copies[copy] = table;
         st.active = Some(copy);
-        info!(service = name, backends = in_table, slots_written = written, copy, "table flipped");
+        info!(
+            service = name,
+            backends = in_table,
+            slots_written = written,
+            copy,
+            "table flipped"
+        );
         if empty {
-            warn!(service = name, "no usable backend: new flows are dropped (counted drop_no_backend)");
+            warn!(
+                service = name,
+                "no usable backend: new flows are dropped (counted drop_no_backend)"
+            );
         }
         Ok(())
     }
@@ -564,7 +610,11 @@ impl Reconciler {
                 let service_id = self.services[&name].id;
                 self.write_backend(service_id, addr, id, new)?;
                 table_changed |= new.is_some() != old.is_some();
-                if let Some(b) = self.services.get_mut(&name).and_then(|s| s.backends.get_mut(&addr)) {
+                if let Some(b) = self
+                    .services
+                    .get_mut(&name)
+                    .and_then(|s| s.backends.get_mut(&addr))
+                {
                     b.delivery = new;
                 }
                 debug!(service = name, backend = %addr, ?new, "backend delivery updated");

@@ -105,7 +105,10 @@ pub fn frame(
     };
     let mut out = Vec::new();
     match l4 {
-        L4::Syn { src, dst } => ipb.tcp(src, dst, 1000, 64240).syn().write(&mut out, payload),
+        L4::Syn { src, dst } => ipb
+            .tcp(src, dst, 1000, 64240)
+            .syn()
+            .write(&mut out, payload),
         L4::SynAck { src, dst } => ipb
             .tcp(src, dst, 5000, 65160)
             .syn()
@@ -276,7 +279,15 @@ impl Rig {
     }
 
     /// Writes backend `id` = fixture backend `i` on `port`, in service `service_id`.
-    pub fn backend(&mut self, id: u32, service_id: u32, i: usize, port: u16, flags: u32, state: u32) {
+    pub fn backend(
+        &mut self,
+        id: u32,
+        service_id: u32,
+        i: usize,
+        port: u16,
+        flags: u32,
+        state: u32,
+    ) {
         let b = Backend {
             addr: u32::from_ne_bytes(BACKENDS[i]),
             port: port.to_be(),
@@ -288,14 +299,23 @@ impl Rig {
             dst_mac: BACKEND_MACS[i],
             src_mac: HOST_MAC,
         };
-        self.dp.maps.backends.set(id, b, 0).expect("backend written");
+        self.dp
+            .maps
+            .backends
+            .set(id, b, 0)
+            .expect("backend written");
     }
 
     /// Writes service `sid` = VIP:`port`/`proto` whose table holds `members`,
     /// and records it as the one service of each member for the reverse path.
     pub fn service(&mut self, sid: u32, port: u16, proto: u8, members: &[u32]) {
         for &id in members {
-            let b = self.dp.maps.backends.get(&id, 0).expect("member written first");
+            let b = self
+                .dp
+                .maps
+                .backends
+                .get(&id, 0)
+                .expect("member written first");
             let mut rev = RevNat {
                 count: 1,
                 ..RevNat::default()
@@ -308,7 +328,11 @@ impl Rig {
                 proto,
                 _pad: 0,
             };
-            self.dp.maps.rev_nat.insert(key, rev, 0).expect("rev nat written");
+            self.dp
+                .maps
+                .rev_nat
+                .insert(key, rev, 0)
+                .expect("rev nat written");
         }
         let members: Vec<MaglevBackend> = members
             .iter()
@@ -346,7 +370,12 @@ impl Rig {
         for i in 0..n {
             r.backend(i as u32, 0, i, 8080, flags, BACKEND_ACTIVE);
         }
-        r.service(0, 80, lb_common::IPPROTO_TCP, &(0..n as u32).collect::<Vec<_>>());
+        r.service(
+            0,
+            80,
+            lb_common::IPPROTO_TCP,
+            &(0..n as u32).collect::<Vec<_>>(),
+        );
         r
     }
 
@@ -362,12 +391,16 @@ impl Rig {
 
     /// Runs the empty XDP program once on `input`.
     pub fn xdp_noop(&mut self, input: &[u8]) -> Result<Run, ProgramError> {
-        test_run(input, |o| self.dp.xdp_noop().expect("noop loads").test_run(o))
+        test_run(input, |o| {
+            self.dp.xdp_noop().expect("noop loads").test_run(o)
+        })
     }
 
     /// Runs the empty TC program once on `input`.
     pub fn tc_noop(&mut self, input: &[u8]) -> Result<Run, ProgramError> {
-        test_run(input, |o| self.dp.tc_noop().expect("noop loads").test_run(o))
+        test_run(input, |o| {
+            self.dp.tc_noop().expect("noop loads").test_run(o)
+        })
     }
 
     /// A global counter by name, summed over CPUs.

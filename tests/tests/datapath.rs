@@ -48,73 +48,162 @@ fn xdp_fixtures() {
         },
         Fixture {
             name: "TCP with payload",
-            input: frame((LB_MAC, CLIENT_MAC), None, CLIENT, VIP, L4::Syn { src: 40001, dst: 80 }, &[], payload),
+            input: frame(
+                (LB_MAC, CLIENT_MAC),
+                None,
+                CLIENT,
+                VIP,
+                L4::Syn {
+                    src: 40001,
+                    dst: 80,
+                },
+                &[],
+                payload,
+            ),
             xdp_action: XDP_REDIRECT,
             xdp_output: Some(frame(
                 (BACKEND_MACS[0], HOST_MAC),
                 None,
                 CLIENT,
                 BACKENDS[0],
-                L4::Syn { src: 40001, dst: 8080 },
+                L4::Syn {
+                    src: 40001,
+                    dst: 8080,
+                },
                 &[],
                 payload,
             )),
         },
         Fixture {
             name: "UDP to the VIP",
-            input: frame((LB_MAC, CLIENT_MAC), None, CLIENT, VIP, L4::Udp { src: 5353, dst: 53 }, &[], b"query"),
+            input: frame(
+                (LB_MAC, CLIENT_MAC),
+                None,
+                CLIENT,
+                VIP,
+                L4::Udp { src: 5353, dst: 53 },
+                &[],
+                b"query",
+            ),
             xdp_action: XDP_REDIRECT,
             xdp_output: Some(frame(
                 (BACKEND_MACS[0], HOST_MAC),
                 None,
                 CLIENT,
                 BACKENDS[0],
-                L4::Udp { src: 5353, dst: 9000 },
+                L4::Udp {
+                    src: 5353,
+                    dst: 9000,
+                },
                 &[],
                 b"query",
             )),
         },
         Fixture {
             name: "VLAN-tagged SYN: rewritten, tag removed for the untagged backend link",
-            input: frame((LB_MAC, CLIENT_MAC), Some(42), CLIENT, VIP, L4::Syn { src: 40002, dst: 80 }, &[], &[]),
+            input: frame(
+                (LB_MAC, CLIENT_MAC),
+                Some(42),
+                CLIENT,
+                VIP,
+                L4::Syn {
+                    src: 40002,
+                    dst: 80,
+                },
+                &[],
+                &[],
+            ),
             xdp_action: XDP_REDIRECT,
             xdp_output: Some(syn_to_backend(40002, 0)),
         },
         Fixture {
             name: "IP options are carried through",
-            input: frame((LB_MAC, CLIENT_MAC), None, CLIENT, VIP, L4::Syn { src: 40003, dst: 80 }, &opts, &[]),
+            input: frame(
+                (LB_MAC, CLIENT_MAC),
+                None,
+                CLIENT,
+                VIP,
+                L4::Syn {
+                    src: 40003,
+                    dst: 80,
+                },
+                &opts,
+                &[],
+            ),
             xdp_action: XDP_REDIRECT,
             xdp_output: Some(frame(
                 (BACKEND_MACS[0], HOST_MAC),
                 None,
                 CLIENT,
                 BACKENDS[0],
-                L4::Syn { src: 40003, dst: 8080 },
+                L4::Syn {
+                    src: 40003,
+                    dst: 8080,
+                },
                 &opts,
                 &[],
             )),
         },
         Fixture {
             name: "TCP to another port of the VIP is not a service",
-            input: frame((LB_MAC, CLIENT_MAC), None, CLIENT, VIP, L4::Syn { src: 40004, dst: 81 }, &[], &[]),
+            input: frame(
+                (LB_MAC, CLIENT_MAC),
+                None,
+                CLIENT,
+                VIP,
+                L4::Syn {
+                    src: 40004,
+                    dst: 81,
+                },
+                &[],
+                &[],
+            ),
             xdp_action: XDP_PASS,
             xdp_output: None,
         },
         Fixture {
             name: "UDP to the TCP service's port is not a service",
-            input: frame((LB_MAC, CLIENT_MAC), None, CLIENT, VIP, L4::Udp { src: 40005, dst: 80 }, &[], b"x"),
+            input: frame(
+                (LB_MAC, CLIENT_MAC),
+                None,
+                CLIENT,
+                VIP,
+                L4::Udp {
+                    src: 40005,
+                    dst: 80,
+                },
+                &[],
+                b"x",
+            ),
             xdp_action: XDP_PASS,
             xdp_output: None,
         },
         Fixture {
             name: "another destination address is not a service",
-            input: frame((LB_MAC, CLIENT_MAC), None, CLIENT, [198, 18, 101, 9], L4::Syn { src: 40006, dst: 80 }, &[], &[]),
+            input: frame(
+                (LB_MAC, CLIENT_MAC),
+                None,
+                CLIENT,
+                [198, 18, 101, 9],
+                L4::Syn {
+                    src: 40006,
+                    dst: 80,
+                },
+                &[],
+                &[],
+            ),
             xdp_action: XDP_PASS,
             xdp_output: None,
         },
     ];
     for f in &fixtures {
-        let Run { action, output: out, .. } = rig.xdp(&f.input).unwrap_or_else(|e| panic!("{}: test run failed: {e}", f.name));
+        let Run {
+            action,
+            output: out,
+            ..
+        } = rig
+            .xdp(&f.input)
+            .unwrap_or_else(|e| panic!("{}: test run failed: {e}", f.name));
         assert_eq!(action, f.xdp_action, "{}: action", f.name);
         match &f.xdp_output {
             Some(want) => {
@@ -154,10 +243,18 @@ fn non_ipv4_and_non_l4_pass_untouched() {
         ("ARP", arp, "pass_not_ipv4"),
         ("ICMP", icmp, "pass_not_l4"),
     ] {
-        let Run { action: a, output: out, .. } = rig.xdp(&f).unwrap();
+        let Run {
+            action: a,
+            output: out,
+            ..
+        } = rig.xdp(&f).unwrap();
         assert_eq!(a, XDP_PASS, "{name}");
         assert_eq!(out, f, "{name} untouched");
-        let Run { action: a, output: out, .. } = rig.tc(&f).unwrap();
+        let Run {
+            action: a,
+            output: out,
+            ..
+        } = rig.tc(&f).unwrap();
         assert_eq!(a, TC_ACT_OK, "{name} (tc)");
         assert_eq!(out, f, "{name} untouched (tc)");
         assert!(rig.global(counter) >= 1, "{name} counted in {counter}");
@@ -167,10 +264,29 @@ fn non_ipv4_and_non_l4_pass_untouched() {
 #[test]
 fn fragments_pass_untouched() {
     let mut rig = Rig::web(1, BACKEND_F_XDP | BACKEND_F_MAC, FLOWS);
-    for (name, frag) in [("first fragment", 0x2000u16), ("later fragment", 0x00b9), ("last fragment", 0x00ba)] {
-        let mut f = frame((LB_MAC, CLIENT_MAC), None, CLIENT, VIP, L4::Syn { src: 40000, dst: 80 }, &[], &[]);
+    for (name, frag) in [
+        ("first fragment", 0x2000u16),
+        ("later fragment", 0x00b9),
+        ("last fragment", 0x00ba),
+    ] {
+        let mut f = frame(
+            (LB_MAC, CLIENT_MAC),
+            None,
+            CLIENT,
+            VIP,
+            L4::Syn {
+                src: 40000,
+                dst: 80,
+            },
+            &[],
+            &[],
+        );
         f[20..22].copy_from_slice(&frag.to_be_bytes());
-        let Run { action: a, output: out, .. } = rig.xdp(&f).unwrap();
+        let Run {
+            action: a,
+            output: out,
+            ..
+        } = rig.xdp(&f).unwrap();
         assert_eq!(a, XDP_PASS, "{name}");
         assert_eq!(out, f, "{name} untouched");
     }
@@ -180,12 +296,27 @@ fn fragments_pass_untouched() {
 #[test]
 fn every_truncation_has_a_defined_action() {
     let mut rig = Rig::web(1, BACKEND_F_XDP | BACKEND_F_MAC, FLOWS);
-    let full = frame((LB_MAC, CLIENT_MAC), None, CLIENT, VIP, L4::Syn { src: 40000, dst: 80 }, &[1, 1, 1, 0], b"data");
+    let full = frame(
+        (LB_MAC, CLIENT_MAC),
+        None,
+        CLIENT,
+        VIP,
+        L4::Syn {
+            src: 40000,
+            dst: 80,
+        },
+        &[1, 1, 1, 0],
+        b"data",
+    );
     let (mut ran, mut ran_tc) = (0, 0);
     for len in 0..full.len() {
         let cut = &full[..len];
         match rig.xdp(cut) {
-            Ok(Run { action: a, output: out, .. }) => {
+            Ok(Run {
+                action: a,
+                output: out,
+                ..
+            }) => {
                 assert_eq!(a, XDP_PASS, "XDP, {len} bytes");
                 assert_eq!(out, cut, "XDP, {len} bytes untouched");
                 ran += 1;
@@ -194,7 +325,11 @@ fn every_truncation_has_a_defined_action() {
             Err(e) => assert!(len < 14, "XDP, {len} bytes: the kernel refused: {e}"),
         }
         match rig.tc(cut) {
-            Ok(Run { action: a, output: out, .. }) => {
+            Ok(Run {
+                action: a,
+                output: out,
+                ..
+            }) => {
                 assert_eq!(a, TC_ACT_OK, "TC, {len} bytes");
                 assert_eq!(out, cut, "TC, {len} bytes untouched");
                 ran_tc += 1;
@@ -204,8 +339,16 @@ fn every_truncation_has_a_defined_action() {
             Err(e) => assert!(len < 14 + 20, "TC, {len} bytes: the kernel refused: {e}"),
         }
     }
-    assert_eq!(ran, full.len() - 14, "XDP runs every length from an Ethernet header up");
-    assert_eq!(ran_tc, full.len() - 34, "TC runs every length from an IPv4 header up");
+    assert_eq!(
+        ran,
+        full.len() - 14,
+        "XDP runs every length from an Ethernet header up"
+    );
+    assert_eq!(
+        ran_tc,
+        full.len() - 34,
+        "TC runs every length from an IPv4 header up"
+    );
     assert_eq!(
         rig.global("pass_malformed"),
         (ran + ran_tc) as u64,
@@ -220,13 +363,21 @@ fn flows_stick_and_spread_over_backends() {
     let mut rig = Rig::web(3, BACKEND_F_XDP | BACKEND_F_MAC, FLOWS);
     let mut seen = [0usize; 3];
     for port in 30000..30090u16 {
-        let Run { action: a, output: out, .. } = rig.xdp(&syn(port)).unwrap();
+        let Run {
+            action: a,
+            output: out,
+            ..
+        } = rig.xdp(&syn(port)).unwrap();
         assert_eq!(a, XDP_REDIRECT);
         let b = backend_of(&out);
         assert_eq!(out, syn_to_backend(port, b), "port {port}");
         seen[b] += 1;
         for _ in 0..3 {
-            let Run { action: _, output: again, .. } = rig.xdp(&syn(port)).unwrap();
+            let Run {
+                action: _,
+                output: again,
+                ..
+            } = rig.xdp(&syn(port)).unwrap();
             assert_eq!(backend_of(&again), b, "port {port} moved");
         }
     }
@@ -238,22 +389,45 @@ fn down_backend_flows_move_draining_backend_flows_stay() {
     let mut rig = Rig::web(3, BACKEND_F_XDP | BACKEND_F_MAC, FLOWS);
     let mut on: [Vec<u16>; 3] = Default::default();
     for port in 31000..31060u16 {
-        let Run { action: _, output: out, .. } = rig.xdp(&syn(port)).unwrap();
+        let Run {
+            action: _,
+            output: out,
+            ..
+        } = rig.xdp(&syn(port)).unwrap();
         on[backend_of(&out)].push(port);
     }
     // Backend 1 drains: its flows stay. Backend 2 goes down: its flows move.
-    rig.backend(1, 0, 1, 8080, BACKEND_F_XDP | BACKEND_F_MAC, BACKEND_DRAINING);
+    rig.backend(
+        1,
+        0,
+        1,
+        8080,
+        BACKEND_F_XDP | BACKEND_F_MAC,
+        BACKEND_DRAINING,
+    );
     rig.backend(2, 0, 2, 8080, BACKEND_F_XDP | BACKEND_F_MAC, BACKEND_DOWN);
     rig.service(0, 80, IPPROTO_TCP, &[0]);
     for &p in &on[1] {
-        assert_eq!(backend_of(&rig.xdp(&syn(p)).unwrap().output), 1, "draining keeps port {p}");
+        assert_eq!(
+            backend_of(&rig.xdp(&syn(p)).unwrap().output),
+            1,
+            "draining keeps port {p}"
+        );
     }
     for &p in &on[2] {
-        assert_eq!(backend_of(&rig.xdp(&syn(p)).unwrap().output), 0, "down moves port {p}");
+        assert_eq!(
+            backend_of(&rig.xdp(&syn(p)).unwrap().output),
+            0,
+            "down moves port {p}"
+        );
     }
     assert_eq!(rig.global("flow_rebalanced"), on[2].len() as u64);
     for &p in &on[0] {
-        assert_eq!(backend_of(&rig.xdp(&syn(p)).unwrap().output), 0, "healthy keeps port {p}");
+        assert_eq!(
+            backend_of(&rig.xdp(&syn(p)).unwrap().output),
+            0,
+            "healthy keeps port {p}"
+        );
     }
 }
 
@@ -261,9 +435,17 @@ fn down_backend_flows_move_draining_backend_flows_stay() {
 fn no_backend_is_a_counted_drop() {
     let mut rig = Rig::new(FLOWS);
     rig.service(0, 80, IPPROTO_TCP, &[]);
-    let Run { action: a, output: _, .. } = rig.xdp(&syn(40000)).unwrap();
+    let Run {
+        action: a,
+        output: _,
+        ..
+    } = rig.xdp(&syn(40000)).unwrap();
     assert_eq!(a, XDP_DROP);
-    let Run { action: a, output: _, .. } = rig.tc(&syn(40000)).unwrap();
+    let Run {
+        action: a,
+        output: _,
+        ..
+    } = rig.tc(&syn(40000)).unwrap();
     assert_eq!(a, TC_ACT_SHOT);
     assert_eq!(rig.global("drop_no_backend"), 2);
 }
@@ -277,13 +459,31 @@ fn reply_is_rewritten_back_to_the_vip() {
         None,
         BACKENDS[0],
         CLIENT,
-        L4::SynAck { src: 8080, dst: 40000 },
+        L4::SynAck {
+            src: 8080,
+            dst: 40000,
+        },
         &[],
         &[],
     );
-    let Run { action: a, output: out, .. } = rig.tc(&reply).unwrap();
+    let Run {
+        action: a,
+        output: out,
+        ..
+    } = rig.tc(&reply).unwrap();
     assert_eq!(a, TC_ACT_REDIRECT, "sent on to the client's interface");
-    let want = frame((CLIENT_MAC, LB_MAC), None, VIP, CLIENT, L4::SynAck { src: 80, dst: 40000 }, &[], &[]);
+    let want = frame(
+        (CLIENT_MAC, LB_MAC),
+        None,
+        VIP,
+        CLIENT,
+        L4::SynAck {
+            src: 80,
+            dst: 40000,
+        },
+        &[],
+        &[],
+    );
     assert_checksums_valid("reply", &out);
     assert_eq!(out, want, "reply bytes");
     assert_eq!(rig.global("reverse_nat"), 1);
@@ -294,11 +494,18 @@ fn reply_is_rewritten_back_to_the_vip() {
         None,
         BACKENDS[0],
         CLIENT,
-        L4::SynAck { src: 8080, dst: 40001 },
+        L4::SynAck {
+            src: 8080,
+            dst: 40001,
+        },
         &[],
         &[],
     );
-    let Run { action: a, output: out, .. } = rig.tc(&other).unwrap();
+    let Run {
+        action: a,
+        output: out,
+        ..
+    } = rig.tc(&other).unwrap();
     assert_eq!(a, TC_ACT_OK);
     assert_eq!(out, other);
 }
@@ -308,12 +515,43 @@ fn udp_reply_is_rewritten_back() {
     let mut rig = Rig::new(FLOWS);
     rig.backend(0, 0, 1, 9000, BACKEND_F_XDP | BACKEND_F_MAC, BACKEND_ACTIVE);
     rig.service(0, 53, IPPROTO_UDP, &[0]);
-    let q = frame((LB_MAC, CLIENT_MAC), None, CLIENT, VIP, L4::Udp { src: 5353, dst: 53 }, &[], b"q");
+    let q = frame(
+        (LB_MAC, CLIENT_MAC),
+        None,
+        CLIENT,
+        VIP,
+        L4::Udp { src: 5353, dst: 53 },
+        &[],
+        b"q",
+    );
     assert_eq!(rig.xdp(&q).unwrap().action, XDP_REDIRECT);
-    let reply = frame((HOST_MAC, BACKEND_MACS[1]), None, BACKENDS[1], CLIENT, L4::Udp { src: 9000, dst: 5353 }, &[], b"answer");
-    let Run { action: a, output: out, .. } = rig.tc(&reply).unwrap();
+    let reply = frame(
+        (HOST_MAC, BACKEND_MACS[1]),
+        None,
+        BACKENDS[1],
+        CLIENT,
+        L4::Udp {
+            src: 9000,
+            dst: 5353,
+        },
+        &[],
+        b"answer",
+    );
+    let Run {
+        action: a,
+        output: out,
+        ..
+    } = rig.tc(&reply).unwrap();
     assert_eq!(a, TC_ACT_REDIRECT);
-    let want = frame((CLIENT_MAC, LB_MAC), None, VIP, CLIENT, L4::Udp { src: 53, dst: 5353 }, &[], b"answer");
+    let want = frame(
+        (CLIENT_MAC, LB_MAC),
+        None,
+        VIP,
+        CLIENT,
+        L4::Udp { src: 53, dst: 5353 },
+        &[],
+        b"answer",
+    );
     assert_eq!(out, want);
 }
 
@@ -323,11 +561,19 @@ fn skb_path_takes_what_xdp_cannot_deliver() {
     // untouched and the TC program forwards it.
     let mut rig = Rig::web(1, BACKEND_F_MAC | BACKEND_F_PEER, FLOWS);
     let input = syn(40000);
-    let Run { action: a, output: out, .. } = rig.xdp(&input).unwrap();
+    let Run {
+        action: a,
+        output: out,
+        ..
+    } = rig.xdp(&input).unwrap();
     assert_eq!(a, XDP_PASS);
     assert_eq!(out, input);
     assert_eq!(rig.global("pass_to_skb_path"), 1);
-    let Run { action: a, output: out, .. } = rig.tc(&input).unwrap();
+    let Run {
+        action: a,
+        output: out,
+        ..
+    } = rig.tc(&input).unwrap();
     assert_eq!(a, TC_ACT_REDIRECT);
     assert_checksums_valid("skb path", &out);
     assert_eq!(out, syn_to_backend(40000, 0));
@@ -336,17 +582,44 @@ fn skb_path_takes_what_xdp_cannot_deliver() {
     assert_eq!((be.packets, be.new_flows), (1, 1), "counted once, by TC");
 
     // VLAN-tagged on the skb path: the tag is removed too.
-    let tagged = frame((LB_MAC, CLIENT_MAC), Some(7), CLIENT, VIP, L4::Syn { src: 40001, dst: 80 }, &[], &[]);
-    let Run { action: a, output: out, .. } = rig.tc(&tagged).unwrap();
+    let tagged = frame(
+        (LB_MAC, CLIENT_MAC),
+        Some(7),
+        CLIENT,
+        VIP,
+        L4::Syn {
+            src: 40001,
+            dst: 80,
+        },
+        &[],
+        &[],
+    );
+    let Run {
+        action: a,
+        output: out,
+        ..
+    } = rig.tc(&tagged).unwrap();
     assert_eq!(a, TC_ACT_REDIRECT);
     assert_eq!(out, syn_to_backend(40001, 0));
 
     // UDP without a checksum keeps none.
     rig.backend(1, 1, 0, 9000, BACKEND_F_MAC, BACKEND_ACTIVE);
     rig.service(1, 53, IPPROTO_UDP, &[1]);
-    let mut q = frame((LB_MAC, CLIENT_MAC), None, CLIENT, VIP, L4::Udp { src: 5353, dst: 53 }, &[], b"q");
+    let mut q = frame(
+        (LB_MAC, CLIENT_MAC),
+        None,
+        CLIENT,
+        VIP,
+        L4::Udp { src: 5353, dst: 53 },
+        &[],
+        b"q",
+    );
     q[40..42].copy_from_slice(&[0, 0]);
-    let Run { action: a, output: out, .. } = rig.tc(&q).unwrap();
+    let Run {
+        action: a,
+        output: out,
+        ..
+    } = rig.tc(&q).unwrap();
     assert_eq!(a, TC_ACT_REDIRECT);
     assert_eq!(&out[40..42], &[0, 0]);
     assert_eq!(&out[30..34], &BACKENDS[0]);
@@ -358,7 +631,11 @@ fn backend_without_mac_uses_the_neighbour_table() {
     let mut rig = Rig::web(1, 0, FLOWS);
     let input = syn(40000);
     assert_eq!(rig.xdp(&input).unwrap().action, XDP_PASS);
-    let Run { action: a, output: out, .. } = rig.tc(&input).unwrap();
+    let Run {
+        action: a,
+        output: out,
+        ..
+    } = rig.tc(&input).unwrap();
     assert_eq!(a, TC_ACT_REDIRECT);
     // Addresses rewritten; MACs left for bpf_redirect_neigh to fill in.
     assert_eq!(&out[30..34], &BACKENDS[0]);

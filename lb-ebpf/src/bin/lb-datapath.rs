@@ -17,7 +17,7 @@
 use aya_ebpf::{
     bindings::{
         xdp_action::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
-        TC_ACT_OK, TC_ACT_SHOT, BPF_F_PSEUDO_HDR,
+        BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{
         bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_vlan_pop, bpf_skb_vlan_push,
@@ -148,7 +148,7 @@ fn record(p: &Parsed, c: &Choice, ingress_ifindex: u32, macs: ([u8; 6], [u8; 6])
     // A full table evicts its least recently used flow; an insert cannot
     // otherwise fail for a valid key, and a lost record only means the next
     // packet picks again from the same table.
-    let _ = FLOWS.insert(&p.key, &flow, 0);
+    let _ = FLOWS.insert(p.key, flow, 0);
 }
 
 #[inline(always)]
@@ -160,7 +160,7 @@ fn service_of(p: &Parsed) -> Option<&'static ServiceValue> {
         _pad: 0,
     };
     // SAFETY: values are plain data, replaced whole by userspace.
-    unsafe { SERVICES.get(&key) }
+    unsafe { SERVICES.get(key) }
 }
 
 /// Reads (dst, src) MACs.
@@ -266,7 +266,7 @@ fn tc_pass(ctx: &TcContext, reason: u32) -> i32 {
     // SAFETY: reading the skb's ingress ifindex.
     let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
     // SAFETY: plain data.
-    let xdp = unsafe { IFACES.get(&ifindex) }.is_some_and(|f| f & IFACE_F_XDP != 0);
+    let xdp = unsafe { IFACES.get(ifindex) }.is_some_and(|f| f & IFACE_F_XDP != 0);
     if !xdp {
         count(reason);
     }
@@ -289,7 +289,7 @@ fn tc_main(ctx: &TcContext) -> i32 {
         _pad: 0,
     };
     // SAFETY: plain data, values replaced whole.
-    let Some(rev) = (unsafe { REV_NAT.get(&from) }) else {
+    let Some(rev) = (unsafe { REV_NAT.get(from) }) else {
         return tc_pass(ctx, stat::PASS_NO_SERVICE);
     };
     match reply_flow(&p, rev) {
@@ -316,7 +316,7 @@ fn reply_flow(p: &Parsed, rev: &RevNat) -> Option<(u32, u16, Flow)> {
             _pad2: 0,
         };
         // SAFETY: plain data.
-        let Some(flow) = (unsafe { FLOWS.get(&key) }) else {
+        let Some(flow) = (unsafe { FLOWS.get(key) }) else {
             continue;
         };
         let Some(b) = BACKENDS.get(flow.backend_id) else {
@@ -379,7 +379,11 @@ fn tc_forward(ctx: &TcContext, p: Parsed, svc: &ServiceValue) -> i32 {
     // SAFETY: reading skb fields.
     let (ifindex, hw_vlan, hw_tci) = unsafe {
         let skb = &*ctx.skb.skb;
-        (skb.ingress_ifindex, skb.vlan_present != 0, skb.vlan_tci as u16)
+        (
+            skb.ingress_ifindex,
+            skb.vlan_present != 0,
+            skb.vlan_tci as u16,
+        )
     };
     let mut p = p;
     if hw_vlan && !p.vlan {
@@ -443,9 +447,7 @@ fn tc_reverse(ctx: &TcContext, p: Parsed, vip: u32, vport: u16, flow: Flow) -> i
     }
     if flow.flags & FLOW_F_VLAN != 0 {
         // SAFETY: plain helper call.
-        let r = unsafe {
-            bpf_skb_vlan_push(ctx.skb.skb, ETH_P_8021Q.to_be(), flow.vlan_tci)
-        };
+        let r = unsafe { bpf_skb_vlan_push(ctx.skb.skb, ETH_P_8021Q.to_be(), flow.vlan_tci) };
         if r != 0 {
             count(stat::DROP_REDIRECT_ERROR);
             return TC_ACT_SHOT;

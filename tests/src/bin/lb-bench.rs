@@ -16,7 +16,7 @@ use std::{fs, path::PathBuf, time::Duration};
 use lb_common::{BACKEND_F_MAC, BACKEND_F_PEER, BACKEND_F_XDP};
 use lb_tests::packets::{
     assert_checksums_valid, backend_of, frame, reply_from_backend, reply_to_client, syn,
-    syn_to_backend, Rig, Run, L4, BACKENDS, CLIENT_MAC, LB_MAC, TC_ACT_OK, TC_ACT_REDIRECT, VIP,
+    syn_to_backend, Rig, Run, BACKENDS, CLIENT_MAC, L4, LB_MAC, TC_ACT_OK, TC_ACT_REDIRECT, VIP,
     XDP_PASS, XDP_REDIRECT,
 };
 use serde::Serialize;
@@ -125,7 +125,12 @@ impl Path {
 /// A client address and port for the `n`th new flow: all distinct for
 /// millions of flows, all inside 198.18.0.0/15 (never sent anywhere).
 fn new_flow_frame(n: u32) -> Vec<u8> {
-    let src = [198, 18 + ((n >> 24) & 1) as u8, (n >> 16) as u8, (n >> 8) as u8];
+    let src = [
+        198,
+        18 + ((n >> 24) & 1) as u8,
+        (n >> 16) as u8,
+        (n >> 8) as u8,
+    ];
     frame(
         (LB_MAC, CLIENT_MAC),
         None,
@@ -156,7 +161,10 @@ impl Bench {
         let mut rig = Rig::web(
             3,
             BACKEND_F_XDP | BACKEND_F_MAC | BACKEND_F_PEER,
-            std::env::var("LB_BENCH_FLOWS").ok().and_then(|v| v.parse().ok()).unwrap_or(lb_common::defaults::FLOW_TABLE_SIZE),
+            std::env::var("LB_BENCH_FLOWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(lb_common::defaults::FLOW_TABLE_SIZE),
         );
         let established = syn(40000);
         let first = rig.xdp(&established).expect("test run");
@@ -168,7 +176,10 @@ impl Bench {
             None,
             [198, 18, 100, 2],
             [198, 18, 101, 9],
-            L4::Syn { src: 40000, dst: 80 },
+            L4::Syn {
+                src: 40000,
+                dst: 80,
+            },
             &[],
             &[],
         );
@@ -341,7 +352,9 @@ fn markdown(r: &Report) -> String {
     );
     for p in &r.per_packet {
         let net = p.net_ns.map_or("—".to_owned(), |n| format!("{n:.1}"));
-        let mpps = p.mpps_per_core.map_or("—".to_owned(), |n| format!("{n:.1}"));
+        let mpps = p
+            .mpps_per_core
+            .map_or("—".to_owned(), |n| format!("{n:.1}"));
         let target = match (&p.target, p.target_met) {
             (Some(t), Some(true)) => format!("{t}: met"),
             (Some(t), Some(false)) => format!("{t}: **missed**"),

@@ -33,8 +33,18 @@ fn main() {
     let config = render_config(
         &[client_if.as_str()],
         &[
-            ServiceConfig::new("web", &format!("{vip}:80"), "tcp", &topo.backend_endpoints(8080)),
-            ServiceConfig::new("echo", &format!("{vip}:53"), "udp", &topo.backend_endpoints(9000)),
+            ServiceConfig::new(
+                "web",
+                &format!("{vip}:80"),
+                "tcp",
+                &topo.backend_endpoints(8080),
+            ),
+            ServiceConfig::new(
+                "echo",
+                &format!("{vip}:53"),
+                "udp",
+                &topo.backend_endpoints(9000),
+            ),
         ],
     );
     let dir = TempDir::new("lb-demo");
@@ -52,7 +62,10 @@ fn main() {
         READY_MARKER,
         Duration::from_secs(30),
     );
-    println!("lb is running (FORWARD policy DROP); client {} -> {vip}:80", topo.client_addr());
+    println!(
+        "lb is running (FORWARD policy DROP); client {} -> {vip}:80",
+        topo.client_addr()
+    );
 
     let tally = http_tally(
         &topo.client,
@@ -79,7 +92,10 @@ fn main() {
     );
     println!("\n30 UDP datagrams to {vip}:53 (answers come from the VIP):");
     for name in &names {
-        println!("  {name}  {:>4}", udp.counts.get(name).copied().unwrap_or(0));
+        println!(
+            "  {name}  {:>4}",
+            udp.counts.get(name).copied().unwrap_or(0)
+        );
     }
     println!("  unanswered {:>4}", udp.failures);
 

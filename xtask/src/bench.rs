@@ -1,0 +1,93 @@
+//! `cargo xtask bench`: the numbers, from `lb-bench`, written to
+//! `target/bench/report.{json,md}`; `--update-readme` copies the report into
+//! the README's performance section.
+
+use std::fs;
+
+use anyhow::{bail, Context as _};
+
+use crate::{build, cmd, setup};
+
+const BEGIN: &str = "<!-- bench:begin -->";
+const END: &str = "<!-- bench:end -->";
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Fewer rounds and calls: a check in seconds, not a figure to publish.
+    #[arg(long)]
+    quick: bool,
+    /// Replace the README's performance section with this run's report.
+    #[arg(long)]
+    update_readme: bool,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    if !cmd::is_root() {
+        bail!("cargo xtask bench must run as root: it loads BPF programs");
+    }
+    setup::run()?;
+    build::run()?;
+    let out = cmd::target_dir().join("bench");
+    let mut bench = cmd::cargo([
+        "run",
+        "--release",
+        "--locked",
+        "-p",
+        "lb-tests",
+        "--bin",
+        "lb-bench",
+        "--",
+    ])?;
+    bench.arg("--out").arg(&out);
+    if args.quick {
+        bench.arg("--quick");
+    }
+    cmd::run(&mut bench)?;
+    if args.update_readme {
+        let report = fs::read_to_string(out.join("report.md")).context("reading the report")?;
+        let path = cmd::repo_root().join("README.md");
+        let readme = fs::read_to_string(&path).context("reading README.md")?;
+        let updated = splice(&readme, &report)?;
+        fs::write(&path, updated).context("writing README.md")?;
+        println!(
+            "README.md: performance section updated from {}",
+            out.join("report.md").display()
+        );
+    }
+    Ok(())
+}
+
+/// Puts `report` between the README's bench markers.
+fn splice(readme: &str, report: &str) -> anyhow::Result<String> {
+    let (Some(b), Some(e)) = (readme.find(BEGIN), readme.find(END)) else {
+        bail!("README.md has no {BEGIN} ... {END} section");
+    };
+    if e < b {
+        bail!("README.md: {END} comes before {BEGIN}");
+    }
+    Ok(format!(
+        "{}{BEGIN}\n{}\n{}",
+        &readme[..b],
+        report.trim_end(),
+        &readme[e..]
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splice_replaces_only_the_section() {
+        let readme = format!("# x\n{BEGIN}\nold\n{END}\ntail\n");
+        let out = splice(&readme, "new table\n").unwrap();
+        assert_eq!(out, format!("# x\n{BEGIN}\nnew table\n{END}\ntail\n"));
+        assert_eq!(splice(&out, "new table\n").unwrap(), out, "idempotent");
+    }
+
+    #[test]
+    fn splice_needs_both_markers() {
+        assert!(splice("# no markers\n", "t").is_err());
+        assert!(splice(&format!("{END}\n{BEGIN}\n"), "t").is_err());
+    }
+}

@@ -147,6 +147,7 @@ fn new_flow_frame(n: u32) -> Vec<u8> {
 
 struct Bench {
     rig: Rig,
+    flow_table_size: u32,
     calls: u32,
     next_flow: u32,
     non_service: Vec<u8>,
@@ -158,13 +159,11 @@ struct Bench {
 impl Bench {
     fn new(calls: u32) -> Self {
         // Default flow table size: the new-flow path pays for a realistic table.
+        let flow_table_size = lb_common::defaults::FLOW_TABLE_SIZE;
         let mut rig = Rig::web(
             3,
             BACKEND_F_XDP | BACKEND_F_MAC | BACKEND_F_PEER,
-            std::env::var("LB_BENCH_FLOWS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(lb_common::defaults::FLOW_TABLE_SIZE),
+            flow_table_size,
         );
         let established = syn(40000);
         let first = rig.xdp(&established).expect("test run");
@@ -186,6 +185,7 @@ impl Bench {
         let reply = reply_from_backend(40000, b);
         Self {
             rig,
+            flow_table_size,
             calls,
             next_flow: 0,
             non_service,
@@ -270,6 +270,7 @@ struct Report {
     method: &'static str,
     rounds: usize,
     calls_per_round: u32,
+    flow_table_size: u32,
     per_packet: Vec<PathResult>,
 }
 
@@ -325,11 +326,14 @@ fn main() {
         .collect();
     let report = Report {
         machine: machine(),
-        method: "BPF_PROG_TEST_RUN, repeat = 1, fresh input each call; kernel-measured time per call, \
-                 mean over the calls of a round, median over rounds; contenders alternate within rounds; \
-                 net = median minus the empty program's median (same program type)",
+        method: "BPF_PROG_TEST_RUN with repeat = 1 and a fresh input frame each call (so no \
+                 program sees its own rewrite), the kernel's time per call averaged over a round, \
+                 median over rounds, contenders alternating within each round; net = minus the \
+                 empty program of the same type, measured the same way; the last output of every \
+                 contender is checked against the expected rewrite",
         rounds,
         calls_per_round: calls,
+        flow_table_size: bench.flow_table_size,
         per_packet,
     };
     fs::create_dir_all(&args.out).expect("create the output directory");
@@ -346,9 +350,12 @@ fn markdown(r: &Report) -> String {
     let mut s = format!(
         "### Per-packet cost (`BPF_PROG_TEST_RUN`)\n\n\
          Machine: {}, {} cores, Linux {}. Median of {} rounds of {} calls each.\n\n\
+         Method: {}. The new-flow path inserts every call's flow into a \
+         {}-entry flow table, as a busy balancer would; the established path \
+         replays one flow.\n\n\
          | path | ns/packet | net of floor | Mpps/core (net) | target |\n\
          |---|---:|---:|---:|---|\n",
-        m.cpu, m.cores, m.kernel, r.rounds, r.calls_per_round
+        m.cpu, m.cores, m.kernel, r.rounds, r.calls_per_round, r.method, r.flow_table_size
     );
     for p in &r.per_packet {
         let net = p.net_ns.map_or("—".to_owned(), |n| format!("{n:.1}"));

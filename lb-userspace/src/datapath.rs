@@ -160,6 +160,29 @@ impl Maps {
     }
 }
 
+/// Loads (verifies) program `name` unless it already is loaded.
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {
+    let what = || format!("loading program {name} (verifier)");
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| DatapathError::Program {
+            what: what(),
+            source: ProgramError::UnexpectedProgramType,
+        })?;
+    if prog.fd().is_ok() {
+        return Ok(());
+    }
+    match prog {
+        aya::programs::Program::Xdp(p) => p.load(),
+        aya::programs::Program::SchedClassifier(p) => p.load(),
+        _ => Err(ProgramError::UnexpectedProgramType),
+    }
+    .map_err(|source| DatapathError::Program {
+        what: what(),
+        source,
+    })
+}
+
 /// The loaded data path: programs, maps and attachments. Dropping it detaches
 /// every program (all attachments are bpf links owned by this process).
 pub struct Datapath {
@@ -190,19 +213,7 @@ impl Datapath {
             .load(OBJECT)
             .map_err(DatapathError::Load)?;
         for name in [programs::XDP_FORWARD, programs::TC] {
-            let what = format!("loading program {name} (verifier)");
-            let prog = ebpf
-                .program_mut(name)
-                .ok_or_else(|| DatapathError::Program {
-                    what: what.clone(),
-                    source: ProgramError::UnexpectedProgramType,
-                })?;
-            let r = match prog {
-                aya::programs::Program::Xdp(p) => p.load(),
-                aya::programs::Program::SchedClassifier(p) => p.load(),
-                _ => Err(ProgramError::UnexpectedProgramType),
-            };
-            r.map_err(|source| DatapathError::Program { what, source })?;
+            load_program(&mut ebpf, name)?;
         }
         let maps = Maps::take(&mut ebpf)?;
         Ok(Self {
@@ -232,50 +243,22 @@ impl Datapath {
     /// The empty XDP program (loaded on first use): the floor of the
     /// per-packet benchmarks.
     pub fn xdp_noop(&mut self) -> Result<&mut Xdp, DatapathError> {
-        let what = || format!("loading {}", programs::XDP_NOOP);
-        let prog: &mut Xdp = self
+        load_program(&mut self.ebpf, programs::XDP_NOOP)?;
+        Ok(self
             .ebpf
             .program_mut(programs::XDP_NOOP)
-            .ok_or_else(|| DatapathError::Program {
-                what: what(),
-                source: ProgramError::UnexpectedProgramType,
-            })?
-            .try_into()
-            .map_err(|source| DatapathError::Program {
-                what: what(),
-                source,
-            })?;
-        if prog.fd().is_err() {
-            prog.load().map_err(|source| DatapathError::Program {
-                what: what(),
-                source,
-            })?;
-        }
-        Ok(prog)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded above as XDP"))
     }
 
     /// The empty TC program (loaded on first use).
     pub fn tc_noop(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
-        let what = || format!("loading {}", programs::TC_NOOP);
-        let prog: &mut SchedClassifier = self
+        load_program(&mut self.ebpf, programs::TC_NOOP)?;
+        Ok(self
             .ebpf
             .program_mut(programs::TC_NOOP)
-            .ok_or_else(|| DatapathError::Program {
-                what: what(),
-                source: ProgramError::UnexpectedProgramType,
-            })?
-            .try_into()
-            .map_err(|source| DatapathError::Program {
-                what: what(),
-                source,
-            })?;
-        if prog.fd().is_err() {
-            prog.load().map_err(|source| DatapathError::Program {
-                what: what(),
-                source,
-            })?;
-        }
-        Ok(prog)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded above as TC"))
     }
 
     /// Attaches the XDP forward program to `iface`.

@@ -316,18 +316,18 @@ impl Rig {
                 .backends
                 .get(&id, 0)
                 .expect("member written first");
-            let mut rev = RevNat {
-                count: 1,
-                ..RevNat::default()
-            };
-            rev.vip[0] = u32::from_ne_bytes(VIP);
-            rev.vport[0] = port.to_be();
             let key = ServiceKey {
                 addr: b.addr,
                 port: b.port,
                 proto,
                 _pad: 0,
             };
+            // Add this service to the backend's list, as the reconcile loop does.
+            let mut rev: RevNat = self.dp.maps.rev_nat.get(&key, 0).unwrap_or_default();
+            let i = rev.count as usize;
+            rev.vip[i] = u32::from_ne_bytes(VIP);
+            rev.vport[i] = port.to_be();
+            rev.count += 1;
             self.dp
                 .maps
                 .rev_nat

@@ -454,53 +454,18 @@ fn no_backend_is_a_counted_drop() {
 fn reply_is_rewritten_back_to_the_vip() {
     let mut rig = Rig::web(1, BACKEND_F_XDP | BACKEND_F_MAC, FLOWS);
     assert_eq!(rig.xdp(&syn(40000)).unwrap().action, XDP_REDIRECT);
-    let reply = frame(
-        (HOST_MAC, BACKEND_MACS[0]),
-        None,
-        BACKENDS[0],
-        CLIENT,
-        L4::SynAck {
-            src: 8080,
-            dst: 40000,
-        },
-        &[],
-        &[],
-    );
     let Run {
         action: a,
         output: out,
         ..
-    } = rig.tc(&reply).unwrap();
+    } = rig.tc(&reply_from_backend(40000, 0)).unwrap();
     assert_eq!(a, TC_ACT_REDIRECT, "sent on to the client's interface");
-    let want = frame(
-        (CLIENT_MAC, LB_MAC),
-        None,
-        VIP,
-        CLIENT,
-        L4::SynAck {
-            src: 80,
-            dst: 40000,
-        },
-        &[],
-        &[],
-    );
     assert_checksums_valid("reply", &out);
-    assert_eq!(out, want, "reply bytes");
+    assert_eq!(out, reply_to_client(40000), "reply bytes");
     assert_eq!(rig.global("reverse_nat"), 1);
 
     // A packet from the backend that belongs to no flow is left alone.
-    let other = frame(
-        (HOST_MAC, BACKEND_MACS[0]),
-        None,
-        BACKENDS[0],
-        CLIENT,
-        L4::SynAck {
-            src: 8080,
-            dst: 40001,
-        },
-        &[],
-        &[],
-    );
+    let other = reply_from_backend(40001, 0);
     let Run {
         action: a,
         output: out,
@@ -508,6 +473,52 @@ fn reply_is_rewritten_back_to_the_vip() {
     } = rig.tc(&other).unwrap();
     assert_eq!(a, TC_ACT_OK);
     assert_eq!(out, other);
+    assert_eq!(rig.global("pass_no_flow"), 1);
+}
+
+#[test]
+fn a_backend_shared_by_two_services_answers_as_the_right_one() {
+    // Backend 0 on :8080 serves VIP:80 (service 0, backend id 0) and VIP:81
+    // (service 1, backend id 1).
+    let mut rig = Rig::web(1, BACKEND_F_XDP | BACKEND_F_MAC, FLOWS);
+    rig.backend(1, 1, 0, 8080, BACKEND_F_XDP | BACKEND_F_MAC, BACKEND_ACTIVE);
+    rig.service(1, 81, IPPROTO_TCP, &[1]);
+    let to_81 = frame(
+        (LB_MAC, CLIENT_MAC),
+        None,
+        CLIENT,
+        VIP,
+        L4::Syn {
+            src: 40000,
+            dst: 81,
+        },
+        &[],
+        &[],
+    );
+    assert_eq!(rig.xdp(&to_81).unwrap().action, XDP_REDIRECT);
+    assert_eq!(rig.xdp(&syn(40001)).unwrap().action, XDP_REDIRECT);
+
+    let from_81 = rig.tc(&reply_from_backend(40000, 0)).unwrap();
+    assert_eq!(from_81.action, TC_ACT_REDIRECT);
+    let want_81 = frame(
+        (CLIENT_MAC, LB_MAC),
+        None,
+        VIP,
+        CLIENT,
+        L4::SynAck {
+            src: 81,
+            dst: 40000,
+        },
+        &[],
+        &[],
+    );
+    assert_eq!(from_81.output, want_81, "the flow to :81 answers from :81");
+    let from_80 = rig.tc(&reply_from_backend(40001, 0)).unwrap();
+    assert_eq!(
+        from_80.output,
+        reply_to_client(40001),
+        "the flow to :80 answers from :80"
+    );
 }
 
 #[test]

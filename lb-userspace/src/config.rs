@@ -18,7 +18,7 @@ use crate::maglev::{is_prime, MAX_TABLE_SIZE};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{path}: {source}")]
+    #[error("reading {path}")]
     Read {
         /// The config file.
         path: PathBuf,

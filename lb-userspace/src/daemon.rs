@@ -47,7 +47,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_table_size: d.max_table_size,
         flow_table_size: d.flow_table_size,
     };
-    let mut dp = Datapath::load(&sizes).context("loading the data path")?;
+    let mut dp = Datapath::load(&sizes)
+        .context("loading the data path (needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")?;
     for link in &externals {
         let xdp = match d.mode {
             ForwardMode::Xdp => true,

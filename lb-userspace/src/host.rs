@@ -19,7 +19,7 @@ use tokio::process::Command;
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     /// A tool could not be started (is iproute2/ethtool installed?).
-    #[error("running {cmd}: {source}")]
+    #[error("running {cmd}")]
     Spawn {
         /// The command line.
         cmd: String,
@@ -36,7 +36,7 @@ pub enum HostError {
         stderr: String,
     },
     /// A tool printed something other than the JSON expected.
-    #[error("{cmd}: unexpected output: {source}")]
+    #[error("{cmd}: unexpected output")]
     Json {
         /// The command line.
         cmd: String,

@@ -12,7 +12,10 @@ use std::{
 use lb_common::{defaults, IPPROTO_TCP, IPPROTO_UDP};
 use serde::Deserialize;
 
-use crate::maglev::{is_prime, MAX_TABLE_SIZE};
+use crate::{
+    api::types::{HealthCheck, Origin},
+    maglev::{is_prime, MAX_TABLE_SIZE},
+};
 
 /// Why a config file was refused. Each renders as one line.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +103,8 @@ pub struct BackendSpec {
     pub addr: SocketAddrV4,
     /// Relative share of new flows (at least 1).
     pub weight: u32,
+    /// Drained by the operator: keeps its flows, gets no new ones.
+    pub drained: bool,
 }
 
 impl FromStr for BackendSpec {
@@ -120,7 +125,11 @@ impl FromStr for BackendSpec {
             ));
         }
         let addr = parse_socket_addr(addr)?;
-        Ok(Self { addr, weight })
+        Ok(Self {
+            addr,
+            weight,
+            drained: false,
+        })
     }
 }
 
@@ -151,6 +160,99 @@ pub fn parse_socket_addr(s: &str) -> Result<SocketAddrV4, String> {
     Ok(SocketAddrV4::new(ip, port as u16))
 }
 
+/// A bad field of one service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// The field: `name`, `vip`, `protocol`, `table_size`, `backends`, `health`.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+fn field_error(field: &'static str, reason: String) -> FieldError {
+    FieldError { field, reason }
+}
+
+/// Checks a service name: 1-64 letters, digits, `-`, `_` or `.`.
+pub fn check_name(name: &str) -> Result<(), FieldError> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(field_error(
+            "name",
+            format!("{name:?}: use 1-64 letters, digits, '-', '_' or '.'"),
+        ));
+    }
+    Ok(())
+}
+
+/// Validates one service's own fields (not its backends, nor how it relates
+/// to other services). The config file and the admin API both use it, so
+/// both refuse the same inputs with the same words.
+pub fn service_spec(
+    name: &str,
+    vip: &str,
+    protocol: Option<&str>,
+    table_size: Option<u32>,
+    health: Option<HealthCheck>,
+    max_table_size: u32,
+) -> Result<ServiceSpec, FieldError> {
+    check_name(name)?;
+    let protocol = match protocol {
+        None | Some("tcp") => Protocol::Tcp,
+        Some("udp") => Protocol::Udp,
+        Some(p) => {
+            return Err(field_error(
+                "protocol",
+                format!("{p:?} is neither \"tcp\" nor \"udp\""),
+            ))
+        }
+    };
+    let vip = parse_socket_addr(vip).map_err(|r| field_error("vip", r))?;
+    let table_size = table_size.unwrap_or(defaults::TABLE_SIZE.min(max_table_size));
+    if !is_prime(table_size) {
+        return Err(field_error(
+            "table_size",
+            format!("{table_size} is not prime"),
+        ));
+    }
+    if table_size > max_table_size {
+        return Err(field_error(
+            "table_size",
+            format!("{table_size} is larger than datapath.max_table_size {max_table_size}"),
+        ));
+    }
+    if let Some(h) = health {
+        if h.interval_ms == 0 || h.timeout_ms == 0 || h.rise == 0 || h.fall == 0 {
+            return Err(field_error(
+                "health",
+                "interval, timeout, rise and fall must all be at least 1".into(),
+            ));
+        }
+        if h.timeout_ms > h.interval_ms {
+            return Err(field_error(
+                "health",
+                format!(
+                    "timeout {} ms is longer than the interval {} ms",
+                    h.timeout_ms, h.interval_ms
+                ),
+            ));
+        }
+    }
+    Ok(ServiceSpec {
+        name: name.to_owned(),
+        vip,
+        protocol,
+        table_size,
+        backends: Vec::new(),
+        origin: Origin::Config,
+        health,
+    })
+}
+
 /// A service, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
@@ -164,6 +266,10 @@ pub struct ServiceSpec {
     pub table_size: u32,
     /// Static backends, unique by address.
     pub backends: Vec<BackendSpec>,
+    /// Where the service was declared.
+    pub origin: Origin,
+    /// Active TCP health check of the backends.
+    pub health: Option<HealthCheck>,
 }
 
 /// The data path section, validated.
@@ -221,6 +327,7 @@ struct RawService {
     #[serde(default)]
     backends: Vec<String>,
     table_size: Option<u32>,
+    health: Option<HealthCheck>,
 }
 
 impl Config {
@@ -317,56 +424,37 @@ impl Config {
         let mut total_backends = 0usize;
         for s in raw.services {
             let field = |f: &str| format!("service {:?} {f}", s.name);
-            if s.name.is_empty()
-                || s.name.len() > 64
-                || !s
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                return Err(invalid(
-                    "service name".into(),
-                    format!("{:?}: use 1-64 letters, digits, '-', '_' or '.'", s.name),
-                ));
-            }
+            let mut spec = service_spec(
+                &s.name,
+                &s.vip,
+                s.protocol.as_deref(),
+                s.table_size,
+                s.health,
+                max_table_size,
+            )
+            .map_err(|e| {
+                if e.field == "name" {
+                    invalid("service name".into(), e.reason)
+                } else {
+                    invalid(field(e.field), e.reason)
+                }
+            })?;
             if !names.insert(s.name.clone()) {
                 return Err(invalid(
                     field("name"),
                     "a service with this name is defined twice".into(),
                 ));
             }
-            let protocol = match s.protocol.as_deref() {
-                None | Some("tcp") => Protocol::Tcp,
-                Some("udp") => Protocol::Udp,
-                Some(p) => {
-                    return Err(invalid(
-                        field("protocol"),
-                        format!("{p:?} is neither \"tcp\" nor \"udp\""),
-                    ))
-                }
-            };
-            let vip = parse_socket_addr(&s.vip).map_err(|r| invalid(field("vip"), r))?;
-            if !vips.insert((vip, protocol)) {
+            if !vips.insert((spec.vip, spec.protocol)) {
                 return Err(invalid(
                     field("vip"),
-                    format!("{protocol} {vip} is already used by another service"),
+                    format!(
+                        "{} {} is already used by another service",
+                        spec.protocol, spec.vip
+                    ),
                 ));
             }
-            let table_size = s
-                .table_size
-                .unwrap_or(defaults::TABLE_SIZE.min(max_table_size));
-            if !is_prime(table_size) {
-                return Err(invalid(
-                    field("table_size"),
-                    format!("{table_size} is not prime"),
-                ));
-            }
-            if table_size > max_table_size {
-                return Err(invalid(
-                    field("table_size"),
-                    format!("{table_size} is larger than datapath.max_table_size {max_table_size}"),
-                ));
-            }
+            let table_size = spec.table_size;
             if s.backends.is_empty() {
                 return Err(invalid(
                     field("backends"),
@@ -392,13 +480,8 @@ impl Config {
                 ));
             }
             total_backends += backends.len();
-            services.push(ServiceSpec {
-                name: s.name,
-                vip,
-                protocol,
-                table_size,
-                backends,
-            });
+            spec.backends = backends;
+            services.push(spec);
         }
         // The reverse path tells a backend's services apart by trying each.
         let mut shared: HashMap<(SocketAddrV4, Protocol), usize> = HashMap::new();

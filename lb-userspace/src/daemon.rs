@@ -1,19 +1,25 @@
-//! `lb run`: validate, load, attach, reconcile, then keep the maps in step
-//! until SIGINT/SIGTERM, and detach on the way out.
+//! `lb run`: validate, load, attach, reconcile, serve the admin API, then
+//! keep the maps in step until SIGINT/SIGTERM, and detach on the way out.
 
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use aya::programs::XdpMode;
 use lb_common::IFACE_F_XDP;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::watch,
+};
 use tracing::{info, warn};
 
 use crate::{
+    api::{server, types::InterfaceStatus},
     config::{Config, ForwardMode},
+    control::{Controller, DaemonInfo, Handle},
     datapath::{Datapath, MapSizes},
     host,
     reconcile::Reconciler,
+    state::{default_state_path, Desired},
 };
 
 /// How often routes, neighbours and veth peers are checked again.
@@ -25,11 +31,26 @@ pub struct RunArgs {
     /// The TOML config file.
     #[arg(long, short, value_name = "FILE")]
     pub config: PathBuf,
+    /// Admin API socket (created mode 0600).
+    #[arg(long, value_name = "PATH", default_value = server::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Where changes made through the API are kept [default: next to the
+    /// config, e.g. lb.toml -> lb.state.json].
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
 }
 
 /// Runs the daemon in the foreground.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
+    let state_path = args
+        .state
+        .clone()
+        .unwrap_or_else(|| default_state_path(&args.config));
+    let desired = Desired::load(&config, state_path)?;
+    for name in desired.shadowed() {
+        warn!(service = name, state = %desired.path().display(), "service from the state file ignored: the config now declares its name or address");
+    }
     // Every external interface must exist before anything is loaded, so a
     // typo leaves the host exactly as it was.
     let mut externals = Vec::new();
@@ -39,6 +60,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_context(|| format!("{}: datapath.external", args.config.display()))?;
         externals.push(link);
     }
+    // Bound before anything is attached: a second daemon stops here.
+    let listener = server::bind(&args.socket).await?;
+    let _socket = RemoveOnDrop(args.socket.clone());
 
     let d = &config.datapath;
     let sizes = MapSizes {
@@ -49,6 +73,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut dp = Datapath::load(&sizes)
         .context("loading the data path (needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")?;
+    let mut attached = Vec::new();
     for link in &externals {
         let xdp = match d.mode {
             ForwardMode::Xdp => true,
@@ -68,11 +93,40 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             forward = if xdp { "xdp" } else { "tc" },
             "external interface attached"
         );
+        attached.push(InterfaceStatus {
+            name: link.name.clone(),
+            ifindex: link.ifindex,
+            role: "external".into(),
+            programs: if xdp {
+                vec!["xdp".into(), "tc".into()]
+            } else {
+                vec!["tc".into()]
+            },
+        });
     }
 
     let mut rec = Reconciler::new(dp, sizes);
-    rec.apply(&config.services).await?;
-    info!(services = config.services.len(), "data path ready");
+    let services = desired.services();
+    rec.apply(&services).await?;
+    let mut control = Controller::new(
+        rec,
+        desired,
+        DaemonInfo {
+            started: std::time::Instant::now(),
+            adopted: false,
+            pin_path: String::new(),
+            externals: attached,
+        },
+    );
+
+    let (handle, mut inbox) = Handle::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let api = tokio::spawn(server::serve(
+        listener,
+        handle.clone(),
+        wait_for(stop_rx.clone()),
+    ));
+    info!(services = services.len(), socket = %args.socket.display(), "data path ready");
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -82,16 +136,37 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            Some(input) = inbox.recv() => control.handle(input).await,
             _ = tick.tick() => {
-                if let Err(e) = rec.refresh().await {
+                if let Err(e) = control.reconciler().refresh().await {
                     warn!(error = %format!("{e:#}"), "refresh failed; retrying later");
                 }
             }
         }
     }
     info!("shutting down: detaching the data path");
-    rec.release_neighbors().await;
-    drop(rec);
+    let _ = stop_tx.send(true);
+    drop(handle);
+    // Requests already accepted still get their answer.
+    while let Ok(input) = inbox.try_recv() {
+        control.handle(input).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
+    control.reconciler().release_neighbors().await;
+    drop(control);
     info!("detached");
     Ok(())
+}
+
+async fn wait_for(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Removes the admin socket when the daemon exits.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }

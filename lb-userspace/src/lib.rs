@@ -1,8 +1,11 @@
 //! The `lb` daemon as a library: config, Maglev, the data path loader, host
 //! queries and the reconcile loop. `main.rs` is the command line on top.
+pub mod api;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod host;
 pub mod maglev;
 pub mod reconcile;
+pub mod state;

@@ -20,14 +20,18 @@ use std::{
 
 use aya::maps::MapError;
 use lb_common::{
-    maps, Backend, RevNat, ServiceKey, ServiceValue, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_F_MAC,
-    BACKEND_F_PEER, BACKEND_F_XDP, NO_BACKEND, REV_NAT_MAX,
+    maps, Backend, RevNat, ServiceKey, ServiceValue, BACKEND_ACTIVE, BACKEND_DOWN,
+    BACKEND_DRAINING, BACKEND_F_MAC, BACKEND_F_PEER, BACKEND_F_XDP, NO_BACKEND, REV_NAT_MAX,
 };
 use tracing::{debug, info, warn};
 
 use crate::{
+    api::types::{
+        BackendInfo, BackendState, Counters, Health, InterfaceStatus, MapStatus, ServiceInfo,
+        ServiceStats, Stats,
+    },
     config::{Protocol, ServiceSpec},
-    datapath::{Datapath, DatapathError, MapSizes},
+    datapath::{Datapath, DatapathError, MapSizes, Maps},
     host::{self, HostError},
     maglev::{self, MaglevBackend, MaglevError},
 };
@@ -124,15 +128,59 @@ pub struct Delivery {
 }
 
 #[derive(Debug)]
-struct BackendState {
+struct Member {
     id: u32,
     weight: u32,
     delivery: Option<Delivery>,
+    /// Drained by the operator.
+    drained: bool,
+    /// Passing its health check (true when the service has none).
+    healthy: bool,
+    /// What the map holds for it, once written.
+    written: Option<Backend>,
 }
 
-impl BackendState {
-    fn usable(&self) -> bool {
-        self.delivery.is_some()
+impl Member {
+    fn new(id: u32, weight: u32, drained: bool) -> Self {
+        Self {
+            id,
+            weight,
+            delivery: None,
+            drained,
+            healthy: true,
+            written: None,
+        }
+    }
+
+    /// What the data path should do with it.
+    fn state(&self) -> u32 {
+        if self.delivery.is_none() || !self.healthy {
+            BACKEND_DOWN
+        } else if self.drained {
+            BACKEND_DRAINING
+        } else {
+            BACKEND_ACTIVE
+        }
+    }
+
+    fn value(&self, service_id: u32, addr: SocketAddrV4) -> Backend {
+        let d = self.delivery.unwrap_or(Delivery {
+            ifindex: 0,
+            src_mac: [0; 6],
+            dst_mac: None,
+            flags: 0,
+        });
+        Backend {
+            addr: u32::from_ne_bytes(addr.ip().octets()),
+            port: addr.port().to_be(),
+            _pad: 0,
+            ifindex: d.ifindex,
+            service_id,
+            state: self.state(),
+            flags: d.flags,
+            dst_mac: d.dst_mac.unwrap_or_default(),
+            src_mac: d.src_mac,
+        }
     }
 }
 
@@ -144,7 +192,7 @@ struct ServiceState {
     active: Option<usize>,
     /// What each copy of the table holds in the map (empty: unknown).
     copies: [Vec<u32>; 2],
-    backends: BTreeMap<SocketAddrV4, BackendState>,
+    backends: BTreeMap<SocketAddrV4, Member>,
 }
 
 impl ServiceState {
@@ -169,8 +217,8 @@ pub struct Reconciler {
     services: BTreeMap<String, ServiceState>,
     service_ids: Ids,
     backend_ids: Ids,
-    /// Backend-facing interfaces already set up (TC attached, GRO checked).
-    ready_ifaces: BTreeSet<u32>,
+    /// Backend-facing interfaces already set up (TC attached), by ifindex.
+    ready_ifaces: BTreeMap<u32, String>,
     /// Neighbour entries this daemon asked the kernel to keep resolved.
     managed_neighbors: BTreeSet<(Ipv4Addr, String)>,
     /// What `REV_NAT` holds: the services (VIPs) each backend serves.
@@ -186,7 +234,7 @@ impl Reconciler {
             services: BTreeMap::new(),
             service_ids: Ids::new(sizes.max_services),
             backend_ids: Ids::new(sizes.max_backends),
-            ready_ifaces: BTreeSet::new(),
+            ready_ifaces: BTreeMap::new(),
             managed_neighbors: BTreeSet::new(),
             rev_nat: BTreeMap::new(),
         }
@@ -195,6 +243,168 @@ impl Reconciler {
     /// The data path, e.g. to read counters.
     pub fn datapath(&self) -> &Datapath {
         &self.dp
+    }
+
+    /// Backend-facing interfaces the reverse path is attached to.
+    pub fn backend_interfaces(&self) -> Vec<InterfaceStatus> {
+        self.ready_ifaces
+            .iter()
+            .map(|(ifindex, name)| InterfaceStatus {
+                name: name.clone(),
+                ifindex: *ifindex,
+                role: "backend".into(),
+                programs: vec!["tc".into()],
+            })
+            .collect()
+    }
+
+    /// The services, as the API lists them.
+    pub fn services_info(&self) -> Vec<ServiceInfo> {
+        self.services
+            .values()
+            .map(|st| ServiceInfo {
+                name: st.spec.name.clone(),
+                vip: st.spec.vip.to_string(),
+                protocol: st.spec.protocol,
+                table_size: st.spec.table_size,
+                origin: st.spec.origin,
+                image: None,
+                target_port: None,
+                health: st.spec.health,
+                backends: st.backends.len(),
+                active_backends: st
+                    .backends
+                    .values()
+                    .filter(|b| b.state() == BACKEND_ACTIVE)
+                    .count(),
+            })
+            .collect()
+    }
+
+    /// Flows in the flow table, by backend id. Walks the whole table: an
+    /// admin read, not something to poll at high rates.
+    fn flows_by_backend(&self) -> HashMap<u32, u64> {
+        let mut n = HashMap::new();
+        for (_, flow) in self.dp.maps.flows.iter().flatten() {
+            *n.entry(flow.backend_id).or_default() += 1;
+        }
+        n
+    }
+
+    fn counters(
+        &self,
+        per_cpu: &aya::maps::PerCpuArray<aya::maps::MapData, lb_common::Counters>,
+        id: u32,
+    ) -> Counters {
+        per_cpu
+            .get(&id, 0)
+            .map(|v| {
+                let c = Maps::sum_counters(&v);
+                Counters {
+                    packets: c.packets,
+                    bytes: c.bytes,
+                    new_flows: c.new_flows,
+                }
+            })
+            .unwrap_or_default()
+    }
+
+    fn backend_infos(&self, st: &ServiceState, flows: &HashMap<u32, u64>) -> Vec<BackendInfo> {
+        st.backends
+            .iter()
+            .map(|(addr, b)| BackendInfo {
+                address: addr.to_string(),
+                weight: b.weight,
+                state: match b.state() {
+                    BACKEND_ACTIVE => BackendState::Active,
+                    BACKEND_DRAINING => BackendState::Draining,
+                    _ => BackendState::Down,
+                },
+                health: match (st.spec.health.is_some(), b.healthy) {
+                    (false, _) => Health::Unchecked,
+                    (true, true) => Health::Healthy,
+                    (true, false) => Health::Unhealthy,
+                },
+                active_flows: flows.get(&b.id).copied().unwrap_or(0),
+                counters: self.counters(&self.dp.maps.backend_stats, b.id),
+            })
+            .collect()
+    }
+
+    /// One service's backends, or `None` if there is no such service.
+    pub fn backends_info(&self, name: &str) -> Option<Vec<BackendInfo>> {
+        let st = self.services.get(name)?;
+        Some(self.backend_infos(st, &self.flows_by_backend()))
+    }
+
+    /// Counters of all services, or of one (`None` if there is no such service).
+    pub fn stats(&self, name: Option<&str>) -> Option<Stats> {
+        let flows = self.flows_by_backend();
+        let mut services = Vec::new();
+        for st in self.services.values() {
+            if name.is_some_and(|n| n != st.spec.name) {
+                continue;
+            }
+            let backends = self.backend_infos(st, &flows);
+            services.push(ServiceStats {
+                name: st.spec.name.clone(),
+                counters: self.counters(&self.dp.maps.service_stats, st.id),
+                active_flows: backends.iter().map(|b| b.active_flows).sum(),
+                backends,
+            });
+        }
+        if name.is_some() && services.is_empty() {
+            return None;
+        }
+        let global = self
+            .dp
+            .maps
+            .global_counters()
+            .map(|g| g.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+            .unwrap_or_default();
+        Some(Stats { services, global })
+    }
+
+    /// Fill levels of the maps this loop writes, and of the flow table.
+    pub fn map_status(&self) -> Vec<MapStatus> {
+        let backends: u64 = self
+            .services
+            .values()
+            .map(|s| s.backends.len() as u64)
+            .sum();
+        let flows: u64 = self.flows_by_backend().values().sum();
+        let slots: u64 = self
+            .services
+            .values()
+            .map(|s| 2 * u64::from(s.spec.table_size))
+            .sum();
+        vec![
+            MapStatus {
+                name: maps::SERVICES.into(),
+                used: self.services.len() as u64,
+                capacity: self.sizes.max_services.into(),
+            },
+            MapStatus {
+                name: maps::BACKENDS.into(),
+                used: backends,
+                capacity: self.sizes.max_backends.into(),
+            },
+            MapStatus {
+                name: maps::MAGLEV.into(),
+                used: slots,
+                capacity: self.sizes.maglev_slots().into(),
+            },
+            MapStatus {
+                name: maps::FLOWS.into(),
+                used: flows,
+                capacity: self.sizes.flow_table_size.into(),
+            },
+            MapStatus {
+                name: maps::REV_NAT.into(),
+                used: self.rev_nat.len() as u64,
+                capacity: self.sizes.max_backends.into(),
+            },
+        ]
     }
 
     /// Makes the maps hold exactly `desired`.
@@ -257,8 +467,11 @@ impl Reconciler {
             );
             info!(service = spec.name, vip = %spec.vip, protocol = %spec.protocol, "service added");
         }
-        let wanted: BTreeMap<SocketAddrV4, u32> =
-            spec.backends.iter().map(|b| (b.addr, b.weight)).collect();
+        let wanted: BTreeMap<SocketAddrV4, (u32, bool)> = spec
+            .backends
+            .iter()
+            .map(|b| (b.addr, (b.weight, b.drained)))
+            .collect();
         let st = self.services.get_mut(&spec.name).expect("inserted above");
         st.spec = spec.clone();
         let removed: Vec<(SocketAddrV4, u32)> = st
@@ -267,38 +480,31 @@ impl Reconciler {
             .filter(|(a, _)| !wanted.contains_key(a))
             .map(|(a, b)| (*a, b.id))
             .collect();
-        let added: Vec<(SocketAddrV4, u32)> = wanted
+        let added: Vec<(SocketAddrV4, u32, bool)> = wanted
             .iter()
             .filter(|(a, _)| !st.backends.contains_key(a))
-            .map(|(a, w)| (*a, *w))
+            .map(|(a, (w, d))| (*a, *w, *d))
             .collect();
-        for (addr, weight) in &wanted {
+        for (addr, (weight, drained)) in &wanted {
             if let Some(b) = st.backends.get_mut(addr) {
                 b.weight = *weight;
+                b.drained = *drained;
             }
         }
-        let service_id = st.id;
-        for (addr, weight) in added {
+        for (addr, weight, drained) in added {
             // Replies must be recognisable before the first flow reaches it.
             self.rev_nat_add(addr, spec)?;
             let id = self
                 .backend_ids
                 .alloc()
                 .ok_or_else(|| ReconcileError::BackendsFull(spec.name.clone()))?;
-            let delivery = self.resolve(addr, &spec.name).await?;
-            self.write_backend(service_id, addr, id, delivery)?;
+            let mut b = Member::new(id, weight, drained);
+            b.delivery = self.resolve(addr, &spec.name).await?;
             let st = self.services.get_mut(&spec.name).expect("present");
-            st.backends.insert(
-                addr,
-                BackendState {
-                    id,
-                    weight,
-                    delivery,
-                },
-            );
+            st.backends.insert(addr, b);
             info!(service = spec.name, backend = %addr, id, weight, "backend added");
         }
-        self.write_table(&spec.name)?;
+        self.sync_table(&spec.name)?;
         for (addr, id) in removed {
             self.write_backend_down(id)?;
             self.backend_ids.free(id);
@@ -308,6 +514,59 @@ impl Reconciler {
             info!(service = spec.name, backend = %addr, id, "backend removed");
         }
         Ok(())
+    }
+
+    /// Brings a service's backend entries and table in step with its state:
+    /// backends becoming active are written before the table flips (no new
+    /// flow meets a backend that is not ready), the others after it (new
+    /// flows avoid a backend before its existing flows move).
+    fn sync_table(&mut self, name: &str) -> Result<(), ReconcileError> {
+        self.write_backends(name, true)?;
+        self.write_table(name)?;
+        self.write_backends(name, false)
+    }
+
+    fn write_backends(&mut self, name: &str, active: bool) -> Result<(), ReconcileError> {
+        let Self { services, dp, .. } = self;
+        let st = services.get_mut(name).expect("caller checked");
+        for (addr, b) in st.backends.iter_mut() {
+            let value = b.value(st.id, *addr);
+            if b.written == Some(value) || (value.state == BACKEND_ACTIVE) != active {
+                continue;
+            }
+            dp.maps
+                .backends
+                .set(b.id, value, 0)
+                .map_err(map_err(maps::BACKENDS))?;
+            b.written = Some(value);
+        }
+        Ok(())
+    }
+
+    /// Marks a backend as passing or failing its health check.
+    pub fn set_health(
+        &mut self,
+        service: &str,
+        addr: SocketAddrV4,
+        healthy: bool,
+    ) -> Result<(), ReconcileError> {
+        let Some(b) = self
+            .services
+            .get_mut(service)
+            .and_then(|s| s.backends.get_mut(&addr))
+        else {
+            return Ok(());
+        };
+        if b.healthy == healthy {
+            return Ok(());
+        }
+        b.healthy = healthy;
+        if healthy {
+            info!(service, backend = %addr, "health check passes: backend back in");
+        } else {
+            warn!(service, backend = %addr, "health check fails: backend taken out");
+        }
+        self.sync_table(service)
     }
 
     fn rev_nat_add(
@@ -417,7 +676,7 @@ impl Reconciler {
         if peer {
             flags |= BACKEND_F_PEER;
         }
-        if !self.ready_ifaces.contains(&link.ifindex) {
+        if !self.ready_ifaces.contains_key(&link.ifindex) {
             self.dp
                 .attach_tc(&link.name, link.ifindex)
                 .map_err(ResolveError::Datapath)?;
@@ -426,7 +685,7 @@ impl Reconciler {
         if peer && mac.is_some() && self.peer_takes_xdp(&link).await {
             flags |= BACKEND_F_XDP;
         }
-        self.ready_ifaces.insert(link.ifindex);
+        self.ready_ifaces.insert(link.ifindex, link.name.clone());
         Ok(Delivery {
             ifindex: link.ifindex,
             src_mac: link.mac,
@@ -476,40 +735,6 @@ impl Reconciler {
         }
     }
 
-    fn write_backend(
-        &mut self,
-        service_id: u32,
-        addr: SocketAddrV4,
-        id: u32,
-        d: Option<Delivery>,
-    ) -> Result<(), ReconcileError> {
-        let value = match d {
-            Some(d) => Backend {
-                addr: u32::from_ne_bytes(addr.ip().octets()),
-                port: addr.port().to_be(),
-                _pad: 0,
-                ifindex: d.ifindex,
-                service_id,
-                state: BACKEND_ACTIVE,
-                flags: d.flags,
-                dst_mac: d.dst_mac.unwrap_or_default(),
-                src_mac: d.src_mac,
-            },
-            None => Backend {
-                addr: u32::from_ne_bytes(addr.ip().octets()),
-                port: addr.port().to_be(),
-                service_id,
-                state: BACKEND_DOWN,
-                ..Backend::default()
-            },
-        };
-        self.dp
-            .maps
-            .backends
-            .set(id, value, 0)
-            .map_err(map_err(maps::BACKENDS))
-    }
-
     fn write_backend_down(&mut self, id: u32) -> Result<(), ReconcileError> {
         let mut b = self
             .dp
@@ -532,7 +757,7 @@ impl Reconciler {
         let members: Vec<MaglevBackend> = st
             .backends
             .iter()
-            .filter(|(_, b)| b.usable())
+            .filter(|(_, b)| b.state() == BACKEND_ACTIVE)
             .map(|(a, b)| MaglevBackend {
                 key: maglev_key(*a),
                 id: b.id,
@@ -544,6 +769,9 @@ impl Reconciler {
             service: name.to_owned(),
             source,
         })?;
+        if st.active.is_some_and(|a| st.copies[a] == table) {
+            return Ok(());
+        }
         let copy = st.active.map_or(0, |a| 1 - a);
         let base = (st.id * 2 + copy as u32) * max_table;
         let old = &st.copies[copy];
@@ -596,31 +824,24 @@ impl Reconciler {
     pub async fn refresh(&mut self) -> Result<(), ReconcileError> {
         let names: Vec<String> = self.services.keys().cloned().collect();
         for name in names {
-            let backends: Vec<(SocketAddrV4, u32, Option<Delivery>)> = self.services[&name]
-                .backends
-                .iter()
-                .map(|(a, b)| (*a, b.id, b.delivery))
-                .collect();
-            let mut table_changed = false;
-            for (addr, id, old) in backends {
+            let addrs: Vec<SocketAddrV4> = self.services[&name].backends.keys().copied().collect();
+            let mut changed = false;
+            for addr in addrs {
                 let new = self.resolve(addr, &name).await?;
-                if new == old {
-                    continue;
-                }
-                let service_id = self.services[&name].id;
-                self.write_backend(service_id, addr, id, new)?;
-                table_changed |= new.is_some() != old.is_some();
                 if let Some(b) = self
                     .services
                     .get_mut(&name)
                     .and_then(|s| s.backends.get_mut(&addr))
                 {
-                    b.delivery = new;
+                    if b.delivery != new {
+                        debug!(service = name, backend = %addr, ?new, "backend delivery updated");
+                        b.delivery = new;
+                        changed = true;
+                    }
                 }
-                debug!(service = name, backend = %addr, ?new, "backend delivery updated");
             }
-            if table_changed {
-                self.write_table(&name)?;
+            if changed {
+                self.sync_table(&name)?;
             }
         }
         Ok(())

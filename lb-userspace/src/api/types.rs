@@ -1,0 +1,229 @@
+//! The admin API's JSON bodies. These are the stable names behind every
+//! `--json` output of the CLI: fields are only ever added, never renamed.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Protocol;
+
+/// An error body: `{"error": "one line"}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// What went wrong, one line.
+    pub error: String,
+}
+
+/// Where a service was declared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// In the config file: removed by editing the file.
+    Config,
+    /// Through the admin API: kept in the state file.
+    Api,
+}
+
+/// An active health check: a backend that refuses `fall` TCP connections in
+/// a row is taken out, one that accepts `rise` in a row is put back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// Milliseconds between checks of one backend.
+    pub interval_ms: u64,
+    /// Milliseconds a connection attempt may take.
+    pub timeout_ms: u64,
+    /// Successes in a row that bring a backend back.
+    pub rise: u32,
+    /// Failures in a row that take a backend out.
+    pub fall: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            interval_ms: 1_000,
+            timeout_ms: 500,
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+/// `POST /v1/services`: a new service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewService {
+    /// Unique name.
+    pub name: String,
+    /// `"ip:port"`.
+    pub vip: String,
+    /// `tcp` (default) or `udp`.
+    #[serde(default)]
+    pub protocol: Option<Protocol>,
+    /// Maglev table size (prime); the default when absent.
+    #[serde(default)]
+    pub table_size: Option<u32>,
+    /// Containers of this image join the service (Docker; see the Docker issue).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// The containers' port for `image`.
+    #[serde(default)]
+    pub target_port: Option<u16>,
+    /// Active TCP health check of the backends.
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
+}
+
+/// `GET /v1/services`: one service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    /// Unique name.
+    pub name: String,
+    /// `"ip:port"`.
+    pub vip: String,
+    /// `tcp` or `udp`.
+    pub protocol: Protocol,
+    /// Maglev table size.
+    pub table_size: u32,
+    /// Where it was declared.
+    pub origin: Origin,
+    /// Image rule, if any.
+    pub image: Option<String>,
+    /// Port of the image rule.
+    pub target_port: Option<u16>,
+    /// Health check, if any.
+    pub health: Option<HealthCheck>,
+    /// Backends, any state.
+    pub backends: usize,
+    /// Backends taking new flows.
+    pub active_backends: usize,
+}
+
+/// `POST /v1/services/{name}/backends`: a new backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewBackend {
+    /// `"ip:port"`.
+    pub address: String,
+    /// Relative share of new flows, at least 1 (default 1).
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+/// What a backend does with flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    /// Takes new flows and keeps its own.
+    Active,
+    /// Keeps its flows, takes no new ones (drained by the operator).
+    Draining,
+    /// Takes no flows; its flows move on their next packet (unreachable, or
+    /// failed its health check).
+    Down,
+}
+
+/// Result of the last health checks of a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// The service has no health check.
+    Unchecked,
+    /// Passing.
+    Healthy,
+    /// Failing: taken out.
+    Unhealthy,
+}
+
+/// Per-CPU counters summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Packets forwarded.
+    pub packets: u64,
+    /// Bytes forwarded.
+    pub bytes: u64,
+    /// Flows started.
+    pub new_flows: u64,
+}
+
+/// `GET /v1/services/{name}/backends`: one backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendInfo {
+    /// `"ip:port"`.
+    pub address: String,
+    /// Weight.
+    pub weight: u32,
+    /// What it does with flows.
+    pub state: BackendState,
+    /// Health check result.
+    pub health: Health,
+    /// Flows in the flow table given to it.
+    pub active_flows: u64,
+    /// Its counters.
+    pub counters: Counters,
+}
+
+/// `GET /v1/stats`: one service's counters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStats {
+    /// Service name.
+    pub name: String,
+    /// Its counters.
+    pub counters: Counters,
+    /// Flows in the flow table for it.
+    pub active_flows: u64,
+    /// Per backend.
+    pub backends: Vec<BackendInfo>,
+}
+
+/// `GET /v1/stats`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Per service (one service when asked for one).
+    pub services: Vec<ServiceStats>,
+    /// Data path outcome counters by name (`fwd_xdp`, `pass_no_service`, …).
+    pub global: BTreeMap<String, u64>,
+}
+
+/// An interface the data path is attached to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    /// Name.
+    pub name: String,
+    /// Index.
+    pub ifindex: u32,
+    /// `external` (clients arrive) or `backend` (replies arrive).
+    pub role: String,
+    /// Programs attached: `xdp` and/or `tc`.
+    pub programs: Vec<String>,
+}
+
+/// Fill level of one map.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapStatus {
+    /// Map name.
+    pub name: String,
+    /// Entries in use.
+    pub used: u64,
+    /// Capacity.
+    pub capacity: u64,
+}
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// `lb` version.
+    pub version: String,
+    /// Seconds since the daemon started.
+    pub uptime_secs: u64,
+    /// Whether the data path was adopted from a previous daemon.
+    pub adopted: bool,
+    /// bpffs directory of the pinned maps and links.
+    pub pin_path: String,
+    /// Attached interfaces.
+    pub interfaces: Vec<InterfaceStatus>,
+    /// Map fill levels.
+    pub maps: Vec<MapStatus>,
+    /// Docker connection state (`disabled` until the Docker watcher exists).
+    pub docker: String,
+    /// Services.
+    pub services: usize,
+}

@@ -1,0 +1,699 @@
+//! Desired state: the config file's services, plus what the admin API
+//! changed. API changes are kept in a JSON state file next to the config
+//! (`lb.toml` -> `lb.state.json`), so they survive a restart; the config file
+//! itself is never rewritten.
+//!
+//! Ownership: a service created through the API belongs to the state file and
+//! can be removed through the API. A service declared in the config file can
+//! have backends added, removed and drained through the API (kept as changes
+//! to that service), but is removed by editing the file.
+//!
+//! Every change is checked on a copy first (limits, duplicates, backends
+//! shared by too many services) and written to disk before it takes effect:
+//! a refused or unsaved change leaves everything as it was.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fs,
+    io::Write as _,
+    net::SocketAddrV4,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    api::{
+        types::{NewBackend, NewService, Origin},
+        Failure,
+    },
+    config::{parse_socket_addr, service_spec, BackendSpec, Config, Protocol, ServiceSpec},
+};
+
+/// Errors of reading or writing the state file.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The file could not be read or written.
+    #[error("state file {path}")]
+    Io {
+        /// The state file.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a state file of this version.
+    #[error("state file {path}: {reason} (move it away to start from the config alone)")]
+    Corrupt {
+        /// The state file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A backend as the state file keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredBackend {
+    address: SocketAddrV4,
+    weight: u32,
+    #[serde(default)]
+    drained: bool,
+}
+
+impl From<&BackendSpec> for StoredBackend {
+    fn from(b: &BackendSpec) -> Self {
+        Self {
+            address: b.addr,
+            weight: b.weight,
+            drained: b.drained,
+        }
+    }
+}
+
+impl From<&StoredBackend> for BackendSpec {
+    fn from(b: &StoredBackend) -> Self {
+        Self {
+            addr: b.address,
+            weight: b.weight,
+            drained: b.drained,
+        }
+    }
+}
+
+/// A service created through the API, complete.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredService {
+    name: String,
+    vip: SocketAddrV4,
+    protocol: Protocol,
+    table_size: u32,
+    #[serde(default)]
+    health: Option<crate::api::types::HealthCheck>,
+    #[serde(default)]
+    backends: Vec<StoredBackend>,
+}
+
+/// API changes to a config service's backends.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Changes {
+    #[serde(default)]
+    added: Vec<StoredBackend>,
+    #[serde(default)]
+    removed: Vec<SocketAddrV4>,
+    #[serde(default)]
+    drained: Vec<SocketAddrV4>,
+}
+
+/// The state file's contents.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Overlay {
+    version: u32,
+    #[serde(default)]
+    services: Vec<StoredService>,
+    #[serde(default)]
+    changes: BTreeMap<String, Changes>,
+}
+
+const VERSION: u32 = 1;
+
+/// Limits a desired state must fit in (the maps' sizes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Services.
+    pub max_services: u32,
+    /// Backends over all services.
+    pub max_backends: u32,
+    /// Largest Maglev table.
+    pub max_table_size: u32,
+}
+
+/// The desired services: config plus API changes.
+#[derive(Debug)]
+pub struct Desired {
+    config: Vec<ServiceSpec>,
+    overlay: Overlay,
+    path: PathBuf,
+    limits: Limits,
+}
+
+/// Where the state file of config file `config` lives.
+pub fn default_state_path(config: &Path) -> PathBuf {
+    let stem = config
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "lb".into());
+    config.with_file_name(format!("{stem}.state.json"))
+}
+
+impl Desired {
+    /// The config's services plus the state file at `path`, if it exists.
+    pub fn load(config: &Config, path: PathBuf) -> Result<Self, StateError> {
+        let overlay = match fs::read(&path) {
+            Ok(bytes) => {
+                let o: Overlay =
+                    serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                if o.version != VERSION {
+                    return Err(StateError::Corrupt {
+                        path,
+                        reason: format!("version {} (this lb reads {VERSION})", o.version),
+                    });
+                }
+                o
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Overlay {
+                version: VERSION,
+                ..Overlay::default()
+            },
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        let d = &config.datapath;
+        let desired = Self {
+            config: config.services.clone(),
+            overlay,
+            path,
+            limits: Limits {
+                max_services: d.max_services,
+                max_backends: d.max_backends,
+                max_table_size: d.max_table_size,
+            },
+        };
+        // A state file that no longer fits the config (the config now
+        // declares a service of the same name or VIP) is not fatal: the
+        // config wins, and the daemon warns about `shadowed()` services.
+        Ok(desired)
+    }
+
+    /// The state file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// All desired services: the config's (with API changes) then the API's.
+    /// An API service whose name or VIP the config now uses is left out.
+    pub fn services(&self) -> Vec<ServiceSpec> {
+        let mut out: Vec<ServiceSpec> = self
+            .config
+            .iter()
+            .map(|s| {
+                let mut s = s.clone();
+                if let Some(c) = self.overlay.changes.get(&s.name) {
+                    s.backends.retain(|b| !c.removed.contains(&b.addr));
+                    for b in &c.added {
+                        if !s.backends.iter().any(|x| x.addr == b.address) {
+                            s.backends.push(b.into());
+                        }
+                    }
+                    for b in &mut s.backends {
+                        b.drained |= c.drained.contains(&b.addr);
+                    }
+                }
+                s
+            })
+            .collect();
+        for s in &self.overlay.services {
+            let clash = out
+                .iter()
+                .any(|c| c.name == s.name || (c.vip == s.vip && c.protocol == s.protocol));
+            if clash {
+                continue;
+            }
+            out.push(ServiceSpec {
+                name: s.name.clone(),
+                vip: s.vip,
+                protocol: s.protocol,
+                table_size: s.table_size,
+                backends: s.backends.iter().map(BackendSpec::from).collect(),
+                origin: Origin::Api,
+                health: s.health,
+            });
+        }
+        out
+    }
+
+    /// API services the config now shadows (same name or VIP), to warn about.
+    pub fn shadowed(&self) -> Vec<String> {
+        self.overlay
+            .services
+            .iter()
+            .filter(|s| {
+                self.config
+                    .iter()
+                    .any(|c| c.name == s.name || (c.vip == s.vip && c.protocol == s.protocol))
+            })
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
+    fn config_service(&self, name: &str) -> Option<&ServiceSpec> {
+        self.config.iter().find(|s| s.name == name)
+    }
+
+    /// Adds a service through the API.
+    pub fn add_service(&mut self, new: &NewService) -> Result<ServiceSpec, Failure> {
+        let proto = new.protocol.map(|p| p.to_string());
+        let spec = service_spec(
+            &new.name,
+            &new.vip,
+            proto.as_deref(),
+            new.table_size,
+            new.health,
+            self.limits.max_table_size,
+        )
+        .map_err(|e| Failure::bad_request(format!("{}: {}", e.field, e.reason)))?;
+        if new.image.is_some() || new.target_port.is_some() {
+            return Err(Failure::bad_request(
+                "image: image rules need the Docker watcher, which this lb does not have yet"
+                    .into(),
+            ));
+        }
+        if self.services().iter().any(|s| s.name == spec.name) {
+            return Err(Failure::conflict(format!(
+                "service {} already exists",
+                spec.name
+            )));
+        }
+        if let Some(s) = self
+            .services()
+            .iter()
+            .find(|s| s.vip == spec.vip && s.protocol == spec.protocol)
+        {
+            return Err(Failure::conflict(format!(
+                "{} {} is already used by service {}",
+                spec.protocol, spec.vip, s.name
+            )));
+        }
+        self.change(|o| {
+            o.services.push(StoredService {
+                name: spec.name.clone(),
+                vip: spec.vip,
+                protocol: spec.protocol,
+                table_size: spec.table_size,
+                health: spec.health,
+                backends: Vec::new(),
+            })
+        })?;
+        Ok(ServiceSpec {
+            origin: Origin::Api,
+            ..spec
+        })
+    }
+
+    /// Removes a service created through the API.
+    pub fn remove_service(&mut self, name: &str) -> Result<(), Failure> {
+        if self.config_service(name).is_some() {
+            return Err(Failure::conflict(format!(
+                "service {name} is declared in the config file: remove it there and restart"
+            )));
+        }
+        if !self.overlay.services.iter().any(|s| s.name == name) {
+            return Err(Failure::not_found(format!("no service {name}")));
+        }
+        self.change(|o| o.services.retain(|s| s.name != name))
+    }
+
+    /// Adds a backend to any service.
+    pub fn add_backend(&mut self, service: &str, new: &NewBackend) -> Result<(), Failure> {
+        let addr = parse_socket_addr(&new.address)
+            .map_err(|r| Failure::bad_request(format!("address: {r}")))?;
+        let weight = new.weight.unwrap_or(1);
+        if weight == 0 {
+            return Err(Failure::bad_request(
+                "weight: 0 is not a weight (at least 1; drain or remove a backend instead)".into(),
+            ));
+        }
+        let current = self
+            .services()
+            .into_iter()
+            .find(|s| s.name == service)
+            .ok_or_else(|| Failure::not_found(format!("no service {service}")))?;
+        if current.backends.iter().any(|b| b.addr == addr) {
+            return Err(Failure::conflict(format!(
+                "{addr} is already a backend of {service}"
+            )));
+        }
+        let stored = StoredBackend {
+            address: addr,
+            weight,
+            drained: false,
+        };
+        if self.config_service(service).is_some() {
+            self.change(|o| {
+                let c = o.changes.entry(service.to_owned()).or_default();
+                c.removed.retain(|a| *a != addr);
+                c.drained.retain(|a| *a != addr);
+                c.added.push(stored);
+            })
+        } else {
+            self.change(|o| {
+                if let Some(s) = o.services.iter_mut().find(|s| s.name == service) {
+                    s.backends.push(stored);
+                }
+            })
+        }
+    }
+
+    /// Removes a backend from any service.
+    pub fn remove_backend(&mut self, service: &str, address: &str) -> Result<(), Failure> {
+        let addr = self.existing_backend(service, address)?;
+        if self.config_service(service).is_some() {
+            let in_config = self
+                .config_service(service)
+                .is_some_and(|s| s.backends.iter().any(|b| b.addr == addr));
+            self.change(|o| {
+                let c = o.changes.entry(service.to_owned()).or_default();
+                c.added.retain(|b| b.address != addr);
+                c.drained.retain(|a| *a != addr);
+                if in_config {
+                    c.removed.push(addr);
+                }
+            })
+        } else {
+            self.change(|o| {
+                if let Some(s) = o.services.iter_mut().find(|s| s.name == service) {
+                    s.backends.retain(|b| b.address != addr);
+                }
+            })
+        }
+    }
+
+    /// Drains a backend: it keeps its flows and gets no new ones.
+    pub fn drain_backend(&mut self, service: &str, address: &str) -> Result<(), Failure> {
+        let addr = self.existing_backend(service, address)?;
+        if self.config_service(service).is_some() {
+            self.change(|o| {
+                let c = o.changes.entry(service.to_owned()).or_default();
+                if let Some(b) = c.added.iter_mut().find(|b| b.address == addr) {
+                    b.drained = true;
+                } else if !c.drained.contains(&addr) {
+                    c.drained.push(addr);
+                }
+            })
+        } else {
+            self.change(|o| {
+                if let Some(b) = o
+                    .services
+                    .iter_mut()
+                    .find(|s| s.name == service)
+                    .and_then(|s| s.backends.iter_mut().find(|b| b.address == addr))
+                {
+                    b.drained = true;
+                }
+            })
+        }
+    }
+
+    fn existing_backend(&self, service: &str, address: &str) -> Result<SocketAddrV4, Failure> {
+        let addr = parse_socket_addr(address)
+            .map_err(|r| Failure::bad_request(format!("address: {r}")))?;
+        let s = self
+            .services()
+            .into_iter()
+            .find(|s| s.name == service)
+            .ok_or_else(|| Failure::not_found(format!("no service {service}")))?;
+        if !s.backends.iter().any(|b| b.addr == addr) {
+            return Err(Failure::not_found(format!(
+                "{addr} is not a backend of {service}"
+            )));
+        }
+        Ok(addr)
+    }
+
+    /// Applies `f` to a copy, checks the result, saves it, and only then
+    /// keeps it.
+    fn change(&mut self, f: impl FnOnce(&mut Overlay)) -> Result<(), Failure> {
+        let before = self.overlay.clone();
+        f(&mut self.overlay);
+        if let Err(e) = check(&self.services(), &self.limits) {
+            self.overlay = before;
+            return Err(Failure::conflict(e));
+        }
+        if let Err(e) = self.save() {
+            self.overlay = before;
+            return Err(Failure::internal(format!("{e:#}")));
+        }
+        Ok(())
+    }
+
+    /// Writes the state file atomically (write a temporary file, then rename)
+    /// with mode 0600.
+    pub fn save(&self) -> Result<(), StateError> {
+        let io = |source| StateError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let json = serde_json::to_vec_pretty(&self.overlay).expect("the state serialises");
+        let tmp = self.path.with_extension("json.tmp");
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
+        f.write_all(&json).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(io)?;
+        fs::rename(&tmp, &self.path).map_err(io)
+    }
+}
+
+/// Checks a whole desired state against the maps' limits.
+pub fn check(services: &[ServiceSpec], limits: &Limits) -> Result<(), String> {
+    if services.len() > limits.max_services as usize {
+        return Err(format!(
+            "{} services would exceed datapath.max_services {}",
+            services.len(),
+            limits.max_services
+        ));
+    }
+    let total: usize = services.iter().map(|s| s.backends.len()).sum();
+    if total > limits.max_backends as usize {
+        return Err(format!(
+            "{total} backends would exceed datapath.max_backends {}",
+            limits.max_backends
+        ));
+    }
+    let mut shared: HashMap<(SocketAddrV4, Protocol), usize> = HashMap::new();
+    let mut vips = HashSet::new();
+    for s in services {
+        if !vips.insert((s.vip, s.protocol)) {
+            return Err(format!("{} {} is used by two services", s.protocol, s.vip));
+        }
+        if s.backends.len() > s.table_size as usize {
+            return Err(format!(
+                "service {}: more backends than table slots",
+                s.name
+            ));
+        }
+        for b in &s.backends {
+            let n = shared.entry((b.addr, s.protocol)).or_default();
+            *n += 1;
+            if *n > lb_common::REV_NAT_MAX {
+                return Err(format!(
+                    "{} {} would serve more than {} services",
+                    s.protocol,
+                    b.addr,
+                    lb_common::REV_NAT_MAX
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::FailureKind;
+
+    fn config() -> Config {
+        Config::parse(
+            Path::new("lb.toml"),
+            r#"
+[datapath]
+external = ["eth1"]
+max_services = 3
+
+[[service]]
+name = "web"
+vip = "198.18.101.1:80"
+backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
+"#,
+        )
+        .unwrap()
+    }
+
+    struct Tmp(PathBuf);
+    impl Drop for Tmp {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tmp(tag: &str) -> Tmp {
+        let p = std::env::temp_dir().join(format!("lb-state-test-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        Tmp(p)
+    }
+
+    fn new_service(name: &str, vip: &str) -> NewService {
+        NewService {
+            name: name.into(),
+            vip: vip.into(),
+            protocol: None,
+            table_size: Some(251),
+            image: None,
+            target_port: None,
+            health: None,
+        }
+    }
+
+    fn backend(a: &str) -> NewBackend {
+        NewBackend {
+            address: a.into(),
+            weight: None,
+        }
+    }
+
+    #[test]
+    fn api_changes_survive_a_reload() {
+        let dir = tmp("reload");
+        let path = dir.0.join("lb.state.json");
+        let mut d = Desired::load(&config(), path.clone()).unwrap();
+        d.add_service(&new_service("api", "198.18.101.2:80"))
+            .unwrap();
+        d.add_backend("api", &backend("198.18.105.2:80")).unwrap();
+        d.add_backend("web", &backend("198.18.105.2:8080")).unwrap();
+        d.remove_backend("web", "198.18.103.2:8080").unwrap();
+        d.drain_backend("web", "198.18.104.2:8080").unwrap();
+        let before = d.services();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        let again = Desired::load(&config(), path).unwrap();
+        assert_eq!(again.services(), before);
+        let web = &before[0];
+        let addrs: Vec<String> = web.backends.iter().map(|b| b.addr.to_string()).collect();
+        assert_eq!(addrs, ["198.18.104.2:8080", "198.18.105.2:8080"]);
+        assert!(web.backends[0].drained);
+        assert_eq!(before[1].origin, Origin::Api);
+    }
+
+    #[test]
+    fn bad_inputs_change_nothing() {
+        let dir = tmp("bad");
+        let path = dir.0.join("lb.state.json");
+        let mut d = Desired::load(&config(), path.clone()).unwrap();
+        let before = d.services();
+        let cases: Vec<(Result<(), Failure>, FailureKind)> = vec![
+            (
+                d.add_service(&new_service("web", "198.18.101.9:80"))
+                    .map(|_| ()),
+                FailureKind::Conflict,
+            ),
+            (
+                d.add_service(&new_service("x", "198.18.101.1:80"))
+                    .map(|_| ()),
+                FailureKind::Conflict,
+            ),
+            (
+                d.add_service(&new_service("x", "198.18.101.9:0"))
+                    .map(|_| ()),
+                FailureKind::BadRequest,
+            ),
+            (
+                d.add_service(&new_service("x", "198.18.101.9:65536"))
+                    .map(|_| ()),
+                FailureKind::BadRequest,
+            ),
+            (
+                d.add_service(&new_service("bad name", "198.18.101.9:80"))
+                    .map(|_| ()),
+                FailureKind::BadRequest,
+            ),
+            (
+                d.add_service(&NewService {
+                    table_size: Some(250),
+                    ..new_service("x", "198.18.101.9:80")
+                })
+                .map(|_| ()),
+                FailureKind::BadRequest,
+            ),
+            (d.remove_service("web"), FailureKind::Conflict),
+            (d.remove_service("nope"), FailureKind::NotFound),
+            (
+                d.add_backend("nope", &backend("198.18.103.2:1")),
+                FailureKind::NotFound,
+            ),
+            (
+                d.add_backend("web", &backend("198.18.103.2:8080")),
+                FailureKind::Conflict,
+            ),
+            (
+                d.add_backend("web", &backend("198.18.103.2")),
+                FailureKind::BadRequest,
+            ),
+            (
+                d.add_backend(
+                    "web",
+                    &NewBackend {
+                        address: "198.18.103.9:1".into(),
+                        weight: Some(0),
+                    },
+                ),
+                FailureKind::BadRequest,
+            ),
+            (
+                d.remove_backend("web", "198.18.109.9:1"),
+                FailureKind::NotFound,
+            ),
+            (
+                d.drain_backend("web", "not an address"),
+                FailureKind::BadRequest,
+            ),
+        ];
+        for (i, (r, kind)) in cases.into_iter().enumerate() {
+            let e = r.expect_err(&format!("case {i} must be refused"));
+            assert_eq!(e.kind, kind, "case {i}: {}", e.message);
+            assert!(!e.message.contains('\n'));
+        }
+        assert_eq!(d.services(), before, "refused changes changed nothing");
+        assert!(!path.exists(), "nothing was saved");
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let dir = tmp("limits");
+        let mut d = Desired::load(&config(), dir.0.join("s.json")).unwrap();
+        d.add_service(&new_service("a", "198.18.101.2:80")).unwrap();
+        d.add_service(&new_service("b", "198.18.101.3:80")).unwrap();
+        let e = d
+            .add_service(&new_service("c", "198.18.101.4:80"))
+            .unwrap_err();
+        assert!(e.message.contains("max_services"), "{}", e.message);
+        assert_eq!(d.services().len(), 3);
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_one_clear_error() {
+        let dir = tmp("corrupt");
+        let path = dir.0.join("s.json");
+        fs::write(&path, b"{not json").unwrap();
+        let e = Desired::load(&config(), path).unwrap_err().to_string();
+        assert!(e.contains("s.json") && e.contains("move it away"), "{e}");
+    }
+
+    #[test]
+    fn state_file_sits_next_to_the_config() {
+        assert_eq!(
+            default_state_path(Path::new("/etc/lb/lb.toml")),
+            Path::new("/etc/lb/lb.state.json")
+        );
+    }
+}

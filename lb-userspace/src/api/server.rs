@@ -128,9 +128,8 @@ fn failure(f: Failure) -> HttpResponse {
     (code, Json(ApiError { error: f.message })).into_response()
 }
 
-fn json_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, HttpResponse> {
-    serde_json::from_slice(body)
-        .map_err(|e| failure(Failure::bad_request(format!("request body: {e}"))))
+fn json_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, Failure> {
+    serde_json::from_slice(body).map_err(|e| Failure::bad_request(format!("request body: {e}")))
 }
 
 async fn answer(handle: &Handle, req: Request, created: bool) -> HttpResponse {
@@ -161,7 +160,7 @@ async fn list_services(State(h): State<Handle>) -> HttpResponse {
 async fn add_service(State(h): State<Handle>, body: Bytes) -> HttpResponse {
     match json_body(&body) {
         Ok(new) => answer(&h, Request::AddService(new), true).await,
-        Err(r) => r,
+        Err(f) => failure(f),
     }
 }
 
@@ -180,7 +179,7 @@ async fn add_backend(
 ) -> HttpResponse {
     match json_body(&body) {
         Ok(new) => answer(&h, Request::AddBackend(name, new), true).await,
-        Err(r) => r,
+        Err(f) => failure(f),
     }
 }
 

@@ -160,6 +160,9 @@ pub fn parse_socket_addr(s: &str) -> Result<SocketAddrV4, String> {
     Ok(SocketAddrV4::new(ip, port as u16))
 }
 
+/// Where maps and attachments are pinned unless the config says otherwise.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
+
 /// A bad field of one service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FieldError {
@@ -287,6 +290,8 @@ pub struct DatapathSpec {
     pub max_table_size: u32,
     /// Entries per flow table.
     pub flow_table_size: u32,
+    /// bpffs directory where maps and attachments are pinned.
+    pub pin_path: PathBuf,
 }
 
 /// A whole validated config.
@@ -316,6 +321,7 @@ struct RawDatapath {
     max_backends: Option<u32>,
     max_table_size: Option<u32>,
     flow_table_size: Option<u32>,
+    pin_path: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -410,6 +416,16 @@ impl Config {
                 defaults::FLOW_TABLE_SIZE,
                 "flow_table_size",
             )?,
+            pin_path: match d.pin_path {
+                Some(p) if !p.is_absolute() => {
+                    return Err(invalid(
+                        "datapath.pin_path".into(),
+                        format!("{} is not an absolute path", p.display()),
+                    ))
+                }
+                Some(p) => p,
+                None => PathBuf::from(DEFAULT_PIN_PATH),
+            },
         };
         if u64::from(datapath.max_services) * 2 * u64::from(max_table_size) > u64::from(u32::MAX) {
             return Err(invalid(

@@ -127,6 +127,11 @@ impl Controller {
         &mut self.rec
     }
 
+    /// Gives the reconciler back, for shutdown.
+    pub fn into_reconciler(self) -> Reconciler {
+        self.rec
+    }
+
     /// The desired services, as last applied.
     pub fn desired(&self) -> &Desired {
         &self.desired

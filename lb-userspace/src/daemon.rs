@@ -38,6 +38,11 @@ pub struct RunArgs {
     /// config, e.g. lb.toml -> lb.state.json].
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
+    /// On SIGINT/SIGTERM, leave the data path forwarding (maps and programs
+    /// stay pinned) for the next `lb run` to take over without dropping a
+    /// connection. Without it, stopping detaches everything.
+    #[arg(long)]
+    pub keep_datapath: bool,
 }
 
 /// Runs the daemon in the foreground.
@@ -71,8 +76,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_table_size: d.max_table_size,
         flow_table_size: d.flow_table_size,
     };
-    let mut dp = Datapath::load(&sizes)
-        .context("loading the data path (needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")?;
+    let mut dp = Datapath::open(&sizes, &d.pin_path).context(
+        "loading the data path (needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)",
+    )?;
+    let adopted = dp.adopted();
+    if adopted {
+        info!(pin_path = %d.pin_path.display(), "taking over the running data path");
+    }
     let mut attached = Vec::new();
     for link in &externals {
         let xdp = match d.mode {
@@ -107,14 +117,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut rec = Reconciler::new(dp, sizes);
     let services = desired.services();
+    if adopted {
+        let n = rec.adopt(&services)?;
+        info!(services = n, "services taken over with their flows");
+    }
     rec.apply(&services).await?;
+    rec.finish_adoption()?;
     let mut control = Controller::new(
         rec,
         desired,
         DaemonInfo {
             started: std::time::Instant::now(),
-            adopted: false,
-            pin_path: String::new(),
+            adopted,
+            pin_path: d.pin_path.display().to_string(),
             externals: attached,
         },
     );
@@ -144,7 +159,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     }
-    info!("shutting down: detaching the data path");
+    if args.keep_datapath {
+        info!("shutting down: the data path keeps forwarding (--keep-datapath)");
+    } else {
+        info!("shutting down: detaching the data path");
+    }
     let _ = stop_tx.send(true);
     drop(handle);
     // Requests already accepted still get their answer.
@@ -152,9 +171,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         control.handle(input).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
-    control.reconciler().release_neighbors().await;
-    drop(control);
-    info!("detached");
+    let mut rec = control.into_reconciler();
+    if args.keep_datapath {
+        rec.into_datapath().close(true);
+        info!("left running; the next `lb run` takes it over");
+    } else {
+        rec.release_neighbors().await;
+        rec.into_datapath().close(false);
+        info!("detached");
+    }
     Ok(())
 }
 

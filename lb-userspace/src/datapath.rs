@@ -3,13 +3,19 @@
 //! The object is embedded in the `lb` binary at build time (see `build.rs`),
 //! so the binary and its data path can never be out of step.
 
-use std::collections::HashMap as StdHashMap;
+use std::{
+    collections::HashMap as StdHashMap,
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
     programs::{
-        tc::{SchedClassifierLinkId, TcAttachType},
-        xdp::XdpLinkId,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachType},
+        xdp::XdpLink,
         ProgramError, SchedClassifier, Xdp, XdpMode,
     },
     util::nr_cpus,
@@ -56,6 +62,116 @@ pub enum DatapathError {
     /// The number of CPUs could not be read.
     #[error("reading the number of possible CPUs: {0}")]
     Cpus(String),
+    /// Pinning in bpffs, or reading pins back, failed.
+    #[error("{what}")]
+    Pin {
+        /// What was being done.
+        what: String,
+        /// What went wrong.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+fn pin_err<E: std::error::Error + Send + Sync + 'static>(what: String) -> impl FnOnce(E) -> DatapathError {
+    move |e| DatapathError::Pin {
+        what,
+        source: Box::new(e),
+    }
+}
+
+/// Version of the map layout in `lb-common`. A pin directory written with
+/// another version (or other map sizes) is never adopted.
+const MAPS_ABI: u32 = 2;
+
+/// The name of the directory, under the pin path, that holds the pins of a
+/// data path with these sizes. bpffs holds no regular files, so the layout
+/// version and sizes that decide whether pins can be reused live in the name.
+fn format_dir(sizes: &MapSizes) -> String {
+    format!(
+        "abi{MAPS_ABI}-s{}-b{}-t{}-f{}",
+        sizes.max_services, sizes.max_backends, sizes.max_table_size, sizes.flow_table_size
+    )
+}
+
+/// Every map of the object, all pinned when the data path is pinned.
+const ALL_MAPS: [&str; 9] = [
+    maps::SERVICES,
+    maps::BACKENDS,
+    maps::MAGLEV,
+    maps::FLOWS,
+    maps::REV_NAT,
+    maps::SERVICE_STATS,
+    maps::BACKEND_STATS,
+    maps::GLOBAL_STATS,
+    maps::IFACES,
+];
+
+/// Where a program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Hook {
+    Xdp,
+    Tc,
+}
+
+impl Hook {
+    fn pin_name(self, ifindex: u32) -> String {
+        match self {
+            Hook::Xdp => format!("xdp-{ifindex}"),
+            Hook::Tc => format!("tc-{ifindex}"),
+        }
+    }
+
+    fn parse(name: &str) -> Option<(Hook, u32)> {
+        let (kind, idx) = name.split_once('-')?;
+        let hook = match kind {
+            "xdp" => Hook::Xdp,
+            "tc" => Hook::Tc,
+            _ => return None,
+        };
+        Some((hook, idx.parse().ok()?))
+    }
+}
+
+/// An attachment this process holds.
+enum Held {
+    /// Pinned: survives this process if the pin is kept.
+    Pinned(PinnedLink),
+    /// Not pinned (no pin directory): held only so that dropping it detaches.
+    Xdp { _link: XdpLink },
+    /// Not pinned TC link, likewise.
+    Tc { _link: SchedClassifierLink },
+}
+
+/// Makes sure `path` is on a bpffs, mounting one at /sys/fs/bpf if that is
+/// where the path lives and none is mounted (it is not mounted at boot on
+/// every distribution).
+fn ensure_bpffs(path: &Path) -> Result<(), DatapathError> {
+    use nix::sys::statfs::{statfs, BPF_FS_MAGIC};
+    let root = Path::new("/sys/fs/bpf");
+    let on_bpffs = |p: &Path| statfs(p).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC);
+    if path.starts_with(root) && !on_bpffs(root) {
+        nix::mount::mount(
+            Some("bpf"),
+            root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(pin_err(format!("mounting bpffs at {}", root.display())))?;
+        tracing::info!("mounted bpffs at /sys/fs/bpf");
+    }
+    let mut probe = path;
+    while !probe.exists() {
+        probe = probe.parent().unwrap_or(root);
+    }
+    if !on_bpffs(probe) {
+        return Err(DatapathError::Pin {
+            what: format!("pin path {} is not on a bpffs", path.display()),
+            source: "mount one with `mount -t bpf bpf /sys/fs/bpf`".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Map capacities, fixed when the object is loaded.
@@ -183,26 +299,126 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError
     })
 }
 
-/// The loaded data path: programs, maps and attachments. Dropping it detaches
-/// every program (all attachments are bpf links owned by this process).
+/// The loaded data path: programs, maps and attachments.
+///
+/// Unpinned ([`Datapath::load`]): dropping it detaches everything. Pinned
+/// ([`Datapath::open`]): maps and attachments live in bpffs, so the data path
+/// keeps forwarding without this process; [`Datapath::close`] decides
+/// whether it stays that way.
 pub struct Datapath {
     ebpf: Ebpf,
     /// The maps, for the reconcile loop.
     pub maps: Maps,
-    xdp_links: StdHashMap<u32, XdpLinkId>,
-    tc_links: StdHashMap<u32, SchedClassifierLinkId>,
+    links: StdHashMap<(Hook, u32), Held>,
+    /// Pinned attachments of a previous daemon, not yet taken over.
+    orphans: StdHashMap<(Hook, u32), FdLink>,
+    pin: Option<PathBuf>,
+    adopted: bool,
 }
 
 impl Datapath {
-    /// Loads the embedded object with the given map sizes and loads (verifies)
-    /// both programs, attaching nothing yet.
+    /// Loads the embedded object with the given map sizes, unpinned, and
+    /// loads (verifies) both programs, attaching nothing yet.
     pub fn load(sizes: &MapSizes) -> Result<Self, DatapathError> {
+        Self::load_with(sizes, None, false)
+    }
+
+    /// Loads the data path pinned under `root` (a bpffs directory). Maps
+    /// already pinned there by an earlier daemon with the same layout and
+    /// sizes are reused, and its attachments are taken over by the first
+    /// `attach_*` on the same interface (the program is replaced in place,
+    /// atomically). A directory of another layout is cleared first.
+    pub fn open(sizes: &MapSizes, root: &Path) -> Result<Self, DatapathError> {
+        ensure_bpffs(root)?;
+        fs::create_dir_all(root).map_err(pin_err(format!("creating {}", root.display())))?;
+        let _ = fs::set_permissions(root, fs::Permissions::from_mode(0o700));
+        let name = format_dir(sizes);
+        let dir = root.join(&name);
+        // Pins of another layout or other sizes cannot be taken over.
+        let entries = fs::read_dir(root).map_err(pin_err(format!("reading {}", root.display())))?;
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy() == name {
+                continue;
+            }
+            tracing::warn!(
+                pins = %e.path().display(),
+                "a pinned data path with another map layout or sizes: removing it \
+                 (its established flows will be re-balanced)"
+            );
+            if e.path().is_dir() {
+                Self::remove_pins(&e.path());
+            } else {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let reuse = dir.join(maps::SERVICES).exists();
+        let links = dir.join("links");
+        fs::create_dir_all(&links).map_err(pin_err(format!("creating {}", links.display())))?;
+        let mut dp = Self::load_with(sizes, Some(&dir), reuse)?;
+        // Interface flags are set again as this daemon attaches.
+        let stale: Vec<u32> = dp.maps.ifaces.keys().flatten().collect();
+        for k in stale {
+            let _ = dp.maps.ifaces.remove(&k);
+        }
+        if reuse {
+            let entries = fs::read_dir(&links).map_err(pin_err(format!("reading {}", links.display())))?;
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(key) = Hook::parse(&name) else { continue };
+                match PinnedLink::from_pin(e.path()) {
+                    Ok(p) => {
+                        dp.orphans.insert(key, FdLink::from(p));
+                    }
+                    Err(err) => {
+                        tracing::warn!(pin = %e.path().display(), error = %err, "dropping an unreadable pinned link");
+                        let _ = fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
+        Ok(dp)
+    }
+
+    /// Removes every pin under `root`: the maps and attachments there go away
+    /// once nothing else holds them.
+    fn remove_pins(root: &Path) {
+        for m in ALL_MAPS {
+            let _ = fs::remove_file(root.join(m));
+        }
+        if let Ok(entries) = fs::read_dir(root.join("links")) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let _ = fs::remove_dir(root.join("links"));
+        let _ = fs::remove_dir(root);
+    }
+
+    /// Whether maps of an earlier daemon were reused.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// The pin directory, if pinned.
+    pub fn pin_path(&self) -> Option<&Path> {
+        self.pin.as_deref()
+    }
+
+    fn load_with(sizes: &MapSizes, pin: Option<&Path>, adopted: bool) -> Result<Self, DatapathError> {
         if OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
         // Per-CPU maps hold a value per possible CPU: make sure we can count them.
         nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e.to_string()))?;
-        let mut ebpf = EbpfLoader::new()
+        let pin_paths: Vec<(&str, PathBuf)> = match pin {
+            Some(root) => ALL_MAPS.iter().map(|m| (*m, root.join(m))).collect(),
+            None => Vec::new(),
+        };
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .map_max_entries(maps::SERVICES, sizes.max_services)
             .map_max_entries(maps::SERVICE_STATS, sizes.max_services)
             .map_max_entries(maps::BACKENDS, sizes.max_backends)
@@ -219,8 +435,10 @@ impl Datapath {
         Ok(Self {
             ebpf,
             maps,
-            xdp_links: StdHashMap::new(),
-            tc_links: StdHashMap::new(),
+            links: StdHashMap::new(),
+            orphans: StdHashMap::new(),
+            pin: pin.map(Path::to_owned),
+            adopted,
         })
     }
 
@@ -261,44 +479,118 @@ impl Datapath {
             .expect("loaded above as TC"))
     }
 
-    /// Attaches the XDP forward program to `iface`.
-    pub fn attach_xdp(
-        &mut self,
-        iface: &str,
-        ifindex: u32,
-        mode: XdpMode,
-    ) -> Result<(), DatapathError> {
-        if self.xdp_links.contains_key(&ifindex) {
+    /// Attaches the XDP forward program to `iface`, taking over an earlier
+    /// daemon's attachment there if there is one.
+    pub fn attach_xdp(&mut self, iface: &str, ifindex: u32, mode: XdpMode) -> Result<(), DatapathError> {
+        if self.links.contains_key(&(Hook::Xdp, ifindex)) {
             return Ok(());
         }
-        let id = self
-            .xdp_program()
-            .attach_to_if_index(ifindex, mode)
-            .map_err(|source| DatapathError::Program {
-                what: format!("attaching XDP to {iface} in {mode:?} mode"),
-                source,
-            })?;
-        self.xdp_links.insert(ifindex, id);
+        let what = format!("attaching XDP to {iface} in {mode:?} mode");
+        let orphan = self.orphans.remove(&(Hook::Xdp, ifindex));
+        let prog = self.xdp_program();
+        let id = match orphan {
+            Some(fd) => {
+                let link = XdpLink::try_from(fd).map_err(pin_err(what.clone()))?;
+                prog.attach_to_link(link)
+            }
+            None => prog.attach_to_if_index(ifindex, mode),
+        }
+        .map_err(|source| DatapathError::Program {
+            what: what.clone(),
+            source,
+        })?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| DatapathError::Program { what: what.clone(), source })?;
+        let held = match self.pin.clone() {
+            Some(root) => {
+                let fd = FdLink::try_from(link).map_err(pin_err(what.clone()))?;
+                Held::Pinned(Self::pin_link(&root, Hook::Xdp, ifindex, fd)?)
+            }
+            None => Held::Xdp { _link: link },
+        };
+        self.links.insert((Hook::Xdp, ifindex), held);
         Ok(())
     }
 
-    /// Attaches the TC program to `iface`'s ingress.
+    /// Attaches the TC program to `iface`'s ingress, taking over an earlier
+    /// daemon's attachment there if there is one.
     pub fn attach_tc(&mut self, iface: &str, ifindex: u32) -> Result<(), DatapathError> {
-        if self.tc_links.contains_key(&ifindex) {
+        if self.links.contains_key(&(Hook::Tc, ifindex)) {
             return Ok(());
         }
-        let id = self
-            .tc_program()
-            .attach(iface, TcAttachType::Ingress)
-            .map_err(|source| DatapathError::Program {
-                what: format!("attaching TC ingress to {iface}"),
-                source,
-            })?;
-        self.tc_links.insert(ifindex, id);
+        let what = format!("attaching TC ingress to {iface}");
+        let orphan = self.orphans.remove(&(Hook::Tc, ifindex));
+        let prog = self.tc_program();
+        let id = match orphan {
+            Some(fd) => {
+                let link = SchedClassifierLink::try_from(fd).map_err(pin_err(what.clone()))?;
+                prog.attach_to_link(link)
+            }
+            None => prog.attach(iface, TcAttachType::Ingress),
+        }
+        .map_err(|source| DatapathError::Program {
+            what: what.clone(),
+            source,
+        })?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| DatapathError::Program { what: what.clone(), source })?;
+        let held = match self.pin.clone() {
+            Some(root) => {
+                let fd = FdLink::try_from(link).map_err(pin_err(what.clone()))?;
+                Held::Pinned(Self::pin_link(&root, Hook::Tc, ifindex, fd)?)
+            }
+            None => Held::Tc { _link: link },
+        };
+        self.links.insert((Hook::Tc, ifindex), held);
         Ok(())
     }
 
-    /// Records `IFACE_F_*` flags for `ifindex` for the programs to read.
+    fn pin_link(root: &Path, hook: Hook, ifindex: u32, fd: FdLink) -> Result<PinnedLink, DatapathError> {
+        let path = root.join("links").join(hook.pin_name(ifindex));
+        // A taken-over link is still pinned under this name: same link, re-pin.
+        let _ = fs::remove_file(&path);
+        fd.pin(&path)
+            .map_err(pin_err(format!("pinning {}", path.display())))
+    }
+
+    /// Detaches an earlier daemon's attachments that nothing took over
+    /// (interfaces no longer configured, or gone).
+    pub fn release_orphans(&mut self) {
+        let Some(root) = self.pin.clone() else { return };
+        for ((hook, ifindex), fd) in self.orphans.drain() {
+            let _ = fs::remove_file(root.join("links").join(hook.pin_name(ifindex)));
+            drop(fd);
+            tracing::info!(ifindex, hook = ?hook, "detached a stale attachment of an earlier daemon");
+        }
+    }
+
+    /// Ends this process's hold on the data path. `keep`: leave maps and
+    /// attachments pinned, so the data path goes on forwarding and the next
+    /// daemon takes it over. Otherwise detach everything and remove the pins.
+    pub fn close(mut self, keep: bool) {
+        let Some(root) = self.pin.clone() else { return };
+        if keep {
+            // Closing our descriptors leaves the pinned objects alive.
+            self.links.clear();
+            self.orphans.clear();
+            return;
+        }
+        for (_, held) in self.links.drain() {
+            if let Held::Pinned(p) = held {
+                let _ = p.unpin();
+            }
+        }
+        self.release_orphans();
+        Self::remove_pins(&root);
+        // The pin path itself, if this was its only data path.
+        if let Some(parent) = root.parent() {
+            let _ = fs::remove_dir(parent);
+        }
+    }
+
+    /// Records `IFACE_F_*` flags for `ifindex` for the programs to read.    /// Records `IFACE_F_*` flags for `ifindex` for the programs to read.
     pub fn set_iface_flags(&mut self, ifindex: u32, flags: u32) -> Result<(), DatapathError> {
         self.maps
             .ifaces
@@ -309,13 +601,5 @@ impl Datapath {
             })
     }
 
-    /// Interfaces with the XDP program attached.
-    pub fn xdp_ifindexes(&self) -> impl Iterator<Item = u32> + '_ {
-        self.xdp_links.keys().copied()
-    }
 
-    /// Interfaces with the TC program attached.
-    pub fn tc_ifindexes(&self) -> impl Iterator<Item = u32> + '_ {
-        self.tc_links.keys().copied()
-    }
 }

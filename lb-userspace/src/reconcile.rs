@@ -407,6 +407,151 @@ impl Reconciler {
         ]
     }
 
+    /// Takes over what an earlier daemon left in pinned maps, before the
+    /// first [`Reconciler::apply`]: services still desired keep their ids and
+    /// active table, their backends keep their ids (flows in the flow table
+    /// refer to them), and backend-facing interfaces keep their reverse
+    /// path. Whatever is no longer desired is taken out, as a removal would.
+    /// Returns how many services were taken over.
+    pub fn adopt(&mut self, desired: &[ServiceSpec]) -> Result<usize, ReconcileError> {
+        let existing: Vec<(ServiceKey, ServiceValue)> =
+            self.dp.maps.services.iter().flatten().collect();
+        let backends: Vec<(u32, Backend)> = self
+            .dp
+            .maps
+            .backends
+            .iter()
+            .enumerate()
+            .filter_map(|(id, b)| b.ok().map(|b| (id as u32, b)))
+            .filter(|(_, b)| *b != Backend::default())
+            .collect();
+        let max_table = self.sizes.max_table_size;
+        let mut adopted = 0;
+        let mut claimed: BTreeSet<u32> = BTreeSet::new();
+        for (key, value) in existing {
+            let spec = desired.iter().find(|s| service_key(s) == key);
+            let copy = (value.table_base / max_table).wrapping_sub(value.id * 2);
+            let usable = spec.is_some_and(|s| {
+                value.id < self.sizes.max_services
+                    && value.table_size == s.table_size
+                    && copy < 2
+                    && value.table_base == (value.id * 2 + copy) * max_table
+                    && !self.services.contains_key(&s.name)
+            });
+            let Some(spec) = spec.filter(|_| usable) else {
+                match self.dp.maps.services.remove(&key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(maps::SERVICES)(e)),
+                }
+                continue;
+            };
+            let mut table = Vec::with_capacity(value.table_size as usize);
+            for i in 0..value.table_size {
+                table.push(
+                    self.dp
+                        .maps
+                        .maglev
+                        .get(&(value.table_base + i), 0)
+                        .map_err(map_err(maps::MAGLEV))?,
+                );
+            }
+            let mut members = BTreeMap::new();
+            for (id, b) in backends.iter().filter(|(_, b)| b.service_id == value.id) {
+                let addr = SocketAddrV4::new(
+                    Ipv4Addr::from(b.addr.to_ne_bytes()),
+                    u16::from_be(b.port),
+                );
+                let Some(want) = spec.backends.iter().find(|w| w.addr == addr) else {
+                    continue;
+                };
+                let delivery = (b.ifindex != 0).then_some(Delivery {
+                    ifindex: b.ifindex,
+                    src_mac: b.src_mac,
+                    dst_mac: (b.flags & BACKEND_F_MAC != 0).then_some(b.dst_mac),
+                    flags: b.flags,
+                });
+                let mut m = Member::new(*id, want.weight, want.drained);
+                m.delivery = delivery;
+                m.written = Some(*b);
+                members.insert(addr, m);
+                self.backend_ids.used[*id as usize] = true;
+                claimed.insert(*id);
+                self.rev_nat
+                    .entry((addr, spec.protocol))
+                    .or_default()
+                    .push(spec.vip);
+            }
+            let mut copies = [Vec::new(), Vec::new()];
+            copies[copy as usize] = table;
+            self.service_ids.used[value.id as usize] = true;
+            self.services.insert(
+                spec.name.clone(),
+                ServiceState {
+                    spec: spec.clone(),
+                    id: value.id,
+                    active: Some(copy as usize),
+                    copies,
+                    backends: members,
+                },
+            );
+            adopted += 1;
+        }
+        // Backends no adopted service claims: down, so no flow stays on them.
+        for (id, b) in &backends {
+            if !claimed.contains(id) && b.state != BACKEND_DOWN {
+                self.write_backend_down(*id)?;
+            }
+        }
+        // The reverse path of every adopted backend's interface is taken over.
+        let ifindexes: BTreeSet<u32> = self
+            .services
+            .values()
+            .flat_map(|s| s.backends.values().filter_map(|m| m.delivery.map(|d| d.ifindex)))
+            .collect();
+        for ifindex in ifindexes {
+            if let Ok(name) = nix::net::if_::if_indextoname(ifindex) {
+                let name = name.to_string_lossy().into_owned();
+                self.dp.attach_tc(&name, ifindex)?;
+                self.ready_ifaces.insert(ifindex, name);
+            }
+        }
+        Ok(adopted)
+    }
+
+    /// After the first apply of an adopted data path: removes reverse-path
+    /// entries and attachments nothing claimed.
+    pub fn finish_adoption(&mut self) -> Result<(), ReconcileError> {
+        let stale: Vec<ServiceKey> = self
+            .dp
+            .maps
+            .rev_nat
+            .keys()
+            .flatten()
+            .filter(|k| {
+                let addr = SocketAddrV4::new(Ipv4Addr::from(k.addr.to_ne_bytes()), u16::from_be(k.port));
+                let proto = if k.proto == lb_common::IPPROTO_UDP {
+                    Protocol::Udp
+                } else {
+                    Protocol::Tcp
+                };
+                !self.rev_nat.contains_key(&(addr, proto))
+            })
+            .collect();
+        for k in stale {
+            match self.dp.maps.rev_nat.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::REV_NAT)(e)),
+            }
+        }
+        self.dp.release_orphans();
+        Ok(())
+    }
+
+    /// Hands the data path back, e.g. to close it on shutdown.
+    pub fn into_datapath(self) -> Datapath {
+        self.dp
+    }
+
     /// Makes the maps hold exactly `desired`.
     pub async fn apply(&mut self, desired: &[ServiceSpec]) -> Result<(), ReconcileError> {
         let wanted: HashMap<&str, &ServiceSpec> =

@@ -203,7 +203,14 @@ pub struct Flow {
     pub vlan_tci: u16,
     /// `FLOW_F_*` bits.
     pub flags: u16,
+    /// When the flow last carried a packet, in seconds of the kernel's
+    /// coarse monotonic clock (`CLOCK_MONOTONIC_COARSE`).
+    pub last_seen: u32,
 }
+
+/// A flow that carried no packet for this long no longer counts as active
+/// (its entry stays until the LRU needs the room).
+pub const FLOW_IDLE_SECS: u32 = 60;
 
 /// How many services one backend address:port can serve at once.
 pub const REV_NAT_MAX: usize = 4;
@@ -361,7 +368,7 @@ mod tests {
 
     #[test]
     fn flow_layout() {
-        assert_eq!(size_of::<Flow>(), 24);
+        assert_eq!(size_of::<Flow>(), 28);
         assert_eq!(align_of::<Flow>(), 4);
         assert_eq!(offset_of!(Flow, backend_id), 0);
         assert_eq!(offset_of!(Flow, ifindex), 4);
@@ -369,6 +376,7 @@ mod tests {
         assert_eq!(offset_of!(Flow, lb_mac), 14);
         assert_eq!(offset_of!(Flow, vlan_tci), 20);
         assert_eq!(offset_of!(Flow, flags), 22);
+        assert_eq!(offset_of!(Flow, last_seen), 24);
     }
 
     #[test]

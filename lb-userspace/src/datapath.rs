@@ -73,7 +73,9 @@ pub enum DatapathError {
     },
 }
 
-fn pin_err<E: std::error::Error + Send + Sync + 'static>(what: String) -> impl FnOnce(E) -> DatapathError {
+fn pin_err<E: std::error::Error + Send + Sync + 'static>(
+    what: String,
+) -> impl FnOnce(E) -> DatapathError {
     move |e| DatapathError::Pin {
         what,
         source: Box::new(e),
@@ -82,7 +84,7 @@ fn pin_err<E: std::error::Error + Send + Sync + 'static>(what: String) -> impl F
 
 /// Version of the map layout in `lb-common`. A pin directory written with
 /// another version (or other map sizes) is never adopted.
-const MAPS_ABI: u32 = 2;
+const MAPS_ABI: u32 = 3;
 
 /// The name of the directory, under the pin path, that holds the pins of a
 /// data path with these sizes. bpffs holds no regular files, so the layout
@@ -361,10 +363,13 @@ impl Datapath {
             let _ = dp.maps.ifaces.remove(&k);
         }
         if reuse {
-            let entries = fs::read_dir(&links).map_err(pin_err(format!("reading {}", links.display())))?;
+            let entries =
+                fs::read_dir(&links).map_err(pin_err(format!("reading {}", links.display())))?;
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let Some(key) = Hook::parse(&name) else { continue };
+                let Some(key) = Hook::parse(&name) else {
+                    continue;
+                };
                 match PinnedLink::from_pin(e.path()) {
                     Ok(p) => {
                         dp.orphans.insert(key, FdLink::from(p));
@@ -404,7 +409,11 @@ impl Datapath {
         self.pin.as_deref()
     }
 
-    fn load_with(sizes: &MapSizes, pin: Option<&Path>, adopted: bool) -> Result<Self, DatapathError> {
+    fn load_with(
+        sizes: &MapSizes,
+        pin: Option<&Path>,
+        adopted: bool,
+    ) -> Result<Self, DatapathError> {
         if OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
@@ -481,7 +490,12 @@ impl Datapath {
 
     /// Attaches the XDP forward program to `iface`, taking over an earlier
     /// daemon's attachment there if there is one.
-    pub fn attach_xdp(&mut self, iface: &str, ifindex: u32, mode: XdpMode) -> Result<(), DatapathError> {
+    pub fn attach_xdp(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        mode: XdpMode,
+    ) -> Result<(), DatapathError> {
         if self.links.contains_key(&(Hook::Xdp, ifindex)) {
             return Ok(());
         }
@@ -501,7 +515,10 @@ impl Datapath {
         })?;
         let link = prog
             .take_link(id)
-            .map_err(|source| DatapathError::Program { what: what.clone(), source })?;
+            .map_err(|source| DatapathError::Program {
+                what: what.clone(),
+                source,
+            })?;
         let held = match self.pin.clone() {
             Some(root) => {
                 let fd = FdLink::try_from(link).map_err(pin_err(what.clone()))?;
@@ -535,7 +552,10 @@ impl Datapath {
         })?;
         let link = prog
             .take_link(id)
-            .map_err(|source| DatapathError::Program { what: what.clone(), source })?;
+            .map_err(|source| DatapathError::Program {
+                what: what.clone(),
+                source,
+            })?;
         let held = match self.pin.clone() {
             Some(root) => {
                 let fd = FdLink::try_from(link).map_err(pin_err(what.clone()))?;
@@ -547,7 +567,12 @@ impl Datapath {
         Ok(())
     }
 
-    fn pin_link(root: &Path, hook: Hook, ifindex: u32, fd: FdLink) -> Result<PinnedLink, DatapathError> {
+    fn pin_link(
+        root: &Path,
+        hook: Hook,
+        ifindex: u32,
+        fd: FdLink,
+    ) -> Result<PinnedLink, DatapathError> {
         let path = root.join("links").join(hook.pin_name(ifindex));
         // A taken-over link is still pinned under this name: same link, re-pin.
         let _ = fs::remove_file(&path);
@@ -600,6 +625,4 @@ impl Datapath {
                 source,
             })
     }
-
-
 }

@@ -281,12 +281,18 @@ impl Reconciler {
             .collect()
     }
 
-    /// Flows in the flow table, by backend id. Walks the whole table: an
-    /// admin read, not something to poll at high rates.
+    /// Active flows (a packet in the last `FLOW_IDLE_SECS`) by backend id.
+    /// Walks the whole table: an admin read, not something to poll at high
+    /// rates.
     fn flows_by_backend(&self) -> HashMap<u32, u64> {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+            .map(|t| t.tv_sec() as u32)
+            .unwrap_or(0);
         let mut n = HashMap::new();
         for (_, flow) in self.dp.maps.flows.iter().flatten() {
-            *n.entry(flow.backend_id).or_default() += 1;
+            if now.saturating_sub(flow.last_seen) <= lb_common::FLOW_IDLE_SECS {
+                *n.entry(flow.backend_id).or_default() += 1;
+            }
         }
         n
     }
@@ -372,7 +378,7 @@ impl Reconciler {
             .values()
             .map(|s| s.backends.len() as u64)
             .sum();
-        let flows: u64 = self.flows_by_backend().values().sum();
+        let flows = self.dp.maps.flows.keys().flatten().count() as u64;
         let slots: u64 = self
             .services
             .values()
@@ -457,10 +463,8 @@ impl Reconciler {
             }
             let mut members = BTreeMap::new();
             for (id, b) in backends.iter().filter(|(_, b)| b.service_id == value.id) {
-                let addr = SocketAddrV4::new(
-                    Ipv4Addr::from(b.addr.to_ne_bytes()),
-                    u16::from_be(b.port),
-                );
+                let addr =
+                    SocketAddrV4::new(Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port));
                 let Some(want) = spec.backends.iter().find(|w| w.addr == addr) else {
                     continue;
                 };
@@ -506,7 +510,11 @@ impl Reconciler {
         let ifindexes: BTreeSet<u32> = self
             .services
             .values()
-            .flat_map(|s| s.backends.values().filter_map(|m| m.delivery.map(|d| d.ifindex)))
+            .flat_map(|s| {
+                s.backends
+                    .values()
+                    .filter_map(|m| m.delivery.map(|d| d.ifindex))
+            })
             .collect();
         for ifindex in ifindexes {
             if let Ok(name) = nix::net::if_::if_indextoname(ifindex) {
@@ -528,7 +536,8 @@ impl Reconciler {
             .keys()
             .flatten()
             .filter(|k| {
-                let addr = SocketAddrV4::new(Ipv4Addr::from(k.addr.to_ne_bytes()), u16::from_be(k.port));
+                let addr =
+                    SocketAddrV4::new(Ipv4Addr::from(k.addr.to_ne_bytes()), u16::from_be(k.port));
                 let proto = if k.proto == lb_common::IPPROTO_UDP {
                     Protocol::Udp
                 } else {

@@ -20,8 +20,8 @@ use aya_ebpf::{
         BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{
-        bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_vlan_pop, bpf_skb_vlan_push,
-        bpf_xdp_adjust_head,
+        bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
+        bpf_skb_vlan_pop, bpf_skb_vlan_push, bpf_xdp_adjust_head,
     },
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -89,6 +89,27 @@ fn count_flow(map: &PerCpuArray<Counters>, index: u32, bytes: u64, new_flow: boo
     }
 }
 
+/// Seconds of the coarse monotonic clock: cheap, and enough to tell active
+/// flows from idle ones.
+#[inline(always)]
+fn now_secs() -> u32 {
+    // SAFETY: plain helper call.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+/// Marks a flow as having carried a packet now, writing only when the
+/// second changed so busy flows do not dirty their entry on every packet.
+#[inline(always)]
+fn touch(flow: *mut Flow) {
+    let now = now_secs();
+    // SAFETY: a valid map value pointer; `Flow` is plain data.
+    unsafe {
+        if (*flow).last_seen != now {
+            (*flow).last_seen = now;
+        }
+    }
+}
+
 /// The backend a packet goes to, and whether its flow is new to the table.
 struct Choice {
     id: u32,
@@ -100,11 +121,12 @@ struct Choice {
 /// service, else a fresh pick from the service's Maglev table.
 #[inline(always)]
 fn choose(key: &FlowKey, svc: &ServiceValue) -> Option<Choice> {
-    if let Some(flow) = FLOWS.get_ptr(key) {
+    if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: a valid map value pointer; `Flow` is plain data.
         let id = unsafe { (*flow).backend_id };
         if let Some(b) = BACKENDS.get(id) {
             if b.service_id == svc.id && b.state != BACKEND_DOWN {
+                touch(flow);
                 return Some(Choice {
                     id,
                     backend: *b,
@@ -144,6 +166,7 @@ fn record(p: &Parsed, c: &Choice, ingress_ifindex: u32, macs: ([u8; 6], [u8; 6])
         lb_mac: macs.0,
         vlan_tci: p.vlan_tci,
         flags: if p.vlan { FLOW_F_VLAN } else { 0 },
+        last_seen: now_secs(),
     };
     // A full table evicts its least recently used flow; an insert cannot
     // otherwise fail for a valid key, and a lost record only means the next
@@ -315,15 +338,17 @@ fn reply_flow(p: &Parsed, rev: &RevNat) -> Option<(u32, u16, Flow)> {
             _pad1: 0,
             _pad2: 0,
         };
-        // SAFETY: plain data.
-        let Some(flow) = (unsafe { FLOWS.get(key) }) else {
+        let Some(ptr) = FLOWS.get_ptr_mut(key) else {
             continue;
         };
+        // SAFETY: a valid map value pointer; `Flow` is plain data.
+        let flow = unsafe { *ptr };
         let Some(b) = BACKENDS.get(flow.backend_id) else {
             continue;
         };
         if b.addr == p.key.src_addr && b.port == p.key.src_port {
-            return Some((rev.vip[i], rev.vport[i], *flow));
+            touch(ptr);
+            return Some((rev.vip[i], rev.vport[i], flow));
         }
     }
     None

@@ -1,7 +1,7 @@
 //! `lb run`: validate, load, attach, reconcile, serve the admin API, then
 //! keep the maps in step until SIGINT/SIGTERM, and detach on the way out.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use aya::programs::XdpMode;
@@ -17,7 +17,7 @@ use crate::{
     config::{Config, ForwardMode},
     control::{Controller, DaemonInfo, Handle},
     datapath::{Datapath, MapSizes},
-    host,
+    health, host, metrics,
     reconcile::Reconciler,
     state::{default_state_path, Desired},
 };
@@ -43,6 +43,11 @@ pub struct RunArgs {
     /// connection. Without it, stopping detaches everything.
     #[arg(long)]
     pub keep_datapath: bool,
+    /// Serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9106
+    /// [default: off]. Keep it on loopback: anyone who can reach it sees the
+    /// services, their backends and their traffic.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Runs the daemon in the foreground.
@@ -68,6 +73,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Bound before anything is attached: a second daemon stops here.
     let listener = server::bind(&args.socket).await?;
     let _socket = RemoveOnDrop(args.socket.clone());
+    // Bound before anything is attached too: a busy port stops here.
+    let metrics_listener = match args.metrics {
+        Some(addr) => Some(
+            metrics::bind(addr)
+                .await
+                .with_context(|| format!("binding --metrics {addr}"))?,
+        ),
+        None => None,
+    };
 
     let d = &config.datapath;
     let sizes = MapSizes {
@@ -76,9 +90,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_table_size: d.max_table_size,
         flow_table_size: d.flow_table_size,
     };
-    let mut dp = Datapath::open(&sizes, &d.pin_path).context(
-        "loading the data path (needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)",
-    )?;
+    let mut dp = Datapath::open(&sizes, &d.pin_path)
+        .context("loading the data path (needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")?;
     let adopted = dp.adopted();
     if adopted {
         info!(pin_path = %d.pin_path.display(), "taking over the running data path");
@@ -141,6 +154,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         handle.clone(),
         wait_for(stop_rx.clone()),
     ));
+    let metrics_task = metrics_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "serving Prometheus metrics at /metrics");
+        }
+        tokio::spawn(metrics::serve_on(
+            listener,
+            handle.clone(),
+            wait_for(stop_rx.clone()),
+        ))
+    });
+    // Backends start healthy (as the reconciler assumes); checks can only
+    // take them out. Kept in step with the desired services below.
+    let health = health::spawn(handle.clone());
+    health.set(&control.desired().services());
     info!(services = services.len(), socket = %args.socket.display(), "data path ready");
 
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -151,7 +178,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            Some(input) = inbox.recv() => control.handle(input).await,
+            Some(input) = inbox.recv() => {
+                control.handle(input).await;
+                // Cheap when nothing changed: only a different set of
+                // checks wakes the checker.
+                health.set(&control.desired().services());
+            }
             _ = tick.tick() => {
                 if let Err(e) = control.reconciler().refresh().await {
                     warn!(error = %format!("{e:#}"), "refresh failed; retrying later");
@@ -165,12 +197,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         info!("shutting down: detaching the data path");
     }
     let _ = stop_tx.send(true);
+    // No more health results: the checks stop with their updater.
+    drop(health);
     drop(handle);
     // Requests already accepted still get their answer.
     while let Ok(input) = inbox.try_recv() {
         control.handle(input).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
+    if let Some(task) = metrics_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     let mut rec = control.into_reconciler();
     if args.keep_datapath {
         rec.into_datapath().close(true);

@@ -1,11 +1,14 @@
 //! The `lb` daemon as a library: config, Maglev, the data path loader, host
 //! queries and the reconcile loop. `main.rs` is the command line on top.
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod health;
 pub mod host;
 pub mod maglev;
+pub mod metrics;
 pub mod reconcile;
 pub mod state;

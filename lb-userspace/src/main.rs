@@ -1,28 +1,27 @@
 //! `lb`: an XDP/TC load balancer for containers. See README.md.
+//!
+//! `lb run` is the daemon; every other command is a client of its admin API
+//! (`lb::cli`).
 
 use std::{io::IsTerminal, process::ExitCode};
 
-use clap::{Parser, Subcommand};
-use lb::daemon;
+use clap::Parser;
+use lb::{
+    cli::{self, Cli, Command},
+    daemon,
+};
 use tracing_subscriber::EnvFilter;
-
-/// XDP/TC load balancer: DNAT to backends held in BPF maps.
-#[derive(Debug, Parser)]
-#[command(name = "lb", version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Run the daemon in the foreground: load and attach the data path, keep
-    /// its maps in step with the config, detach on SIGINT/SIGTERM.
-    Run(daemon::RunArgs),
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run_daemon(args),
+        // No tracing subscriber: a client prints its result or one error line.
+        Command::Admin(command) => cli::run(command, &cli.socket),
+    }
+}
+
+fn run_daemon(args: daemon::RunArgs) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -41,12 +40,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Run(args) => daemon::run(args).await,
-        }
-    });
-    match result {
+    match runtime.block_on(daemon::run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

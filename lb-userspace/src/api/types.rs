@@ -155,7 +155,7 @@ pub struct BackendInfo {
     pub state: BackendState,
     /// Health check result.
     pub health: Health,
-    /// Flows in the flow table given to it.
+    /// Flows given to it that carried a packet in the last 60 s.
     pub active_flows: u64,
     /// Its counters.
     pub counters: Counters,
@@ -168,7 +168,7 @@ pub struct ServiceStats {
     pub name: String,
     /// Its counters.
     pub counters: Counters,
-    /// Flows in the flow table for it.
+    /// Its flows that carried a packet in the last 60 s.
     pub active_flows: u64,
     /// Per backend.
     pub backends: Vec<BackendInfo>,

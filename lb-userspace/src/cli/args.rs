@@ -1,0 +1,288 @@
+//! The command line as clap types: `lb run` and the admin commands.
+//!
+//! The CLI only checks what clap checks by type (numbers, ports, enums,
+//! required arguments); everything else is the daemon's to judge, so the
+//! rules live in one place and `curl` users get the same answers.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{builder::NonEmptyStringValueParser, Args, Parser, Subcommand, ValueEnum};
+
+use crate::{
+    api::{
+        server::DEFAULT_SOCKET,
+        types::{HealthCheck, NewBackend, NewService},
+    },
+    config::Protocol,
+    daemon::RunArgs,
+};
+
+/// XDP/TC load balancer: DNAT to backends held in BPF maps.
+#[derive(Debug, Parser)]
+#[command(name = "lb", version, about)]
+pub struct Cli {
+    /// The daemon's admin API socket.
+    // Same id as `lb run --socket`: clap then shares the value instead of
+    // adding a second `--socket` to `run`, so `lb --socket P run` works too.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        default_value = DEFAULT_SOCKET
+    )]
+    pub socket: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground: load and attach the data path, keep
+    /// its maps in step with the config, detach on SIGINT/SIGTERM.
+    Run(RunArgs),
+    /// The admin commands, clients of a running daemon.
+    #[command(flatten)]
+    Admin(Admin),
+}
+
+/// Commands that talk to a running daemon (and `completions`).
+#[derive(Debug, Subcommand)]
+pub enum Admin {
+    /// Add, remove and list services.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Add, remove, drain and list a service's backends.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Packets, bytes, new and active flows per service and backend.
+    Stats(StatsArgs),
+    /// Version, uptime, interfaces, map fill levels, Docker state.
+    Status(JsonArg),
+    /// Print shell completions for lb.
+    Completions(CompletionsArgs),
+}
+
+/// `lb service …`.
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Add a service.
+    Add(ServiceAdd),
+    /// Remove a service added through the API (config services are removed
+    /// by editing the config).
+    #[command(visible_alias = "remove")]
+    Rm {
+        /// The service's name.
+        #[arg(value_parser = NonEmptyStringValueParser::new())]
+        name: String,
+    },
+    /// List services.
+    #[command(visible_alias = "list")]
+    Ls(JsonArg),
+}
+
+/// `lb backend …`.
+#[derive(Debug, Subcommand)]
+pub enum BackendCommand {
+    /// Add a backend to a service.
+    Add(BackendAdd),
+    /// Remove a backend: its flows move to other backends.
+    #[command(visible_alias = "remove")]
+    Rm(BackendRef),
+    /// Drain a backend: it keeps its flows and takes no new ones.
+    Drain(BackendRef),
+    /// List a service's backends.
+    #[command(visible_alias = "list")]
+    Ls(BackendLs),
+}
+
+/// `--json`.
+#[derive(Debug, Args)]
+pub struct JsonArg {
+    /// Print the admin API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Transport protocol of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl From<Proto> for Protocol {
+    fn from(p: Proto) -> Self {
+        match p {
+            Proto::Tcp => Protocol::Tcp,
+            Proto::Udp => Protocol::Udp,
+        }
+    }
+}
+
+/// Kind of active health check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum HealthKind {
+    /// A TCP connection to the backend.
+    Tcp,
+}
+
+/// `lb service add`.
+#[derive(Debug, Args)]
+pub struct ServiceAdd {
+    /// Unique name of the service.
+    #[arg(value_parser = NonEmptyStringValueParser::new())]
+    pub name: String,
+    /// Address and port clients connect to.
+    #[arg(long, value_name = "IP:PORT")]
+    pub vip: String,
+    /// Transport protocol [default: tcp].
+    #[arg(long, value_enum)]
+    pub proto: Option<Proto>,
+    /// Maglev table size, a prime [default: the daemon's].
+    #[arg(long, value_name = "M")]
+    pub table_size: Option<u32>,
+    /// Docker containers of this image join the service as backends.
+    #[arg(long, value_name = "IMAGE")]
+    pub image: Option<String>,
+    /// The containers' port for --image.
+    #[arg(long, value_name = "PORT")]
+    pub target_port: Option<u16>,
+    /// Check backends actively; a failing backend takes no flows.
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub health: Option<HealthKind>,
+    /// Milliseconds between checks of one backend [default: 1000].
+    #[arg(long, value_name = "MS", requires = "health")]
+    pub health_interval: Option<u64>,
+    /// Milliseconds a check may take [default: 500].
+    #[arg(long, value_name = "MS", requires = "health")]
+    pub health_timeout: Option<u64>,
+    /// Passed checks in a row that bring a backend back [default: 2].
+    #[arg(long, value_name = "N", requires = "health")]
+    pub health_rise: Option<u32>,
+    /// Failed checks in a row that take a backend out [default: 3].
+    #[arg(long, value_name = "N", requires = "health")]
+    pub health_fall: Option<u32>,
+}
+
+impl ServiceAdd {
+    /// The request body: options as given, health check defaults from
+    /// [`HealthCheck::default`].
+    pub fn to_request(&self) -> NewService {
+        let health = self.health.map(|HealthKind::Tcp| {
+            let d = HealthCheck::default();
+            HealthCheck {
+                interval_ms: self.health_interval.unwrap_or(d.interval_ms),
+                timeout_ms: self.health_timeout.unwrap_or(d.timeout_ms),
+                rise: self.health_rise.unwrap_or(d.rise),
+                fall: self.health_fall.unwrap_or(d.fall),
+            }
+        });
+        NewService {
+            name: self.name.clone(),
+            vip: self.vip.clone(),
+            protocol: self.proto.map(Into::into),
+            table_size: self.table_size,
+            image: self.image.clone(),
+            target_port: self.target_port,
+            health,
+        }
+    }
+}
+
+/// `lb backend add`.
+#[derive(Debug, Args)]
+pub struct BackendAdd {
+    /// The service's name.
+    #[arg(value_parser = NonEmptyStringValueParser::new())]
+    pub service: String,
+    /// The backend's address and port.
+    #[arg(value_name = "IP:PORT", value_parser = NonEmptyStringValueParser::new())]
+    pub address: String,
+    /// Relative share of new flows [default: 1].
+    #[arg(long, value_name = "N")]
+    pub weight: Option<u32>,
+}
+
+impl BackendAdd {
+    /// The request body.
+    pub fn to_request(&self) -> NewBackend {
+        NewBackend {
+            address: self.address.clone(),
+            weight: self.weight,
+        }
+    }
+}
+
+/// A backend of a service, for `rm` and `drain`.
+#[derive(Debug, Args)]
+pub struct BackendRef {
+    /// The service's name.
+    #[arg(value_parser = NonEmptyStringValueParser::new())]
+    pub service: String,
+    /// The backend's address and port.
+    #[arg(value_name = "IP:PORT", value_parser = NonEmptyStringValueParser::new())]
+    pub address: String,
+}
+
+/// `lb backend ls`.
+#[derive(Debug, Args)]
+pub struct BackendLs {
+    /// The service's name.
+    #[arg(value_parser = NonEmptyStringValueParser::new())]
+    pub service: String,
+    /// `--json`.
+    #[command(flatten)]
+    pub json: JsonArg,
+}
+
+/// `lb stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Only this service (and no data path totals).
+    #[arg(value_parser = NonEmptyStringValueParser::new())]
+    pub service: Option<String>,
+    /// Print the admin API's JSON instead of a table; with --watch one
+    /// object per line from the second snapshot on, each service and
+    /// backend with its `rates` and the whole with `interval_secs`.
+    #[arg(long)]
+    pub json: bool,
+    /// Refresh every interval and show rates (packets/s, bytes/s, new
+    /// flows/s) over the last interval; Ctrl-C ends it.
+    #[arg(long)]
+    pub watch: bool,
+    /// Seconds between refreshes of --watch, fractions allowed [default: 1].
+    #[arg(long, value_name = "SECS", requires = "watch", value_parser = parse_interval)]
+    pub interval: Option<Duration>,
+}
+
+impl StatsArgs {
+    /// The refresh interval of `--watch`.
+    pub fn interval(&self) -> Duration {
+        self.interval.unwrap_or(Duration::from_secs(1))
+    }
+}
+
+/// `--interval`: positive seconds, at least a millisecond.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if d >= Duration::from_millis(1) => Ok(d),
+        _ => Err(format!(
+            "`{s}`: needs a number of seconds of at least 0.001"
+        )),
+    }
+}
+
+/// `lb completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}

@@ -1,5 +1,6 @@
 //! The `lb` daemon as a library: config, Maglev, the data path loader, host
-//! queries and the reconcile loop. `main.rs` is the command line on top.
+//! queries, the reconcile loop, the admin API and CLI, health checks and
+//! metrics. `main.rs` only parses the command line and dispatches.
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod attach;
+pub mod bench;
 pub mod clients;
 pub mod cmd;
 pub mod config;

@@ -9,8 +9,11 @@ use lb_tests::bench::{
     report::{Machine, Report, Section},
 };
 
+/// Runs one section; the flag is `--quick`.
+type RunSection = fn(bool) -> Section;
+
 /// The sections, in report order.
-const SECTIONS: [(&str, fn(bool) -> Section); 1] = [("per_packet", per_packet::run)];
+const SECTIONS: [(&str, RunSection); 1] = [("per_packet", per_packet::run)];
 
 struct Args {
     quick: bool,

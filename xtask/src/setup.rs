@@ -25,6 +25,10 @@ pub const PACKAGES: &[&str] = &[
     "bpftool",        // inspecting loaded programs, maps and links
     "tcpdump",        // looking at traffic when a test fails
     "procps",         // ps, sysctl, pkill
+    "conntrack",      // clearing the benchmark's conntrack entries between contenders
+    "nginx",          // real HTTP backends in the end-to-end benchmark
+    "wrk",            // the benchmark's HTTP load generator
+    "haproxy",        // the proxy contender of the benchmark
 ];
 
 /// The bpf-linker release the eBPF build is known to work with (see

@@ -61,6 +61,12 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: build scripts are single-threaded at this point.
     unsafe { env::set_var("PATH", &joined) };
     let ebpf_dir = root.join("lb-ebpf");
+    // aya-build watches lb-ebpf; the types and helpers the programs compile
+    // from lb-common must rebuild the object too.
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("lb-common").display()
+    );
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "lb-ebpf",

@@ -31,6 +31,35 @@ pub mod maps {
     pub const GLOBAL_STATS: &str = "LB_GLOBAL_STATS";
     /// `HASH` ifindex -> `IFACE_F_*` flags of the interfaces `lb` attached to.
     pub const IFACES: &str = "LB_IFACES";
+    /// `ARRAY` of `u64` words: a bitmap with a bit set for every VIP address
+    /// ([`vip_filter_bit`](crate::vip_filter_bit)), so a packet to any other
+    /// address is passed after one array read.
+    pub const VIP_FILTER: &str = "LB_VIP_FILTER";
+}
+
+/// Words of [`maps::VIP_FILTER`]: 65,536 bits, so with a few hundred VIPs a
+/// packet to another address almost never takes the full service lookup.
+pub const VIP_FILTER_WORDS: u32 = 1024;
+
+/// The 32-bit finaliser of MurmurHash3: cheap, and every input bit affects
+/// every output bit.
+#[inline(always)]
+pub fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+/// The bit of [`maps::VIP_FILTER`] that VIP address `addr` (network order,
+/// as read from the packet) sets: word `bit / 64`, bit `bit % 64`. The two
+/// 16-bit halves folded together: two instructions on the hot path, and
+/// addresses within one /16 never share a bit.
+#[inline(always)]
+pub fn vip_filter_bit(addr: u32) -> u32 {
+    (addr ^ (addr >> 16)) & (VIP_FILTER_WORDS * 64 - 1)
 }
 
 /// [`maps::IFACES`] flag: the XDP forward program runs on this interface, so
@@ -247,7 +276,8 @@ pub mod stat {
     pub const PASS_NOT_IPV4: u32 = 0;
     /// Passed: IPv4 but neither TCP nor UDP.
     pub const PASS_NOT_L4: u32 = 1;
-    /// Passed: TCP/UDP to no service.
+    /// Passed: not to a service (to no VIP address, which XDP tells before
+    /// parsing anything else, or to no service of that VIP).
     pub const PASS_NO_SERVICE: u32 = 2;
     /// Passed: an IPv4 fragment (ports unknown or incomplete).
     pub const PASS_FRAGMENT: u32 = 3;
@@ -395,6 +425,21 @@ mod tests {
         assert_eq!(offset_of!(Counters, packets), 0);
         assert_eq!(offset_of!(Counters, bytes), 8);
         assert_eq!(offset_of!(Counters, new_flows), 16);
+    }
+
+    #[test]
+    fn vip_filter_bits_are_in_range_and_spread() {
+        let mut seen = std::collections::HashSet::new();
+        for last in 0..=255u8 {
+            let b = vip_filter_bit(u32::from_ne_bytes([198, 18, 101, last]));
+            assert!(b < VIP_FILTER_WORDS * 64);
+            seen.insert(b);
+        }
+        assert_eq!(
+            seen.len(),
+            256,
+            "addresses within a /16 must not share a bit"
+        );
     }
 
     #[test]

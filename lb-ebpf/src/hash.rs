@@ -1,18 +1,6 @@
 //! The flow hash that picks a Maglev slot for a new flow.
 
-use lb_common::FlowKey;
-
-/// The 32-bit finaliser of MurmurHash3: cheap, and every input bit affects
-/// every output bit, which is what `hash % table_size` needs.
-#[inline(always)]
-fn fmix32(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^= h >> 16;
-    h
-}
+use lb_common::{fmix32, FlowKey};
 
 /// Hashes a flow's 5-tuple. Deterministic across CPUs and restarts, so a
 /// flow that lost its table entry lands on the same backend while the

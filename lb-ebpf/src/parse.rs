@@ -138,6 +138,25 @@ pub fn store<T: Copy>(start: usize, end: usize, offset: usize, v: T) -> bool {
     }
 }
 
+/// The IPv4 destination address of an Ethernet (+ one 802.1Q tag) frame,
+/// read with as little work as possible: the early filter that lets a
+/// packet to no VIP pass without a full parse. `None` when the frame is not
+/// IPv4 or too short to tell; [`parse`] then decides and counts why.
+#[inline(always)]
+pub fn ipv4_dst(start: usize, end: usize) -> Option<u32> {
+    let ethertype = u16::from_be(load::<u16>(start, end, 12)?);
+    let l3 = if ethertype == ETH_P_IP {
+        ETH_HLEN
+    } else if ethertype == ETH_P_8021Q
+        && u16::from_be(load::<u16>(start, end, ETH_HLEN + 2)?) == ETH_P_IP
+    {
+        ETH_HLEN + VLAN_HLEN
+    } else {
+        return None;
+    };
+    load::<u32>(start, end, l3 + IPV4_DST_OFF)
+}
+
 /// Parses the frame whose first bytes are readable in `[start, end)` and
 /// whose whole length is `frame_len`. They differ on the skb path, where the
 /// payload may sit in page fragments past the linear part (`frame_len` is
@@ -366,6 +385,38 @@ pub(crate) mod tests {
             v[off] = val;
             assert_eq!(run(&v), Err(Skip::Malformed), "byte {off} = {val:#x}");
         }
+    }
+
+    #[test]
+    fn ipv4_dst_reads_just_the_address() {
+        let f = tcp_syn(b"");
+        let start = f.as_ptr() as usize;
+        assert_eq!(
+            ipv4_dst(start, start + f.len()),
+            Some(u32::from_ne_bytes(VIP))
+        );
+        assert_eq!(
+            ipv4_dst(start, start + 33),
+            None,
+            "cut before the address ends"
+        );
+        let mut arp = f.clone();
+        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        assert_eq!(ipv4_dst(start_of(&arp), start_of(&arp) + arp.len()), None);
+        let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .single_vlan(etherparse::VlanId::try_new(5).unwrap())
+            .ipv4(CLIENT, VIP, 64)
+            .udp(1, 2);
+        let mut v = Vec::new();
+        b.write(&mut v, b"").unwrap();
+        assert_eq!(
+            ipv4_dst(start_of(&v), start_of(&v) + v.len()),
+            Some(u32::from_ne_bytes(VIP))
+        );
+    }
+
+    fn start_of(v: &[u8]) -> usize {
+        v.as_ptr() as usize
     }
 
     #[test]

@@ -84,7 +84,7 @@ fn pin_err<E: std::error::Error + Send + Sync + 'static>(
 
 /// Version of the map layout in `lb-common`. A pin directory written with
 /// another version (or other map sizes) is never adopted.
-const MAPS_ABI: u32 = 3;
+const MAPS_ABI: u32 = 4;
 
 /// The name of the directory, under the pin path, that holds the pins of a
 /// data path with these sizes. bpffs holds no regular files, so the layout
@@ -97,7 +97,7 @@ fn format_dir(sizes: &MapSizes) -> String {
 }
 
 /// Every map of the object, all pinned when the data path is pinned.
-const ALL_MAPS: [&str; 9] = [
+const ALL_MAPS: [&str; 10] = [
     maps::SERVICES,
     maps::BACKENDS,
     maps::MAGLEV,
@@ -107,6 +107,7 @@ const ALL_MAPS: [&str; 9] = [
     maps::BACKEND_STATS,
     maps::GLOBAL_STATS,
     maps::IFACES,
+    maps::VIP_FILTER,
 ];
 
 /// Where a program is attached.
@@ -227,6 +228,8 @@ pub struct Maps {
     pub global_stats: PerCpuArray<MapData, u64>,
     /// Flags of the interfaces `lb` attached to.
     pub ifaces: HashMap<MapData, u32, u32>,
+    /// Bitmap of hashed VIP addresses.
+    pub vip_filter: Array<MapData, u64>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -249,6 +252,7 @@ impl Maps {
             backend_stats: take(ebpf, maps::BACKEND_STATS)?,
             global_stats: take(ebpf, maps::GLOBAL_STATS)?,
             ifaces: take(ebpf, maps::IFACES)?,
+            vip_filter: take(ebpf, maps::VIP_FILTER)?,
         })
     }
 

@@ -223,6 +223,8 @@ pub struct Reconciler {
     managed_neighbors: BTreeSet<(Ipv4Addr, String)>,
     /// What `REV_NAT` holds: the services (VIPs) each backend serves.
     rev_nat: BTreeMap<(SocketAddrV4, Protocol), Vec<SocketAddrV4>>,
+    /// What `VIP_FILTER` holds, by word; `None` until first written.
+    vip_filter: Option<Vec<u64>>,
 }
 
 impl Reconciler {
@@ -237,6 +239,7 @@ impl Reconciler {
             ready_ifaces: BTreeMap::new(),
             managed_neighbors: BTreeSet::new(),
             rev_nat: BTreeMap::new(),
+            vip_filter: None,
         }
     }
 
@@ -581,7 +584,8 @@ impl Reconciler {
         for spec in desired {
             self.upsert_service(spec).await?;
         }
-        Ok(())
+        // Bits of removed VIPs go last, after their services are gone.
+        self.write_vip_filter(None)
     }
 
     fn remove_service(&mut self, name: &str) -> Result<(), ReconcileError> {
@@ -658,6 +662,8 @@ impl Reconciler {
             st.backends.insert(addr, b);
             info!(service = spec.name, backend = %addr, id, weight, "backend added");
         }
+        // The filter lets the VIP's packets in before its service entry exists.
+        self.write_vip_filter(Some(*spec.vip.ip()))?;
         self.sync_table(&spec.name)?;
         for (addr, id) in removed {
             self.write_backend_down(id)?;
@@ -667,6 +673,34 @@ impl Reconciler {
             self.rev_nat_remove(addr, spec.protocol, spec.vip)?;
             info!(service = spec.name, backend = %addr, id, "backend removed");
         }
+        Ok(())
+    }
+
+    /// Makes `VIP_FILTER` have a bit for every service's VIP and no other,
+    /// writing only the words that change. `extra` is set too: a VIP about
+    /// to get its service entry.
+    fn write_vip_filter(&mut self, extra: Option<Ipv4Addr>) -> Result<(), ReconcileError> {
+        let mut words = vec![0u64; lb_common::VIP_FILTER_WORDS as usize];
+        let vips = self
+            .services
+            .values()
+            .map(|s| *s.spec.vip.ip())
+            .chain(extra);
+        for ip in vips {
+            let bit = lb_common::vip_filter_bit(u32::from_ne_bytes(ip.octets()));
+            words[(bit / 64) as usize] |= 1 << (bit % 64);
+        }
+        for (i, w) in words.iter().enumerate() {
+            if self.vip_filter.as_ref().is_some_and(|old| old[i] == *w) {
+                continue;
+            }
+            self.dp
+                .maps
+                .vip_filter
+                .set(i as u32, w, 0)
+                .map_err(map_err(maps::VIP_FILTER))?;
+        }
+        self.vip_filter = Some(words);
         Ok(())
     }
 

@@ -357,6 +357,19 @@ impl Rig {
             table_size: TABLE,
             flags: 0,
         };
+        // Let the VIP's packets past the early filter, as the reconciler does.
+        let bit = lb_common::vip_filter_bit(u32::from_ne_bytes(VIP));
+        let word = self
+            .dp
+            .maps
+            .vip_filter
+            .get(&(bit / 64), 0)
+            .expect("filter word");
+        self.dp
+            .maps
+            .vip_filter
+            .set(bit / 64, word | (1 << (bit % 64)), 0)
+            .expect("filter written");
         self.dp
             .maps
             .services

@@ -30,7 +30,7 @@ use aya_ebpf::{
 use lb_common::{
     defaults, stat, Backend, Counters, Flow, FlowKey, RevNat, ServiceKey, ServiceValue,
     BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_F_MAC, BACKEND_F_PEER, BACKEND_F_XDP, FLOW_F_VLAN,
-    IFACE_F_XDP, IPPROTO_UDP, NO_BACKEND, REV_NAT_MAX,
+    IFACE_F_XDP, IPPROTO_UDP, NO_BACKEND, REV_NAT_MAX, VIP_FILTER_WORDS,
 };
 use lb_ebpf::{
     hash::flow_hash,
@@ -58,6 +58,8 @@ static BE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(defaults:
 static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 #[map(name = "LB_IFACES")]
 static IFACES: HashMap<u32, u32> = HashMap::with_max_entries(256, 0);
+#[map(name = "LB_VIP_FILTER")]
+static VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
 
 /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists, no shared lock on insert.
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
@@ -197,9 +199,26 @@ pub fn lb_xdp_fwd(ctx: XdpContext) -> u32 {
     xdp_forward(&ctx)
 }
 
+/// Whether `addr` may be a VIP: its bit is set in the filter. A clear bit
+/// means certainly not; a set one means "look it up".
+#[inline(always)]
+fn maybe_vip(addr: u32) -> bool {
+    let bit = lb_common::vip_filter_bit(addr);
+    VIP_FILTER
+        .get(bit / 64)
+        .is_some_and(|w| w & (1u64 << (bit % 64)) != 0)
+}
+
 #[inline(always)]
 fn xdp_forward(ctx: &XdpContext) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());
+    // Traffic to no VIP leaves after one array read, before a full parse.
+    if let Some(dst) = parse::ipv4_dst(start, end) {
+        if !maybe_vip(dst) {
+            count(stat::PASS_NO_SERVICE);
+            return XDP_PASS;
+        }
+    }
     let p = match parse::parse(start, end, end - start) {
         Ok(p) => p,
         Err(skip) => {

@@ -225,6 +225,10 @@ pub struct Reconciler {
     rev_nat: BTreeMap<(SocketAddrV4, Protocol), Vec<SocketAddrV4>>,
     /// What `VIP_FILTER` holds, by word; `None` until first written.
     vip_filter: Option<Vec<u64>>,
+    /// veths whose peer was seen with GRO on. A peer keeps it for the
+    /// interface's life, and a new container brings a new ifindex, so the
+    /// periodic refresh does not enter every backend's namespace again.
+    gro_ready: BTreeSet<u32>,
 }
 
 impl Reconciler {
@@ -240,6 +244,7 @@ impl Reconciler {
             managed_neighbors: BTreeSet::new(),
             rev_nat: BTreeMap::new(),
             vip_filter: None,
+            gro_ready: BTreeSet::new(),
         }
     }
 
@@ -870,8 +875,13 @@ impl Reconciler {
                 .map_err(ResolveError::Datapath)?;
             info!(iface = link.name, "reverse path attached (TC ingress)");
         }
-        if peer && mac.is_some() && self.peer_takes_xdp(&link).await {
-            flags |= BACKEND_F_XDP;
+        if peer && mac.is_some() {
+            if !self.gro_ready.contains(&link.ifindex) && self.peer_takes_xdp(&link).await {
+                self.gro_ready.insert(link.ifindex);
+            }
+            if self.gro_ready.contains(&link.ifindex) {
+                flags |= BACKEND_F_XDP;
+            }
         }
         self.ready_ifaces.insert(link.ifindex, link.name.clone());
         Ok(Delivery {

@@ -29,6 +29,7 @@ pub const PACKAGES: &[&str] = &[
     "nginx",          // real HTTP backends in the end-to-end benchmark
     "wrk",            // the benchmark's HTTP load generator
     "haproxy",        // the proxy contender of the benchmark
+    "nftables",       // nft: removing the nat table the iptables contender created
 ];
 
 /// The bpf-linker release the eBPF build is known to work with (see

@@ -83,6 +83,11 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> ReconcileError {
     move |source| ReconcileError::Map { name, source }
 }
 
+/// Backends re-checked per refresh tick: about 0.1 s of `ip` commands, so
+/// the control task answers the API between ticks even with thousands of
+/// backends (which are then each re-checked every few minutes).
+pub const REFRESH_BATCH: usize = 32;
+
 /// Hands out ids round-robin, so a freed id is reused as late as possible
 /// and a stale flow pointing at it is unlikely to find a new tenant.
 #[derive(Debug)]
@@ -225,6 +230,8 @@ pub struct Reconciler {
     rev_nat: BTreeMap<(SocketAddrV4, Protocol), Vec<SocketAddrV4>>,
     /// What `VIP_FILTER` holds, by word; `None` until first written.
     vip_filter: Option<Vec<u64>>,
+    /// The last (service, backend) `refresh` re-checked.
+    refresh_cursor: Option<(String, SocketAddrV4)>,
     /// veths whose peer was seen with GRO on. A peer keeps it for the
     /// interface's life, and a new container brings a new ifindex, so the
     /// periodic refresh does not enter every backend's namespace again.
@@ -245,6 +252,7 @@ impl Reconciler {
             rev_nat: BTreeMap::new(),
             vip_filter: None,
             gro_ready: BTreeSet::new(),
+            refresh_cursor: None,
         }
     }
 
@@ -1016,31 +1024,42 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Re-resolves every backend's delivery (routes, neighbours, veth peers)
-    /// and rewrites what changed; a backend that became reachable or
+    /// Re-resolves backends' delivery (routes, neighbours, veth peers) and
+    /// rewrites what changed; a backend that became reachable or
     /// unreachable changes its service's table.
+    ///
+    /// Each call re-checks at most [`REFRESH_BATCH`] backends, continuing
+    /// round-robin where the last call stopped: this runs in the one task
+    /// that also answers the API, and re-checking a thousand backends at
+    /// once (a few `ip` commands each) kept it from answering for seconds.
     pub async fn refresh(&mut self) -> Result<(), ReconcileError> {
-        let names: Vec<String> = self.services.keys().cloned().collect();
-        for name in names {
-            let addrs: Vec<SocketAddrV4> = self.services[&name].backends.keys().copied().collect();
-            let mut changed = false;
-            for addr in addrs {
-                let new = self.resolve(addr, &name).await?;
-                if let Some(b) = self
-                    .services
-                    .get_mut(&name)
-                    .and_then(|s| s.backends.get_mut(&addr))
-                {
-                    if b.delivery != new {
-                        debug!(service = name, backend = %addr, ?new, "backend delivery updated");
-                        b.delivery = new;
-                        changed = true;
-                    }
+        let all: Vec<(String, SocketAddrV4)> = self
+            .services
+            .iter()
+            .flat_map(|(n, s)| s.backends.keys().map(move |a| (n.clone(), *a)))
+            .collect();
+        if all.is_empty() {
+            return Ok(());
+        }
+        let batch = next_batch(&all, self.refresh_cursor.as_ref(), REFRESH_BATCH);
+        self.refresh_cursor = batch.last().cloned();
+        let mut changed: BTreeSet<String> = BTreeSet::new();
+        for (name, addr) in batch {
+            let new = self.resolve(addr, &name).await?;
+            if let Some(b) = self
+                .services
+                .get_mut(&name)
+                .and_then(|s| s.backends.get_mut(&addr))
+            {
+                if b.delivery != new {
+                    debug!(service = name, backend = %addr, ?new, "backend delivery updated");
+                    b.delivery = new;
+                    changed.insert(name);
                 }
             }
-            if changed {
-                self.sync_table(&name)?;
-            }
+        }
+        for name in changed {
+            self.sync_table(&name)?;
         }
         Ok(())
     }
@@ -1057,6 +1076,18 @@ impl Reconciler {
     }
 }
 
+/// Up to `n` items of the sorted `all`, starting after `cursor` and
+/// wrapping around: a round-robin sweep that survives items coming and going.
+fn next_batch<T: Ord + Clone>(all: &[T], cursor: Option<&T>, n: usize) -> Vec<T> {
+    let start = all.iter().position(|k| Some(k) > cursor).unwrap_or(0);
+    all.iter()
+        .cycle()
+        .skip(start)
+        .take(n.min(all.len()))
+        .cloned()
+        .collect()
+}
+
 enum ResolveError {
     Host(HostError),
     Datapath(DatapathError),
@@ -1071,6 +1102,25 @@ impl From<HostError> for ResolveError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refresh_sweeps_round_robin() {
+        let all = [1, 2, 3, 4, 5];
+        assert_eq!(next_batch(&all, None, 2), [1, 2]);
+        assert_eq!(next_batch(&all, Some(&2), 2), [3, 4]);
+        assert_eq!(next_batch(&all, Some(&4), 2), [5, 1], "wraps around");
+        assert_eq!(
+            next_batch(&all, Some(&5), 9),
+            [1, 2, 3, 4, 5],
+            "never repeats"
+        );
+        assert_eq!(
+            next_batch(&all, Some(&3), 2),
+            [4, 5],
+            "a removed cursor is fine"
+        );
+        assert!(next_batch::<u8>(&[], None, 3).is_empty());
+    }
 
     #[test]
     fn ids_are_reused_as_late_as_possible() {

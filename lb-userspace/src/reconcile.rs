@@ -675,14 +675,18 @@ impl Reconciler {
             st.backends.insert(addr, b);
             info!(service = spec.name, backend = %addr, id, weight, "backend added");
         }
+        // Removed backends leave the membership before the table is built, so
+        // the flip takes them out; their entries go down only after it.
+        let st = self.services.get_mut(&spec.name).expect("present");
+        for (addr, _) in &removed {
+            st.backends.remove(addr);
+        }
         // The filter lets the VIP's packets in before its service entry exists.
         self.write_vip_filter(Some(*spec.vip.ip()))?;
         self.sync_table(&spec.name)?;
         for (addr, id) in removed {
             self.write_backend_down(id)?;
             self.backend_ids.free(id);
-            let st = self.services.get_mut(&spec.name).expect("present");
-            st.backends.remove(&addr);
             self.rev_nat_remove(addr, spec.protocol, spec.vip)?;
             info!(service = spec.name, backend = %addr, id, "backend removed");
         }

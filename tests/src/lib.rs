@@ -21,8 +21,10 @@ pub mod config;
 pub mod daemon;
 pub mod forward;
 pub mod netns;
+pub mod ops;
 pub mod packets;
 pub mod servers;
+pub mod stream;
 pub mod tempdir;
 pub mod topology;
 

@@ -1,0 +1,295 @@
+//! Operating a running daemon from a test: the `lb` admin CLI as a real
+//! process (as root or as another user), a guard for a daemon's bpffs pin
+//! directory, config files with their own pin path, and stopping a daemon
+//! while keeping everything it logged.
+
+use std::{
+    io::ErrorKind,
+    net::{Ipv4Addr, SocketAddrV4, TcpListener},
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus},
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
+use serde::de::DeserializeOwned;
+
+use crate::{
+    cmd::output_with_timeout,
+    daemon::{lb_binary, Daemon, STOP_GRACE},
+};
+
+/// The longest one CLI command may take.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What one `lb` admin command did.
+#[derive(Clone, Debug)]
+pub struct CliOutput {
+    /// The command line, for messages.
+    pub command: String,
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// Its standard output.
+    pub stdout: String,
+    /// Its standard error.
+    pub stderr: String,
+}
+
+impl CliOutput {
+    /// The exit code (`None` if it died of a signal).
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    /// The non-empty lines of stderr.
+    pub fn stderr_lines(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect()
+    }
+
+    /// Everything about the run, for a panic message.
+    pub fn describe(&self) -> String {
+        format!(
+            "`{}` exited with {}\nstdout:\n{}\nstderr:\n{}",
+            self.command, self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// The `lb` admin CLI pointed at one daemon's socket.
+#[derive(Clone, Debug)]
+pub struct LbCli {
+    binary: PathBuf,
+    socket: PathBuf,
+}
+
+impl LbCli {
+    /// A CLI that runs [`lb_binary`] with `--socket socket`.
+    pub fn new(socket: &Path) -> LbCli {
+        LbCli {
+            binary: lb_binary(),
+            socket: socket.to_owned(),
+        }
+    }
+
+    /// The socket it talks to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    fn command_line(&self, prefix: &[&str], args: &[&str]) -> String {
+        let mut parts: Vec<String> = prefix.iter().map(|s| (*s).to_owned()).collect();
+        parts.push(self.binary.display().to_string());
+        parts.push("--socket".into());
+        parts.push(self.socket.display().to_string());
+        parts.extend(args.iter().map(|s| (*s).to_owned()));
+        parts.join(" ")
+    }
+
+    fn finish(command: String, cmd: &mut Command) -> CliOutput {
+        let out = output_with_timeout(cmd, CLI_TIMEOUT);
+        CliOutput {
+            command,
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs `lb --socket S args...` (bounded by [`CLI_TIMEOUT`]) whatever
+    /// its exit status.
+    pub fn run(&self, args: &[&str]) -> CliOutput {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--socket").arg(&self.socket).args(args);
+        LbCli::finish(self.command_line(&[], args), &mut cmd)
+    }
+
+    /// Like [`LbCli::run`], as user and group `uid` with no supplementary
+    /// groups (through util-linux `setpriv`).
+    pub fn run_as(&self, uid: u32, args: &[&str]) -> CliOutput {
+        let reuid = format!("--reuid={uid}");
+        let regid = format!("--regid={uid}");
+        let prefix = ["setpriv", reuid.as_str(), regid.as_str(), "--clear-groups"];
+        let mut cmd = Command::new(prefix[0]);
+        cmd.args(&prefix[1..])
+            .arg(&self.binary)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args);
+        LbCli::finish(self.command_line(&prefix, args), &mut cmd)
+    }
+
+    /// Runs `lb --socket S args...` and returns its stdout; panics with
+    /// everything it printed unless it exits 0.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "lb admin command failed: {}",
+            out.describe()
+        );
+        out.stdout
+    }
+
+    /// Runs a `--json` command (pass `--json` in `args`) and parses its
+    /// output as `T`; panics with the output if it fails or does not parse.
+    pub fn json<T: DeserializeOwned>(&self, args: &[&str]) -> T {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "lb admin command failed: {}",
+            out.describe()
+        );
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "output of `{}` is not the expected JSON ({e}):\n{}",
+                out.command, out.stdout
+            )
+        })
+    }
+}
+
+/// The bpffs directory a test's daemon pins its maps and links under
+/// (`datapath.pin_path`). Anything there is removed, recursively, when the
+/// guard is created (a crashed run's leftovers) and when it is dropped: so
+/// a failing test leaves no pin behind. Create it before the daemon guard,
+/// so it is dropped after it.
+#[derive(Debug)]
+pub struct PinDir {
+    path: PathBuf,
+}
+
+impl PinDir {
+    /// A guard for `path`, which must be a directory directly under
+    /// `/sys/fs/bpf` whose name starts with `lb-e2e-` (so that it can never
+    /// be someone else's).
+    pub fn new(path: &str) -> PinDir {
+        let path = PathBuf::from(path);
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        assert!(
+            path.parent() == Some(Path::new("/sys/fs/bpf")) && name.starts_with("lb-e2e-"),
+            "pin directory {} must be /sys/fs/bpf/lb-e2e-*",
+            path.display()
+        );
+        let guard = PinDir { path };
+        if guard.path.exists() {
+            eprintln!("removing stale pins under {}", guard.path.display());
+            guard.remove();
+        }
+        guard
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The directory as a string (for the config file).
+    pub fn as_str(&self) -> &str {
+        self.path.to_str().expect("UTF-8 pin path")
+    }
+
+    /// Whether the directory exists.
+    pub fn exists(&self) -> bool {
+        self.path.exists()
+    }
+
+    /// Every path under the directory (bounded), for messages.
+    pub fn listing(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut dirs = vec![self.path.clone()];
+        while let Some(dir) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if out.len() >= 200 {
+                    return out;
+                }
+                let p = e.path();
+                if p.is_dir() {
+                    dirs.push(p.clone());
+                }
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    fn remove(&self) {
+        match std::fs::remove_dir_all(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => eprintln!("warning: removing {}: {e}", self.path.display()),
+        }
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if self.path.exists() {
+            eprintln!("removing pins left under {}", self.path.display());
+            self.remove();
+        }
+    }
+}
+
+/// `config` (as [`crate::render_config`] makes it) with
+/// `pin_path = "{pin}"` added to its `[datapath]` table.
+pub fn with_pin_path(config: &str, pin: &str) -> String {
+    let with = config.replacen(
+        "[datapath]\n",
+        &format!("[datapath]\npin_path = \"{pin}\"\n"),
+        1,
+    );
+    assert_ne!(with, config, "no [datapath] table in:\n{config}");
+    with
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound, then
+/// released), for `lb run --metrics`.
+pub fn free_loopback_port() -> u16 {
+    let listener = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
+        .unwrap_or_else(|e| panic!("binding 127.0.0.1:0: {e}"));
+    listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("local address of 127.0.0.1:0: {e}"))
+        .port()
+}
+
+/// Stops `daemon` with SIGTERM like [`Daemon::stop`], but returns its exit
+/// status together with everything it logged (up to its exit).
+pub fn stop_with_output(mut daemon: Daemon) -> (ExitStatus, String) {
+    if let Some(pid) = daemon.pid().and_then(|p| i32::try_from(p).ok()) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    while daemon.is_running() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    // The output readers see the pipes' end shortly after the exit: wait
+    // (bounded) until the output stops growing.
+    let settle = Instant::now() + Duration::from_secs(2);
+    let mut seen = daemon.output().len();
+    while Instant::now() < settle {
+        thread::sleep(Duration::from_millis(100));
+        let now = daemon.output().len();
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
+    let output = daemon.output();
+    // Still running past the grace period: `stop` SIGKILLs it.
+    let status = daemon.stop();
+    (status, output)
+}

@@ -5,15 +5,22 @@
 use std::{fs, path::PathBuf};
 
 use lb_tests::bench::{
-    per_packet,
+    control, e2e, per_packet, rate,
     report::{Machine, Report, Section},
+    scale,
 };
 
 /// Runs one section; the flag is `--quick`.
 type RunSection = fn(bool) -> Section;
 
 /// The sections, in report order.
-const SECTIONS: [(&str, RunSection); 1] = [("per_packet", per_packet::run)];
+const SECTIONS: [(&str, RunSection); 5] = [
+    ("per_packet", per_packet::run),
+    ("rate", rate::run),
+    ("scale", scale::run),
+    ("control", control::run),
+    ("e2e", e2e::run),
+];
 
 struct Args {
     quick: bool,

@@ -1,0 +1,175 @@
+//! The machinery of the "how cost grows" and "control plane" benchmark
+//! sections, run small: the cases really are measured, the flows really are
+//! in the table, the backend changes really are in the daemon's maps, and
+//! the sections have their rows. No timing is asserted.
+//!
+//! Needs root (BPF, namespaces) and an `lb` binary (`LB_BIN`, or
+//! `cargo build --release -p lb-userspace`).
+
+use std::time::Duration;
+
+use lb::datapath::MapSizes;
+use lb_common::maps;
+use lb_tests::bench::{
+    control,
+    report::Section,
+    scale::{self, Params},
+};
+
+fn row<'a>(s: &'a Section, name: &str) -> &'a lb_tests::bench::report::Row {
+    s.rows.iter().find(|r| r.name == name).unwrap_or_else(|| {
+        let names: Vec<&str> = s.rows.iter().map(|r| r.name.as_str()).collect();
+        panic!("no row {name:?} in section {}: {names:?}", s.key)
+    })
+}
+
+#[test]
+fn scale_section_measures_every_case() {
+    lb_tests::require_root();
+    let p = Params {
+        rounds: 2,
+        calls: 50,
+        backends: vec![1, 10],
+        services: vec![1, 10],
+        flows: vec![1, 1_000],
+        flow_table_size: 16_384,
+        established: 100,
+        maglev_backends: vec![10, 1_000],
+        maglev_rounds: 1,
+        memory: true,
+    };
+    // Panics if an output is not the expected rewrite, if an established
+    // packet misses its flow, or if a new-flow packet does not start one.
+    let s = scale::run_with(&p);
+    assert_eq!(s.key, "scale");
+    assert_eq!(s.rounds, 2);
+    for name in [
+        "1 backend per service",
+        "10 backends per service",
+        "1 service",
+        "10 services",
+        "1 flow in the table (replayed, as in the per-packet section)",
+        "1,000 flows in the table",
+    ] {
+        let r = row(&s, name);
+        for key in ["pass_ns", "est_ns", "new_ns"] {
+            let v = r
+                .get(key)
+                .unwrap_or_else(|| panic!("{name}: no {key}: {r:?}"));
+            assert!(v.is_finite() && v >= 0.0, "{name}: {key} = {v}");
+        }
+        assert_eq!(r.rounds.len(), 2, "{name}: one figure per round");
+    }
+    let fill = row(&s, "flow table fill: 1,000 flows written from 1 CPU");
+    assert_eq!(fill.get("entries"), Some(1_000.0), "{fill:?}");
+    assert!(s.rows.iter().any(|r| r
+        .name
+        .starts_with("flow table fill: 1,000 flows written from")
+        && !r.name.ends_with("1 CPU")
+        && r.get("entries") == Some(1_000.0)));
+    for n in ["10", "1,000"] {
+        let r = row(&s, &format!("Maglev rebuild, {n} backends (M = 65,537)"));
+        assert!(r.get("ms").is_some_and(|v| v > 0.0), "{r:?}");
+    }
+    assert!(row(&s, "memory: LB_FLOWS").get("mib").is_some());
+    assert!(s
+        .rows
+        .iter()
+        .any(|r| r.name.starts_with("memory: all ") && r.get("mib").is_some_and(|v| v > 0.0)));
+    assert!(row(&s, "memory per flow entry")
+        .get("bytes_per")
+        .is_some_and(|v| v > 0.0));
+    assert!(
+        s.targets
+            .iter()
+            .any(|t| t.bar.contains("flows fit") && t.met),
+        "{:?}",
+        s.targets
+    );
+    assert!(
+        s.targets.iter().any(|t| t.bar.contains("Maglev rebuild")),
+        "{:?}",
+        s.targets
+    );
+    let md = lb_tests::bench::report::Report {
+        machine: lb_tests::bench::report::Machine::this(),
+        quick: true,
+        sections: vec![s],
+    }
+    .markdown();
+    assert!(md.contains("### How cost grows"), "{md}");
+}
+
+#[test]
+fn flows_really_are_in_the_table() {
+    lb_tests::require_root();
+    assert_eq!(scale::flows_fit_spread(4_096, 1_000), 1_000);
+    // From one CPU, an LRU with per-CPU lists holds at most that CPU's share.
+    let cpus = aya::util::nr_cpus().expect("possible CPUs") as u64;
+    let share = 4_096 / cpus;
+    let one = scale::flows_fit_one_cpu(4_096, 3_000);
+    if share >= 3_000 {
+        assert_eq!(one, 3_000);
+    } else {
+        assert!(
+            one <= share && one + 8 >= share,
+            "{one} of 3,000, share {share}"
+        );
+    }
+}
+
+#[test]
+fn map_memory_comes_from_the_kernel() {
+    lb_tests::require_root();
+    let sizes = MapSizes::default();
+    let mem = scale::map_memory(&sizes);
+    let get = |name: &str| {
+        mem.iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no map {name}: {mem:?}"))
+    };
+    let flows = get(maps::FLOWS);
+    assert_eq!(flows.max_entries, sizes.flow_table_size);
+    // At least key and value of every entry.
+    assert!(flows.bytes >= u64::from(sizes.flow_table_size) * (16 + 28));
+    let maglev = get(maps::MAGLEV);
+    assert_eq!(maglev.max_entries, sizes.maglev_slots());
+    assert!(maglev.bytes >= 4 * u64::from(sizes.maglev_slots()));
+    get(maps::SERVICES);
+    get(maps::BACKENDS);
+}
+
+#[test]
+fn maglev_rebuild_is_timed() {
+    let ms = scale::maglev_rebuild_ms(100, 65_537, 3);
+    assert!(ms > 0.0 && ms.is_finite(), "{ms}");
+}
+
+#[test]
+fn control_section_changes_are_in_the_map() {
+    lb_tests::require_root();
+    let o = control::measure(10, Duration::from_secs(120), Duration::from_millis(500));
+    assert_eq!(o.applied, 10, "all changes applied");
+    assert_eq!(o.latencies_ms.len(), 10);
+    assert_eq!(
+        o.active_in_map, 10,
+        "active entries in the pinned LB_BACKENDS"
+    );
+    assert_eq!(o.in_table, 10, "slots in the active Maglev table");
+    assert_eq!(o.api_listed, Some((13, 13)), "the API lists them, active");
+    assert!(!o.idle_api_ms.is_empty());
+    assert!(o.rss_ready_kib > 0 && o.rss_after_kib > 0 && o.hwm_after_kib > 0);
+    assert_eq!(o.milestones.len(), 1);
+    assert!(o.milestones[0].1.is_some());
+    let s = control::section(&o);
+    assert_eq!(s.key, "control");
+    let r = row(&s, "10 backend additions, until the last is in the map");
+    assert!(r.get("s").is_some_and(|v| v > 0.0), "{r:?}");
+    assert_eq!(
+        row(&s, "applied backends active in the pinned map (of 10)").get("count"),
+        Some(10.0)
+    );
+    assert!(row(&s, "daemon RSS, after 10 additions")
+        .get("mib")
+        .is_some_and(|v| v > 0.0));
+}

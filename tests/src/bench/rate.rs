@@ -724,7 +724,11 @@ impl Drop for ForwardAccept {
 /// VIP:port/udp to [`CHAIN`], where `statistic --mode nth` rules spread new
 /// flows evenly over the backends. Removed when dropped.
 #[derive(Debug)]
-struct DnatRules;
+struct DnatRules {
+    /// Whether adding the rules created the nat table: an empty nat table
+    /// left behind keeps conntrack on for every later contender.
+    created_table: bool,
+}
 
 impl DnatRules {
     fn jump(vip: Ipv4Addr) -> Vec<String> {
@@ -764,7 +768,9 @@ impl DnatRules {
 
     fn new(vip: Ipv4Addr, backends: &[Ipv4Addr]) -> DnatRules {
         DnatRules::remove(vip);
-        let guard = DnatRules;
+        let guard = DnatRules {
+            created_table: super::e2e::host::nft_table_exists("nat") == Some(false),
+        };
         run_ok("iptables", &["-t", "nat", "-N", CHAIN]);
         let n = backends.len();
         for (i, b) in backends.iter().enumerate() {
@@ -797,6 +803,9 @@ impl DnatRules {
 impl Drop for DnatRules {
     fn drop(&mut self) {
         DnatRules::remove(crate::topology::VIP);
+        if self.created_table {
+            let _ = cmd::run("nft", &["delete", "table", "ip", "nat"]);
+        }
     }
 }
 

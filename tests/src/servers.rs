@@ -101,7 +101,7 @@ impl Drop for HttpServer {
 }
 
 /// Waits up to `timeout` for `fd` to become readable.
-fn wait_readable(fd: i32, timeout: Duration) -> bool {
+pub(crate) fn wait_readable(fd: i32, timeout: Duration) -> bool {
     let mut pfd = libc::pollfd {
         fd,
         events: libc::POLLIN,

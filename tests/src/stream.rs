@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{clients::CLIENT_TIMEOUT, netns::Netns};
+use crate::{clients::CLIENT_TIMEOUT, netns::Netns, servers::wait_readable};
 
 /// How often the server's threads check whether they were asked to stop.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -92,17 +92,6 @@ impl Drop for StreamServer {
             let _ = acceptor.join();
         }
     }
-}
-
-fn wait_readable(fd: i32, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
 
 fn accept_loop(listener: TcpListener, name: &str, stop: &Arc<AtomicBool>, accepted: &AtomicUsize) {

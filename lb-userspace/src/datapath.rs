@@ -523,15 +523,9 @@ impl Datapath {
                 what: what.clone(),
                 source,
             })?;
-        let held = match self.pin.clone() {
-            Some(root) => {
-                let fd = FdLink::try_from(link).map_err(pin_err(what.clone()))?;
-                Held::Pinned(Self::pin_link(&root, Hook::Xdp, ifindex, fd)?)
-            }
-            None => Held::Xdp { _link: link },
-        };
-        self.links.insert((Hook::Xdp, ifindex), held);
-        Ok(())
+        self.hold(Hook::Xdp, ifindex, link, &what, |link| Held::Xdp {
+            _link: link,
+        })
     }
 
     /// Attaches the TC program to `iface`'s ingress, taking over an earlier
@@ -560,14 +554,34 @@ impl Datapath {
                 what: what.clone(),
                 source,
             })?;
+        self.hold(Hook::Tc, ifindex, link, &what, |link| Held::Tc {
+            _link: link,
+        })
+    }
+
+    /// Keeps a just-attached link: pinned in the pin directory (so it
+    /// outlives this process), or, when the data path is not pinned, held
+    /// as `unpinned` makes it so that dropping it detaches.
+    fn hold<L>(
+        &mut self,
+        hook: Hook,
+        ifindex: u32,
+        link: L,
+        what: &str,
+        unpinned: fn(L) -> Held,
+    ) -> Result<(), DatapathError>
+    where
+        FdLink: TryFrom<L>,
+        <FdLink as TryFrom<L>>::Error: std::error::Error + Send + Sync + 'static,
+    {
         let held = match self.pin.clone() {
             Some(root) => {
-                let fd = FdLink::try_from(link).map_err(pin_err(what.clone()))?;
-                Held::Pinned(Self::pin_link(&root, Hook::Tc, ifindex, fd)?)
+                let fd = FdLink::try_from(link).map_err(pin_err(what.to_owned()))?;
+                Held::Pinned(Self::pin_link(&root, hook, ifindex, fd)?)
             }
-            None => Held::Tc { _link: link },
+            None => unpinned(link),
         };
-        self.links.insert((Hook::Tc, ifindex), held);
+        self.links.insert((hook, ifindex), held);
         Ok(())
     }
 

@@ -302,7 +302,7 @@ fn is_indexed(name: &str, prefix: &str, sep: &str) -> bool {
 }
 
 /// Host interface names, as `ip -o link show` lists them (without `@peer`).
-fn host_links() -> Vec<String> {
+pub fn host_links() -> Vec<String> {
     let out = run("ip", &["-o", "link", "show"]);
     String::from_utf8_lossy(&out.stdout)
         .lines()

@@ -18,9 +18,9 @@ use lb_tests::{
         host::{conntrack_count, nft_table_exists, rules_of, LINK_TAG, RULE_TAG},
         section, Contender, Mode, Plan, Rig,
     },
-    cmd::run,
     netns::list_netns,
     require_root,
+    topology::host_links,
 };
 
 /// The tests share host state they check (iptables, sysctls): one at a time.
@@ -82,17 +82,8 @@ fn alive(pid: i32) -> bool {
 /// Host links whose name starts with `prefix` or that carry the
 /// benchmark's alias.
 fn links_of(prefix: &str) -> Vec<String> {
-    let out = run("ip", &["-o", "link", "show"]);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .map(|n| {
-            n.trim_end_matches(':')
-                .split('@')
-                .next()
-                .unwrap_or("")
-                .to_owned()
-        })
+    host_links()
+        .into_iter()
         .filter(|n| {
             n.starts_with(prefix)
                 || std::fs::read_to_string(format!("/sys/class/net/{n}/ifalias"))

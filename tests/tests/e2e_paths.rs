@@ -53,15 +53,10 @@ fn with_mode(config: &str, mode: &str) -> String {
     with
 }
 
+/// A MAC address from `ip`/sysfs text; the daemon's own parser, panicking
+/// with the text on failure.
 fn parse_mac(text: &str) -> [u8; 6] {
-    let parts: Vec<u8> = text
-        .trim()
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16).unwrap_or_else(|e| panic!("bad MAC {text:?}: {e}")))
-        .collect();
-    parts
-        .try_into()
-        .unwrap_or_else(|p| panic!("bad MAC {text:?}: {p:?}"))
+    lb::host::parse_mac(text.trim()).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The MAC of host interface `ifname`.

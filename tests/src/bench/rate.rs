@@ -477,15 +477,10 @@ fn ifindex(ifname: &str) -> u32 {
     i
 }
 
+/// A MAC address from `ip`/sysfs text; the daemon's own parser, panicking
+/// with the text on failure.
 fn parse_mac(text: &str) -> [u8; 6] {
-    let parts: Vec<u8> = text
-        .trim()
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16).unwrap_or_else(|e| panic!("bad MAC {text:?}: {e}")))
-        .collect();
-    parts
-        .try_into()
-        .unwrap_or_else(|p| panic!("bad MAC {text:?}: {p:?}"))
+    lb::host::parse_mac(text.trim()).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The MAC of `ifname` in `ns`.

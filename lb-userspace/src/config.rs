@@ -105,6 +105,19 @@ pub struct BackendSpec {
     pub weight: u32,
     /// Drained by the operator: keeps its flows, gets no new ones.
     pub drained: bool,
+    /// Where a container backend's interface is, when Docker told us.
+    pub via: Option<Via>,
+}
+
+/// A container backend's side of its veth: the process whose network
+/// namespace holds it and the interface's MAC. The reconciler finds the
+/// host side of the veth from these instead of from the routing table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Via {
+    /// A process in the container's network namespace (its main process).
+    pub pid: u32,
+    /// The container interface's MAC.
+    pub mac: [u8; 6],
 }
 
 impl FromStr for BackendSpec {
@@ -129,6 +142,7 @@ impl FromStr for BackendSpec {
             addr,
             weight,
             drained: false,
+            via: None,
         })
     }
 }
@@ -158,6 +172,24 @@ pub fn parse_socket_addr(s: &str) -> Result<SocketAddrV4, String> {
         return Err(format!("port {port} in {s:?} is out of range 1-65535"));
     }
     Ok(SocketAddrV4::new(ip, port as u16))
+}
+
+/// Checks an engine address: `unix:///path` or `tcp://host:port`.
+pub fn check_docker_host(h: &str) -> Result<(), String> {
+    let ok = match h.split_once("://") {
+        Some(("unix", path)) => path.starts_with('/'),
+        Some(("tcp" | "http", rest)) => rest.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+        }),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{h:?}: use unix:///path/to/docker.sock or tcp://host:port"
+        ))
+    }
 }
 
 /// Where maps and attachments are pinned unless the config says otherwise.
@@ -253,6 +285,7 @@ pub fn service_spec(
         backends: Vec::new(),
         origin: Origin::Config,
         health,
+        image: None,
     })
 }
 
@@ -273,6 +306,77 @@ pub struct ServiceSpec {
     pub origin: Origin,
     /// Active TCP health check of the backends.
     pub health: Option<HealthCheck>,
+    /// Docker containers of this image join the service.
+    pub image: Option<ImageRule>,
+}
+
+/// An image rule: every running container of `image` is a backend on
+/// `target_port`, the way the old iptables tool's `map-image` worked.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ImageRule {
+    /// Image reference as `docker run` takes it, e.g. `web:1`.
+    pub image: String,
+    /// The containers' port.
+    pub target_port: u16,
+}
+
+/// Validates an image rule's two fields, which come together or not at all.
+pub fn image_rule(
+    image: Option<&str>,
+    target_port: Option<u16>,
+) -> Result<Option<ImageRule>, FieldError> {
+    match (image, target_port) {
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(field_error(
+            "target_port",
+            "missing: an image rule needs the containers' port".into(),
+        )),
+        (None, Some(_)) => Err(field_error(
+            "image",
+            "missing: target_port only goes with an image rule".into(),
+        )),
+        (Some(_), Some(0)) => Err(field_error(
+            "target_port",
+            "0 is out of range 1-65535".into(),
+        )),
+        (Some(i), Some(port)) => {
+            let ok = !i.is_empty()
+                && i.len() <= 255
+                && i.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b));
+            if !ok {
+                return Err(field_error(
+                    "image",
+                    format!("{i:?} is not an image reference (e.g. \"web:1\")"),
+                ));
+            }
+            Ok(Some(ImageRule {
+                image: i.to_owned(),
+                target_port: port,
+            }))
+        }
+    }
+}
+
+/// The Docker watcher's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DockerSpec {
+    /// Explicitly on or off; `None`: on when the engine's socket exists.
+    pub enabled: Option<bool>,
+    /// Engine address (`unix://…` or `tcp://…`).
+    pub host: String,
+}
+
+/// The engine address unless the config or `--docker-host` says otherwise.
+pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
+
+impl Default for DockerSpec {
+    fn default() -> Self {
+        Self {
+            enabled: None,
+            host: DEFAULT_DOCKER_HOST.into(),
+        }
+    }
 }
 
 /// The data path section, validated.
@@ -301,6 +405,8 @@ pub struct Config {
     pub datapath: DatapathSpec,
     /// Services, in file order.
     pub services: Vec<ServiceSpec>,
+    /// The Docker watcher.
+    pub docker: DockerSpec,
 }
 
 #[derive(Deserialize)]
@@ -309,6 +415,15 @@ struct RawConfig {
     datapath: RawDatapath,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
+    #[serde(default)]
+    docker: RawDocker,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDocker {
+    enabled: Option<bool>,
+    host: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -334,6 +449,8 @@ struct RawService {
     backends: Vec<String>,
     table_size: Option<u32>,
     health: Option<HealthCheck>,
+    image: Option<String>,
+    target_port: Option<u16>,
 }
 
 impl Config {
@@ -471,12 +588,10 @@ impl Config {
                 ));
             }
             let table_size = spec.table_size;
-            if s.backends.is_empty() {
-                return Err(invalid(
-                    field("backends"),
-                    "empty: a service needs at least one backend".into(),
-                ));
-            }
+            // No static backends is fine: Docker (labels or the image rule)
+            // or the admin API fill the service.
+            spec.image = image_rule(s.image.as_deref(), s.target_port)
+                .map_err(|e| invalid(field(e.field), e.reason))?;
             let mut backends = Vec::new();
             let mut seen = HashSet::new();
             for b in &s.backends {
@@ -537,7 +652,21 @@ impl Config {
                 ),
             ));
         }
-        Ok(Self { datapath, services })
+        let docker = DockerSpec {
+            enabled: raw.docker.enabled,
+            host: match raw.docker.host {
+                Some(h) => {
+                    check_docker_host(&h).map_err(|r| invalid("docker.host".into(), r))?;
+                    h
+                }
+                None => DEFAULT_DOCKER_HOST.into(),
+            },
+        };
+        Ok(Self {
+            datapath,
+            services,
+            docker,
+        })
     }
 }
 
@@ -591,7 +720,12 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080@2"]   # ip:port, optional @w
             (GOOD.replace("8080@2", "8080@x"), "backends"),
             (GOOD.replace("198.18.103.2:8080", "198.18.103.2"), "backends"),
             (GOOD.replace("198.18.104.2:8080@2", "198.18.103.2:8080"), "backends"),
-            (GOOD.replace(r#"["198.18.103.2:8080", "198.18.104.2:8080@2"]"#, "[]"), "backends"),
+            (format!("{GOOD}image = \"web:1\"\n"), "target_port"),
+            (format!("{GOOD}target_port = 80\n"), "image"),
+            (format!("{GOOD}image = \"web 1\"\ntarget_port = 80\n"), "image"),
+            (format!("{GOOD}image = \"web:1\"\ntarget_port = 0\n"), "target_port"),
+            (format!("{GOOD}\n[docker]\nhost = \"/var/run/docker.sock\"\n"), "docker.host"),
+            (format!("{GOOD}\n[docker]\nenabled = \"yes\"\n"), "expected a boolean"),
             (GOOD.replace(r#"["eth1"]"#, "[]"), "external"),
             (GOOD.replace(r#""tcp""#, r#""sctp""#), "protocol"),
             (format!("{GOOD}table_size = 65536\n"), "table_size"),
@@ -605,6 +739,39 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080@2"]   # ip:port, optional @w
             assert!(e.contains(field), "{field:?} not named in: {e}");
             assert!(e.starts_with("lb.toml"), "file not named in: {e}");
         }
+    }
+
+    #[test]
+    fn docker_fills_services_declared_without_backends() {
+        let text = r#"
+[datapath]
+external = ["eth1"]
+
+[docker]
+host = "unix:///run/docker.sock"
+
+[[service]]
+name = "web"
+vip = "198.18.101.1:80"
+
+[[service]]
+name = "api"
+vip = "198.18.101.2:80"
+image = "web:1"
+target_port = 8080
+"#;
+        let c = parse(text).unwrap();
+        assert!(c.services.iter().all(|s| s.backends.is_empty()));
+        assert_eq!(c.docker.enabled, None);
+        assert_eq!(c.docker.host, "unix:///run/docker.sock");
+        assert_eq!(
+            c.services[1].image,
+            Some(ImageRule {
+                image: "web:1".into(),
+                target_port: 8080
+            })
+        );
+        assert_eq!(parse(GOOD).unwrap().docker, DockerSpec::default());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::{
         types::{BackendInfo, InterfaceStatus, NewBackend, NewService, ServiceInfo, Stats, Status},
         Failure,
     },
+    docker::{DockerUpdate, Tracker},
     reconcile::Reconciler,
     state::Desired,
 };
@@ -64,6 +65,8 @@ pub enum Input {
     Call(Request, oneshot::Sender<Result<Response, Failure>>),
     /// A health check result for (service, backend).
     Health(String, SocketAddrV4, bool),
+    /// What the Docker watcher saw.
+    Docker(DockerUpdate),
 }
 
 /// The sending side of the control task's inbox; cheap to clone.
@@ -90,6 +93,11 @@ impl Handle {
             .map_err(|_| Failure::internal("the daemon is shutting down".into()))?
     }
 
+    /// Reports what the Docker watcher saw.
+    pub async fn docker(&self, update: DockerUpdate) {
+        let _ = self.tx.send(Input::Docker(update)).await;
+    }
+
     /// Reports a health check result.
     pub async fn health(&self, service: String, backend: SocketAddrV4, healthy: bool) {
         let _ = self.tx.send(Input::Health(service, backend, healthy)).await;
@@ -113,13 +121,20 @@ pub struct DaemonInfo {
 pub struct Controller {
     rec: Reconciler,
     desired: Desired,
+    docker: Tracker,
     info: DaemonInfo,
 }
 
 impl Controller {
-    /// Takes over a reconciler that has applied `desired`.
-    pub fn new(rec: Reconciler, desired: Desired, info: DaemonInfo) -> Self {
-        Self { rec, desired, info }
+    /// Takes over a reconciler that has applied `desired`, whose Docker
+    /// backends `docker` assigned.
+    pub fn new(rec: Reconciler, desired: Desired, docker: Tracker, info: DaemonInfo) -> Self {
+        Self {
+            rec,
+            desired,
+            docker,
+            info,
+        }
     }
 
     /// The reconciler, e.g. for periodic refreshes and shutdown.
@@ -149,6 +164,14 @@ impl Controller {
                     warn!(service, backend = %addr, error = %format!("{e:#}"), "applying a health result failed");
                 }
             }
+            Input::Docker(update) => {
+                if self.docker.update(update) {
+                    self.docker.assign(&mut self.desired);
+                    if let Err(e) = self.apply().await {
+                        warn!(error = e.message, "applying Docker's changes failed; retrying at the next change or refresh");
+                    }
+                }
+            }
         }
     }
 
@@ -173,19 +196,29 @@ impl Controller {
             Request::ListServices => Ok(Response::Services(self.rec.services_info())),
             Request::AddService(new) => {
                 let spec = self.desired.add_service(&new)?;
+                // Its image rule or containers' labels may name it already.
+                self.docker.assign(&mut self.desired);
                 self.apply().await?;
                 Ok(Response::Service(self.service_info(&spec.name)?))
             }
             Request::RemoveService(name) => {
                 self.desired.remove_service(&name)?;
+                self.docker.assign(&mut self.desired);
                 self.apply().await?;
                 Ok(Response::Done)
             }
-            Request::ListBackends(name) => self
-                .rec
-                .backends_info(&name)
-                .map(Response::Backends)
-                .ok_or_else(|| Failure::not_found(format!("no service {name}"))),
+            Request::ListBackends(name) => {
+                let mut list = self
+                    .rec
+                    .backends_info(&name)
+                    .ok_or_else(|| Failure::not_found(format!("no service {name}")))?;
+                for b in &mut list {
+                    if let Ok(addr) = b.address.parse() {
+                        b.container = self.docker.container(&name, addr).map(str::to_owned);
+                    }
+                }
+                Ok(Response::Backends(list))
+            }
             Request::AddBackend(name, new) => {
                 self.desired.add_backend(&name, &new)?;
                 self.apply().await?;
@@ -218,7 +251,7 @@ impl Controller {
                     pin_path: self.info.pin_path.clone(),
                     interfaces,
                     maps: self.rec.map_status(),
-                    docker: "disabled".into(),
+                    docker: self.docker.status().to_owned(),
                     services: self.rec.services_info().len(),
                 })))
             }

@@ -14,9 +14,10 @@ use tracing::{info, warn};
 
 use crate::{
     api::{server, types::InterfaceStatus},
-    config::{Config, ForwardMode},
+    config::{self, Config, ForwardMode},
     control::{Controller, DaemonInfo, Handle},
     datapath::{Datapath, MapSizes},
+    docker::{self, DockerUpdate, Tracker},
     health, host, metrics,
     reconcile::Reconciler,
     state::{default_state_path, Desired},
@@ -48,7 +49,20 @@ pub struct RunArgs {
     /// services, their backends and their traffic.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
+    /// Docker engine to follow, e.g. unix:///var/run/docker.sock or
+    /// tcp://127.0.0.1:2375 [default: the config's docker.host, else the
+    /// local socket]. Turns the watcher on unless the config turns it off.
+    #[arg(long, value_name = "URL", value_parser = parse_docker_host)]
+    pub docker_host: Option<String>,
 }
+
+fn parse_docker_host(s: &str) -> Result<String, String> {
+    config::check_docker_host(s).map(|()| s.to_owned())
+}
+
+/// How long `lb run` waits for the engine's first list before it starts
+/// without it (the watcher keeps trying).
+const DOCKER_FIRST_LIST: Duration = Duration::from_secs(5);
 
 /// Runs the daemon in the foreground.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -128,7 +142,48 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         });
     }
 
+    // Containers are known before the maps are touched, so a restart that
+    // takes over a running data path keeps their backends and flows.
+    let docker_host = args
+        .docker_host
+        .clone()
+        .unwrap_or(config.docker.host.clone());
+    let docker_on = match config.docker.enabled {
+        Some(on) => on,
+        None if args.docker_host.is_some() => true,
+        None => docker_host
+            .strip_prefix("unix://")
+            .is_none_or(|p| std::path::Path::new(p).exists()),
+    };
+    let mut tracker = Tracker::new(if docker_on { "connecting" } else { "disabled" });
+    let mut desired = desired;
+    if docker_on {
+        match tokio::time::timeout(DOCKER_FIRST_LIST, first_list(&docker_host)).await {
+            Ok(Ok(containers)) => {
+                info!(
+                    host = docker_host,
+                    containers = containers.len(),
+                    "docker: first list"
+                );
+                tracker.update(DockerUpdate::Sync(containers));
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "docker: engine not reachable; starting without its containers and retrying")
+            }
+            Err(_) => warn!(
+                host = docker_host,
+                "docker: no answer in 5 s; starting without its containers and retrying"
+            ),
+        }
+        tracker.assign(&mut desired);
+    }
+
     let mut rec = Reconciler::new(dp, sizes);
+    rec.set_xdp_forward(
+        attached
+            .iter()
+            .any(|i| i.programs.iter().any(|p| p == "xdp")),
+    );
     let services = desired.services();
     if adopted {
         let n = rec.adopt(&services)?;
@@ -139,6 +194,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut control = Controller::new(
         rec,
         desired,
+        tracker,
         DaemonInfo {
             started: std::time::Instant::now(),
             adopted,
@@ -164,6 +220,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             wait_for(stop_rx.clone()),
         ))
     });
+    let watcher =
+        docker_on.then(|| tokio::spawn(docker::watch(docker_host.clone(), handle.clone())));
     // Backends start healthy (as the reconciler assumes); checks can only
     // take them out. Kept in step with the desired services below.
     let health = health::spawn(handle.clone());
@@ -197,6 +255,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         info!("shutting down: detaching the data path");
     }
     let _ = stop_tx.send(true);
+    if let Some(w) = watcher {
+        w.abort();
+    }
     // No more health results: the checks stop with their updater.
     drop(health);
     drop(handle);
@@ -218,6 +279,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         info!("detached");
     }
     Ok(())
+}
+
+async fn first_list(host: &str) -> Result<Vec<docker::Container>, docker::WatchError> {
+    let engine = docker::connect(host).await?;
+    docker::list(&engine, host).await
 }
 
 async fn wait_for(mut stop: watch::Receiver<bool>) {

@@ -598,6 +598,15 @@ impl Datapath {
             .map_err(pin_err(format!("pinning {}", path.display())))
     }
 
+    /// Detaches the TC program from `ifindex` (and removes its pin), e.g.
+    /// from a container's veth once no backend uses it. A no-op if it was
+    /// not attached by this data path.
+    pub fn detach_tc(&mut self, ifindex: u32) {
+        if let Some(Held::Pinned(p)) = self.links.remove(&(Hook::Tc, ifindex)) {
+            let _ = p.unpin();
+        }
+    }
+
     /// Detaches an earlier daemon's attachments that nothing took over
     /// (interfaces no longer configured, or gone).
     pub fn release_orphans(&mut self) {

@@ -332,6 +332,7 @@ mod tests {
             backends: backend_specs(backends),
             origin: Origin::Config,
             health,
+            image: None,
         }
     }
 
@@ -342,6 +343,7 @@ mod tests {
                 addr,
                 weight: 1,
                 drained: false,
+                via: None,
             })
             .collect()
     }

@@ -56,6 +56,16 @@ pub enum HostError {
     /// A MAC address field did not parse.
     #[error("bad MAC address {0:?}")]
     Mac(String),
+    /// A container's interface could not be found through its process.
+    #[error("container process {pid}: no interface with MAC {mac} ({reason})")]
+    ContainerLink {
+        /// The container's main process.
+        pid: u32,
+        /// The MAC looked for.
+        mac: String,
+        /// What was missing.
+        reason: String,
+    },
 }
 
 async fn run(program: &str, args: &[&str]) -> Result<Vec<u8>, HostError> {
@@ -300,6 +310,74 @@ pub async fn find_peer_netns(
         }
     }
     Ok(None)
+}
+
+/// A container's interface: its name inside the container and the ifindex
+/// of its veth peer on this host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerLink {
+    /// The interface's name in the container (`eth0`).
+    pub name: String,
+    /// The host side of the veth.
+    pub host_ifindex: u32,
+}
+
+/// Finds the interface with `mac` in the network namespace of process
+/// `pid`, without entering it: the container's own sysfs (mounted in its
+/// namespace by the engine) is read through `/proc/<pid>/root`. A veth's
+/// `iflink` there is its peer's ifindex here.
+pub fn container_link(pid: u32, mac: [u8; 6]) -> Result<ContainerLink, HostError> {
+    let err = |reason: String| HostError::ContainerLink {
+        pid,
+        mac: mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":"),
+        reason,
+    };
+    let dir = PathBuf::from(format!("/proc/{pid}/root/sys/class/net"));
+    let entries = std::fs::read_dir(&dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(address) = std::fs::read_to_string(path.join("address")) else {
+            continue;
+        };
+        if parse_mac(address.trim()).ok() != Some(mac) {
+            continue;
+        }
+        let iflink = std::fs::read_to_string(path.join("iflink"))
+            .map_err(|e| err(format!("{}/iflink: {e}", path.display())))?;
+        let host_ifindex = iflink
+            .trim()
+            .parse()
+            .map_err(|_| err(format!("iflink {:?} is not a number", iflink.trim())))?;
+        return Ok(ContainerLink {
+            name: entry.file_name().to_string_lossy().into_owned(),
+            host_ifindex,
+        });
+    }
+    Err(err(format!("not in {}", dir.display())))
+}
+
+/// The host side (`ifindex`) of a container's veth, read from sysfs: no
+/// subprocess, since this is on the path of a container joining a service.
+pub fn container_veth(ifindex: u32) -> Result<Link, HostError> {
+    let missing = || HostError::NoInterface(format!("with index {ifindex}"));
+    let name = nix::net::if_::if_indextoname(ifindex)
+        .map_err(|_| missing())?
+        .to_string_lossy()
+        .into_owned();
+    let address = std::fs::read_to_string(Path::new("/sys/class/net").join(&name).join("address"))
+        .map_err(|_| missing())?;
+    Ok(Link {
+        ifindex,
+        mac: parse_mac(address.trim())?,
+        veth: true,
+        peer_ifindex: None,
+        peer_netnsid: None,
+        name,
+    })
 }
 
 /// Interface `ifindex` inside the namespace `netns`.

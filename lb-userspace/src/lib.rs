@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod docker;
 pub mod health;
 pub mod host;
 pub mod maglev;

@@ -277,6 +277,7 @@ mod tests {
                 bytes: packets * 100,
                 new_flows: packets / 10,
             },
+            container: None,
         }
     }
 

@@ -15,6 +15,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -30,7 +31,7 @@ use crate::{
         BackendInfo, BackendState, Counters, Health, InterfaceStatus, MapStatus, ServiceInfo,
         ServiceStats, Stats,
     },
-    config::{Protocol, ServiceSpec},
+    config::{BackendSpec, Protocol, ServiceSpec, Via},
     datapath::{Datapath, DatapathError, MapSizes, Maps},
     host::{self, HostError},
     maglev::{self, MaglevBackend, MaglevError},
@@ -143,17 +144,20 @@ struct Member {
     healthy: bool,
     /// What the map holds for it, once written.
     written: Option<Backend>,
+    /// A container's interface, as Docker reported it.
+    via: Option<Via>,
 }
 
 impl Member {
-    fn new(id: u32, weight: u32, drained: bool) -> Self {
+    fn new(id: u32, spec: &BackendSpec) -> Self {
         Self {
             id,
-            weight,
+            weight: spec.weight,
             delivery: None,
-            drained,
+            drained: spec.drained,
             healthy: true,
             written: None,
+            via: spec.via,
         }
     }
 
@@ -232,6 +236,12 @@ pub struct Reconciler {
     vip_filter: Option<Vec<u64>>,
     /// The last (service, backend) `refresh` re-checked.
     refresh_cursor: Option<(String, SocketAddrV4)>,
+    /// Whether some external interface forwards with XDP, so backends'
+    /// veth peers need GRO on to take redirected frames.
+    xdp_forward: bool,
+    /// Container veths (host side) this daemon attached to; detached when
+    /// no backend uses them any more.
+    container_ifaces: BTreeSet<u32>,
     /// veths whose peer was seen with GRO on. A peer keeps it for the
     /// interface's life, and a new container brings a new ifindex, so the
     /// periodic refresh does not enter every backend's namespace again.
@@ -253,7 +263,15 @@ impl Reconciler {
             vip_filter: None,
             gro_ready: BTreeSet::new(),
             refresh_cursor: None,
+            xdp_forward: false,
+            container_ifaces: BTreeSet::new(),
         }
+    }
+
+    /// Tells the reconciler whether the forward path runs in XDP anywhere:
+    /// only then does it turn GRO on in backends' namespaces.
+    pub fn set_xdp_forward(&mut self, on: bool) {
+        self.xdp_forward = on;
     }
 
     /// The data path, e.g. to read counters.
@@ -284,8 +302,8 @@ impl Reconciler {
                 protocol: st.spec.protocol,
                 table_size: st.spec.table_size,
                 origin: st.spec.origin,
-                image: None,
-                target_port: None,
+                image: st.spec.image.as_ref().map(|r| r.image.clone()),
+                target_port: st.spec.image.as_ref().map(|r| r.target_port),
                 health: st.spec.health,
                 backends: st.backends.len(),
                 active_backends: st
@@ -349,6 +367,7 @@ impl Reconciler {
                 },
                 active_flows: flows.get(&b.id).copied().unwrap_or(0),
                 counters: self.counters(&self.dp.maps.backend_stats, b.id),
+                container: None,
             })
             .collect()
     }
@@ -490,7 +509,7 @@ impl Reconciler {
                     dst_mac: (b.flags & BACKEND_F_MAC != 0).then_some(b.dst_mac),
                     flags: b.flags,
                 });
-                let mut m = Member::new(*id, want.weight, want.drained);
+                let mut m = Member::new(*id, want);
                 m.delivery = delivery;
                 m.written = Some(*b);
                 members.insert(addr, m);
@@ -616,6 +635,7 @@ impl Reconciler {
             self.rev_nat_remove(*addr, st.spec.protocol, st.spec.vip)?;
         }
         self.service_ids.free(st.id);
+        self.release_container_ifaces();
         info!(service = name, "service removed");
         Ok(())
     }
@@ -638,11 +658,8 @@ impl Reconciler {
             );
             info!(service = spec.name, vip = %spec.vip, protocol = %spec.protocol, "service added");
         }
-        let wanted: BTreeMap<SocketAddrV4, (u32, bool)> = spec
-            .backends
-            .iter()
-            .map(|b| (b.addr, (b.weight, b.drained)))
-            .collect();
+        let wanted: BTreeMap<SocketAddrV4, &BackendSpec> =
+            spec.backends.iter().map(|b| (b.addr, b)).collect();
         let st = self.services.get_mut(&spec.name).expect("inserted above");
         st.spec = spec.clone();
         let removed: Vec<(SocketAddrV4, u32)> = st
@@ -651,29 +668,47 @@ impl Reconciler {
             .filter(|(a, _)| !wanted.contains_key(a))
             .map(|(a, b)| (*a, b.id))
             .collect();
-        let added: Vec<(SocketAddrV4, u32, bool)> = wanted
-            .iter()
-            .filter(|(a, _)| !st.backends.contains_key(a))
-            .map(|(a, (w, d))| (*a, *w, *d))
+        let added: Vec<BackendSpec> = wanted
+            .values()
+            .filter(|b| !st.backends.contains_key(&b.addr))
+            .map(|b| **b)
             .collect();
-        for (addr, (weight, drained)) in &wanted {
+        // A container restarted at the same address has a new interface.
+        let mut moved = Vec::new();
+        for (addr, want) in &wanted {
             if let Some(b) = st.backends.get_mut(addr) {
-                b.weight = *weight;
-                b.drained = *drained;
+                b.weight = want.weight;
+                b.drained = want.drained;
+                if b.via != want.via {
+                    b.via = want.via;
+                    moved.push(*addr);
+                }
             }
         }
-        for (addr, weight, drained) in added {
+        for addr in moved {
+            let via = wanted[&addr].via;
+            let delivery = self.resolve(addr, via, &spec.name).await?;
+            if let Some(b) = self
+                .services
+                .get_mut(&spec.name)
+                .and_then(|s| s.backends.get_mut(&addr))
+            {
+                b.delivery = delivery;
+            }
+        }
+        for want in added {
+            let addr = want.addr;
             // Replies must be recognisable before the first flow reaches it.
             self.rev_nat_add(addr, spec)?;
             let id = self
                 .backend_ids
                 .alloc()
                 .ok_or_else(|| ReconcileError::BackendsFull(spec.name.clone()))?;
-            let mut b = Member::new(id, weight, drained);
-            b.delivery = self.resolve(addr, &spec.name).await?;
+            let mut b = Member::new(id, &want);
+            b.delivery = self.resolve(addr, want.via, &spec.name).await?;
             let st = self.services.get_mut(&spec.name).expect("present");
             st.backends.insert(addr, b);
-            info!(service = spec.name, backend = %addr, id, weight, "backend added");
+            info!(service = spec.name, backend = %addr, id, weight = want.weight, "backend added");
         }
         // Removed backends leave the membership before the table is built, so
         // the flip takes them out; their entries go down only after it.
@@ -690,7 +725,39 @@ impl Reconciler {
             self.rev_nat_remove(addr, spec.protocol, spec.vip)?;
             info!(service = spec.name, backend = %addr, id, "backend removed");
         }
+        self.release_container_ifaces();
         Ok(())
+    }
+
+    /// Detaches the reverse path from container veths no backend uses any
+    /// more (the container is gone, or left every service).
+    fn release_container_ifaces(&mut self) {
+        let used: BTreeSet<u32> = self
+            .services
+            .values()
+            .flat_map(|s| {
+                s.backends
+                    .values()
+                    .filter_map(|m| m.delivery.map(|d| d.ifindex))
+            })
+            .collect();
+        let unused: Vec<u32> = self
+            .container_ifaces
+            .iter()
+            .filter(|i| !used.contains(i))
+            .copied()
+            .collect();
+        for ifindex in unused {
+            self.container_ifaces.remove(&ifindex);
+            self.gro_ready.remove(&ifindex);
+            if let Some(name) = self.ready_ifaces.remove(&ifindex) {
+                self.dp.detach_tc(ifindex);
+                debug!(
+                    iface = name,
+                    "reverse path detached from a container veth no backend uses"
+                );
+            }
+        }
     }
 
     /// Makes `VIP_FILTER` have a bit for every service's VIP and no other,
@@ -841,9 +908,14 @@ impl Reconciler {
     async fn resolve(
         &mut self,
         addr: SocketAddrV4,
+        via: Option<Via>,
         service: &str,
     ) -> Result<Option<Delivery>, ReconcileError> {
-        match self.try_resolve(*addr.ip()).await {
+        let result = match via {
+            Some(via) => self.resolve_container(via).await,
+            None => self.try_resolve(*addr.ip()).await,
+        };
+        match result {
             Ok(d) => Ok(Some(d)),
             Err(ResolveError::Host(e)) => {
                 warn!(service, backend = %addr, error = %e, "backend unreachable; kept out of the table until it is");
@@ -851,6 +923,51 @@ impl Reconciler {
             }
             Err(ResolveError::Datapath(e)) => Err(e.into()),
         }
+    }
+
+    /// A container's delivery, from what Docker reported: the host side of
+    /// its veth and its MAC, found through its process without asking the
+    /// routing table (a bridge port is not what a route names).
+    async fn resolve_container(&mut self, via: Via) -> Result<Delivery, ResolveError> {
+        let inner = host::container_link(via.pid, via.mac)?;
+        let link = host::container_veth(inner.host_ifindex)?;
+        if !self.ready_ifaces.contains_key(&link.ifindex) {
+            self.dp
+                .attach_tc(&link.name, link.ifindex)
+                .map_err(ResolveError::Datapath)?;
+            self.container_ifaces.insert(link.ifindex);
+            debug!(
+                iface = link.name,
+                "reverse path attached to a container veth (TC ingress)"
+            );
+        }
+        self.ready_ifaces.insert(link.ifindex, link.name.clone());
+        let mut flags = BACKEND_F_MAC | BACKEND_F_PEER;
+        if self.xdp_forward {
+            if !self.gro_ready.contains(&link.ifindex) {
+                let ns = PathBuf::from(format!("/proc/{}/ns/net", via.pid));
+                match host::ensure_gro(&ns, &inner.name).await {
+                    Ok(changed) => {
+                        if changed {
+                            info!(iface = link.name, peer = inner.name, netns = %ns.display(), "turned GRO on in the backend's namespace so XDP can deliver to it");
+                        }
+                        self.gro_ready.insert(link.ifindex);
+                    }
+                    Err(e) => {
+                        warn!(iface = link.name, error = %e, "could not prepare the container for XDP; using the skb path");
+                    }
+                }
+            }
+            if self.gro_ready.contains(&link.ifindex) {
+                flags |= BACKEND_F_XDP;
+            }
+        }
+        Ok(Delivery {
+            ifindex: link.ifindex,
+            src_mac: link.mac,
+            dst_mac: Some(via.mac),
+            flags,
+        })
     }
 
     async fn try_resolve(&mut self, ip: Ipv4Addr) -> Result<Delivery, ResolveError> {
@@ -887,7 +1004,7 @@ impl Reconciler {
                 .map_err(ResolveError::Datapath)?;
             info!(iface = link.name, "reverse path attached (TC ingress)");
         }
-        if peer && mac.is_some() {
+        if peer && mac.is_some() && self.xdp_forward {
             if !self.gro_ready.contains(&link.ifindex) && self.peer_takes_xdp(&link).await {
                 self.gro_ready.insert(link.ifindex);
             }
@@ -1049,7 +1166,12 @@ impl Reconciler {
         self.refresh_cursor = batch.last().cloned();
         let mut changed: BTreeSet<String> = BTreeSet::new();
         for (name, addr) in batch {
-            let new = self.resolve(addr, &name).await?;
+            let via = self
+                .services
+                .get(&name)
+                .and_then(|s| s.backends.get(&addr))
+                .and_then(|b| b.via);
+            let new = self.resolve(addr, via, &name).await?;
             if let Some(b) = self
                 .services
                 .get_mut(&name)

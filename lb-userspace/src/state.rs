@@ -28,7 +28,10 @@ use crate::{
         types::{NewBackend, NewService, Origin},
         Failure,
     },
-    config::{parse_socket_addr, service_spec, BackendSpec, Config, Protocol, ServiceSpec},
+    config::{
+        image_rule, parse_socket_addr, service_spec, BackendSpec, Config, ImageRule, Protocol,
+        ServiceSpec,
+    },
 };
 
 /// Errors of reading or writing the state file.
@@ -78,6 +81,7 @@ impl From<&StoredBackend> for BackendSpec {
             addr: b.address,
             weight: b.weight,
             drained: b.drained,
+            via: None,
         }
     }
 }
@@ -91,6 +95,10 @@ struct StoredService {
     table_size: u32,
     #[serde(default)]
     health: Option<crate::api::types::HealthCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    target_port: Option<u16>,
     #[serde(default)]
     backends: Vec<StoredBackend>,
 }
@@ -129,13 +137,15 @@ pub struct Limits {
     pub max_table_size: u32,
 }
 
-/// The desired services: config plus API changes.
+/// The desired services: config plus API changes, plus the backends Docker
+/// contributes (never saved: the engine is asked again after a restart).
 #[derive(Debug)]
 pub struct Desired {
     config: Vec<ServiceSpec>,
     overlay: Overlay,
     path: PathBuf,
     limits: Limits,
+    docker: BTreeMap<String, Vec<BackendSpec>>,
 }
 
 /// Where the state file of config file `config` lives.
@@ -181,6 +191,7 @@ impl Desired {
                 max_backends: d.max_backends,
                 max_table_size: d.max_table_size,
             },
+            docker: BTreeMap::new(),
         };
         // A state file that no longer fits the config (the config now
         // declares a service of the same name or VIP) is not fatal: the
@@ -193,9 +204,36 @@ impl Desired {
         &self.path
     }
 
-    /// All desired services: the config's (with API changes) then the API's.
-    /// An API service whose name or VIP the config now uses is left out.
+    /// All desired services: the config's (with API changes) then the API's,
+    /// each with the backends Docker contributes to it. An API service whose
+    /// name or VIP the config now uses is left out.
     pub fn services(&self) -> Vec<ServiceSpec> {
+        let mut out = self.declared();
+        for s in &mut out {
+            for b in self.docker.get(&s.name).into_iter().flatten() {
+                // A backend declared by hand wins over a container at the
+                // same address (the membership check already warned).
+                if !s.backends.iter().any(|x| x.addr == b.addr) {
+                    s.backends.push(*b);
+                }
+            }
+        }
+        out
+    }
+
+    /// Replaces the backends Docker contributes, by service name.
+    pub fn set_docker(&mut self, backends: BTreeMap<String, Vec<BackendSpec>>) {
+        self.docker = backends;
+    }
+
+    /// The limits the maps impose.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The services declared in the config file or through the API, without
+    /// Docker's backends.
+    pub fn declared(&self) -> Vec<ServiceSpec> {
         let mut out: Vec<ServiceSpec> = self
             .config
             .iter()
@@ -230,6 +268,11 @@ impl Desired {
                 backends: s.backends.iter().map(BackendSpec::from).collect(),
                 origin: Origin::Api,
                 health: s.health,
+                image: s
+                    .image
+                    .clone()
+                    .zip(s.target_port)
+                    .map(|(image, target_port)| ImageRule { image, target_port }),
             });
         }
         out
@@ -265,12 +308,8 @@ impl Desired {
             self.limits.max_table_size,
         )
         .map_err(|e| Failure::bad_request(format!("{}: {}", e.field, e.reason)))?;
-        if new.image.is_some() || new.target_port.is_some() {
-            return Err(Failure::bad_request(
-                "image: image rules need the Docker watcher, which this lb does not have yet"
-                    .into(),
-            ));
-        }
+        let image = image_rule(new.image.as_deref(), new.target_port)
+            .map_err(|e| Failure::bad_request(format!("{}: {}", e.field, e.reason)))?;
         if self.services().iter().any(|s| s.name == spec.name) {
             return Err(Failure::conflict(format!(
                 "service {} already exists",
@@ -294,11 +333,14 @@ impl Desired {
                 protocol: spec.protocol,
                 table_size: spec.table_size,
                 health: spec.health,
+                image: image.as_ref().map(|r| r.image.clone()),
+                target_port: image.as_ref().map(|r| r.target_port),
                 backends: Vec::new(),
             })
         })?;
         Ok(ServiceSpec {
             origin: Origin::Api,
+            image,
             ..spec
         })
     }
@@ -418,6 +460,15 @@ impl Desired {
         if !s.backends.iter().any(|b| b.addr == addr) {
             return Err(Failure::not_found(format!(
                 "{addr} is not a backend of {service}"
+            )));
+        }
+        let declared = self
+            .declared()
+            .into_iter()
+            .any(|s| s.name == service && s.backends.iter().any(|b| b.addr == addr));
+        if !declared {
+            return Err(Failure::conflict(format!(
+                "{addr} of {service} is a Docker container: stop it, or change its labels"
             )));
         }
         Ok(addr)

@@ -200,7 +200,7 @@ fn service() -> ServiceInfo {
 fn backends(packets: u64) -> Vec<BackendInfo> {
     vec![
         BackendInfo {
-            address: "10.0.0.1:8080".into(),
+            address: "198.18.7.1:8080".into(),
             weight: 2,
             state: BackendState::Active,
             health: Health::Healthy,
@@ -210,14 +210,16 @@ fn backends(packets: u64) -> Vec<BackendInfo> {
                 bytes: packets * 100,
                 new_flows: 3,
             },
+            container: Some("web-1".into()),
         },
         BackendInfo {
-            address: "10.0.0.2:8080".into(),
+            address: "198.18.7.2:8080".into(),
             weight: 1,
             state: BackendState::Draining,
             health: Health::Unhealthy,
             active_flows: 0,
             counters: Counters::default(),
+            container: None,
         },
     ]
 }
@@ -317,16 +319,23 @@ fn mutations_send_the_request_and_print_one_line() {
         ),
         (&["service", "rm", "dns"], "service dns removed\n"),
         (
-            &["backend", "add", "a b/c", "10.0.0.1:8080", "--weight", "3"],
-            "backend 10.0.0.1:8080 added to a b/c (weight 3)\n",
+            &[
+                "backend",
+                "add",
+                "a b/c",
+                "198.18.7.1:8080",
+                "--weight",
+                "3",
+            ],
+            "backend 198.18.7.1:8080 added to a b/c (weight 3)\n",
         ),
         (
-            &["backend", "rm", "api", "10.0.0.1:8080"],
-            "backend 10.0.0.1:8080 removed from api\n",
+            &["backend", "rm", "api", "198.18.7.1:8080"],
+            "backend 198.18.7.1:8080 removed from api\n",
         ),
         (
-            &["backend", "drain", "api", "10.0.0.2:8080"],
-            "backend 10.0.0.2:8080 of api draining: keeps its flows, takes no new ones\n",
+            &["backend", "drain", "api", "198.18.7.2:8080"],
+            "backend 198.18.7.2:8080 of api draining: keeps its flows, takes no new ones\n",
         ),
     ];
     for (args, want) in cases {
@@ -353,18 +362,18 @@ fn mutations_send_the_request_and_print_one_line() {
     match &reqs[3] {
         Request::AddBackend(name, b) => {
             assert_eq!(name, "a b/c");
-            assert_eq!(b.address, "10.0.0.1:8080");
+            assert_eq!(b.address, "198.18.7.1:8080");
             assert_eq!(b.weight, Some(3));
         }
         other => panic!("{other:?}"),
     }
     assert_eq!(
         reqs[4],
-        Request::RemoveBackend("api".into(), "10.0.0.1:8080".into())
+        Request::RemoveBackend("api".into(), "198.18.7.1:8080".into())
     );
     assert_eq!(
         reqs[5],
-        Request::DrainBackend("api".into(), "10.0.0.2:8080".into())
+        Request::DrainBackend("api".into(), "198.18.7.2:8080".into())
     );
 }
 
@@ -430,9 +439,9 @@ fn tables() {
     let o = d.lb(&["backend", "ls", "api"]);
     assert_eq!(
         stdout(&o),
-        "ADDRESS        WEIGHT  STATE     HEALTH     ACTIVE FLOWS  PACKETS   BYTES\n\
-         10.0.0.1:8080       2  active    healthy               3       10  1000 B\n\
-         10.0.0.2:8080       1  draining  unhealthy             0        0     0 B\n"
+        "ADDRESS          WEIGHT  STATE     HEALTH     ACTIVE FLOWS  PACKETS   BYTES  CONTAINER\n\
+         198.18.7.1:8080       2  active    healthy               3       10  1000 B  web-1\n\
+         198.18.7.2:8080       1  draining  unhealthy             0        0     0 B  -\n"
     );
     let o = d.lb(&["status"]);
     let out = stdout(&o);
@@ -449,7 +458,7 @@ fn tables() {
     let o = d.lb(&["stats", "api"]);
     let out = stdout(&o);
     assert!(out.starts_with("NAME "), "{out}");
-    assert!(out.contains("  10.0.0.2:8080 (draining)"), "{out}");
+    assert!(out.contains("  198.18.7.2:8080 (draining)"), "{out}");
     assert!(!out.contains("DATA PATH"), "{out}");
 }
 

@@ -193,8 +193,11 @@ fn bad_config_is_one_clear_line_and_attaches_nothing() {
             "name",
         ),
         (
-            "no backends",
-            render_config(&[&ext], &[web("198.18.101.1:80", &[])]),
+            "weight 0",
+            render_config(
+                &[&ext],
+                &[web("198.18.101.1:80", &[format!("{backend}@0")])],
+            ),
             "backends",
         ),
     ];

@@ -159,6 +159,9 @@ pub struct BackendInfo {
     pub active_flows: u64,
     /// Its counters.
     pub counters: Counters,
+    /// The Docker container behind it, if it is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 /// `GET /v1/stats`: one service's counters.

@@ -213,6 +213,7 @@ pub fn backends(list: &[BackendInfo]) -> String {
         ("ACTIVE FLOWS", Align::Right),
         ("PACKETS", Align::Right),
         ("BYTES", Align::Right),
+        ("CONTAINER", Align::Left),
     ]);
     for b in list {
         t.row(vec![
@@ -223,6 +224,7 @@ pub fn backends(list: &[BackendInfo]) -> String {
             b.active_flows.to_string(),
             b.counters.packets.to_string(),
             bytes(b.counters.bytes),
+            b.container.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
     t.render()
@@ -374,6 +376,7 @@ mod tests {
             health: Health::Unchecked,
             active_flows: 2,
             counters: c,
+            container: None,
         }
     }
 
@@ -473,14 +476,14 @@ mod tests {
     #[test]
     fn backend_table() {
         let out = backends(&[backend(
-            "10.0.0.1:8080",
+            "198.18.7.1:8080",
             BackendState::Draining,
             counters(10, 2048, 1),
         )]);
         assert_eq!(
             out,
-            "ADDRESS        WEIGHT  STATE     HEALTH     ACTIVE FLOWS  PACKETS    BYTES\n\
-             10.0.0.1:8080       1  draining  unchecked             2       10  2.0 KiB\n"
+            "ADDRESS          WEIGHT  STATE     HEALTH     ACTIVE FLOWS  PACKETS    BYTES  CONTAINER\n\
+             198.18.7.1:8080       1  draining  unchecked             2       10  2.0 KiB  -\n"
         );
     }
 
@@ -491,8 +494,8 @@ mod tests {
                 counters: counters(30, 3000, 3),
                 active_flows: 3,
                 backends: vec![
-                    backend("10.0.0.1:80", BackendState::Active, counters(20, 2000, 2)),
-                    backend("10.0.0.2:80", BackendState::Down, counters(10, 1000, 1)),
+                    backend("198.18.7.1:80", BackendState::Active, counters(20, 2000, 2)),
+                    backend("198.18.7.2:80", BackendState::Down, counters(10, 1000, 1)),
                 ],
             }],
             global: BTreeMap::from([("fwd_xdp".to_string(), 30), ("pass_not_ipv4".into(), 7)]),
@@ -504,10 +507,10 @@ mod tests {
         let out = stats(&sample_stats(), None, false, true);
         assert_eq!(
             out,
-            "NAME                  PACKETS    BYTES  NEW FLOWS  ACTIVE FLOWS\n\
-             web                        30  2.9 KiB          3             3\n\
-             \x20 10.0.0.1:80              20  2.0 KiB          2             2\n\
-             \x20 10.0.0.2:80 (down)       10   1000 B          1             2\n\
+            "NAME                    PACKETS    BYTES  NEW FLOWS  ACTIVE FLOWS\n\
+             web                          30  2.9 KiB          3             3\n\
+             \x20 198.18.7.1:80              20  2.0 KiB          2             2\n\
+             \x20 198.18.7.2:80 (down)       10   1000 B          1             2\n\
              \n\
              DATA PATH      COUNT\n\
              fwd_xdp           30\n\
@@ -526,10 +529,10 @@ mod tests {
         let r = Rates::between(&before, &after, Duration::from_secs(10));
         assert_eq!(
             stats(&after, Some(&r), true, false),
-            "NAME                  PACKETS     BYTES  NEW FLOWS  ACTIVE FLOWS  PACKETS/S    BYTES/S  NEW FLOWS/S\n\
-             web                       130  22.9 KiB         13             3       10.0  2.0 KiB/s          1.0\n\
-             \x20 10.0.0.1:80             120  22.0 KiB         12             2       10.0  2.0 KiB/s          1.0\n\
-             \x20 10.0.0.2:80 (down)       10    1000 B          1             2        0.0      0 B/s          0.0\n"
+            "NAME                    PACKETS     BYTES  NEW FLOWS  ACTIVE FLOWS  PACKETS/S    BYTES/S  NEW FLOWS/S\n\
+             web                         130  22.9 KiB         13             3       10.0  2.0 KiB/s          1.0\n\
+             \x20 198.18.7.1:80             120  22.0 KiB         12             2       10.0  2.0 KiB/s          1.0\n\
+             \x20 198.18.7.2:80 (down)       10    1000 B          1             2        0.0      0 B/s          0.0\n"
         );
         // The first frame of a watch has nothing to compare with.
         let first = stats(&after, None, true, false);

@@ -159,6 +159,7 @@ mod tests {
                             health: Health::Unchecked,
                             active_flows: 0,
                             counters: *counters,
+                            container: None,
                         })
                         .collect(),
                 })
@@ -196,7 +197,7 @@ mod tests {
     #[test]
     fn services_and_backends_are_matched_by_name() {
         let prev = stats(&[
-            ("a", c(10, 100, 1), &[("10.0.0.1:80", c(10, 100, 1))]),
+            ("a", c(10, 100, 1), &[("198.18.7.1:80", c(10, 100, 1))]),
             ("gone", c(1, 1, 1), &[]),
         ]);
         let cur = stats(&[
@@ -205,24 +206,33 @@ mod tests {
             (
                 "a",
                 c(30, 300, 3),
-                &[("10.0.0.2:80", c(5, 5, 5)), ("10.0.0.1:80", c(30, 300, 3))],
+                &[
+                    ("198.18.7.2:80", c(5, 5, 5)),
+                    ("198.18.7.1:80", c(30, 300, 3)),
+                ],
             ),
         ]);
         let r = Rates::between(&prev, &cur, Duration::from_secs(2));
         assert_eq!(r.service("a").unwrap().packets_per_sec, 10.0);
-        assert_eq!(r.backend("a", "10.0.0.1:80").unwrap().bytes_per_sec, 100.0);
+        assert_eq!(
+            r.backend("a", "198.18.7.1:80").unwrap().bytes_per_sec,
+            100.0
+        );
         assert_eq!(r.service("new"), None);
         assert_eq!(r.service("gone"), None);
-        assert_eq!(r.backend("a", "10.0.0.2:80"), None);
+        assert_eq!(r.backend("a", "198.18.7.2:80"), None);
     }
 
     #[test]
     fn annotated_json_keeps_the_api_body_and_adds_rates() {
-        let prev = stats(&[("a", c(10, 100, 1), &[("10.0.0.1:80", c(10, 100, 1))])]);
+        let prev = stats(&[("a", c(10, 100, 1), &[("198.18.7.1:80", c(10, 100, 1))])]);
         let cur = stats(&[(
             "a",
             c(20, 200, 2),
-            &[("10.0.0.1:80", c(20, 200, 2)), ("10.0.0.2:80", c(1, 1, 1))],
+            &[
+                ("198.18.7.1:80", c(20, 200, 2)),
+                ("198.18.7.2:80", c(1, 1, 1)),
+            ],
         )]);
         let mut body = serde_json::to_value(&cur).unwrap();
         Rates::between(&prev, &cur, Duration::from_secs(1)).annotate(&mut body, &cur);

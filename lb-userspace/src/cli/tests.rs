@@ -167,12 +167,12 @@ fn usage_errors_exit_2() {
         vec!["service"],
         vec!["service", "frob"],
         vec!["backend", "add", "api"],
-        vec!["backend", "add", "api", "10.0.0.1:80", "--weight", "-1"],
+        vec!["backend", "add", "api", "198.18.7.1:80", "--weight", "-1"],
         vec![
             "backend",
             "add",
             "api",
-            "10.0.0.1:80",
+            "198.18.7.1:80",
             "--weight",
             "4294967296",
         ],
@@ -195,34 +195,34 @@ fn usage_errors_exit_2() {
 
 #[test]
 fn backends() {
-    match admin(&["backend", "add", "api", "10.0.0.1:8080", "--weight", "3"]) {
+    match admin(&["backend", "add", "api", "198.18.7.1:8080", "--weight", "3"]) {
         Admin::Backend(BackendCommand::Add(a)) => {
             assert_eq!(a.service, "api");
             assert_eq!(
                 a.to_request(),
                 NewBackend {
-                    address: "10.0.0.1:8080".into(),
+                    address: "198.18.7.1:8080".into(),
                     weight: Some(3)
                 }
             );
         }
         other => panic!("{other:?}"),
     }
-    match admin(&["backend", "add", "api", "10.0.0.1:8080"]) {
+    match admin(&["backend", "add", "api", "198.18.7.1:8080"]) {
         Admin::Backend(BackendCommand::Add(a)) => assert_eq!(a.weight, None),
         other => panic!("{other:?}"),
     }
-    match admin(&["backend", "drain", "api", "10.0.0.1:8080"]) {
+    match admin(&["backend", "drain", "api", "198.18.7.1:8080"]) {
         Admin::Backend(BackendCommand::Drain(b)) => {
             assert_eq!(
                 (b.service.as_str(), b.address.as_str()),
-                ("api", "10.0.0.1:8080")
+                ("api", "198.18.7.1:8080")
             )
         }
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        admin(&["backend", "rm", "api", "10.0.0.1:8080"]),
+        admin(&["backend", "rm", "api", "198.18.7.1:8080"]),
         Admin::Backend(BackendCommand::Rm(_))
     ));
     match admin(&["backend", "ls", "api", "--json"]) {
@@ -315,7 +315,7 @@ fn completions_for_every_shell() {
 #[test]
 fn url_parts_are_encoded() {
     assert_eq!(url_segment("web-1_a.b~"), "web-1_a.b~");
-    assert_eq!(url_segment("10.0.0.1:80"), "10.0.0.1:80");
+    assert_eq!(url_segment("198.18.7.1:80"), "198.18.7.1:80");
     assert_eq!(url_segment("a b/c?d#e%"), "a%20b%2Fc%3Fd%23e%25");
     assert_eq!(url_segment("é"), "%C3%A9");
     assert_eq!(stats_path(None), "/v1/stats");

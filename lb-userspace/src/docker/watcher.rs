@@ -1,0 +1,268 @@
+//! Follows the Docker engine: one full list, then the event stream. On a
+//! lost connection it backs off, reconnects and lists again, so an event
+//! missed in between never leaves a stale or missing backend: the list
+//! replaces everything the control task knew.
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bollard::{
+    errors::Error as BollardError,
+    models::{ContainerInspectResponse, EventMessage, EventMessageTypeEnum, HealthStatusEnum},
+    query_parameters::{EventsOptions, ListContainersOptions},
+    Docker,
+};
+use futures_util::{stream, StreamExt as _};
+use tracing::{debug, info, warn};
+
+use super::{Container, Endpoint, Health};
+use crate::{control::Handle, host::parse_mac};
+
+/// What the watcher tells the control task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DockerUpdate {
+    /// Every running container: replaces what was known.
+    Sync(Vec<Container>),
+    /// A container started or changed.
+    Upsert(Container),
+    /// A container stopped or went away (by id).
+    Remove(String),
+    /// The connection's state, for `lb status`.
+    Status(String),
+}
+
+/// Why a session with the engine ended.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// Talking to the engine failed.
+    #[error("docker at {host}: {source}")]
+    Engine {
+        /// The engine's address.
+        host: String,
+        /// What failed.
+        #[source]
+        source: BollardError,
+    },
+    /// The event stream ended.
+    #[error("docker at {0}: the event stream ended")]
+    StreamEnded(String),
+}
+
+/// How long an engine call may take before the session is given up.
+const CALL_TIMEOUT_SECS: u64 = 10;
+/// First and longest wait before reconnecting.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Containers inspected at once while listing.
+const INSPECT_CONCURRENCY: usize = 8;
+
+/// Connects to the engine at `host` (`unix://…` or `tcp://…`).
+pub async fn connect(host: &str) -> Result<Docker, WatchError> {
+    let err = |source| WatchError::Engine {
+        host: host.to_owned(),
+        source,
+    };
+    let docker = if let Some(path) = host.strip_prefix("unix://") {
+        Docker::connect_with_unix(path, CALL_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+    } else {
+        Docker::connect_with_http(host, CALL_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+    }
+    .map_err(err)?;
+    // Debian's engine speaks API 1.41; bollard asks for a newer one.
+    docker.negotiate_version().await.map_err(err)
+}
+
+/// Every running container, inspected.
+pub async fn list(docker: &Docker, host: &str) -> Result<Vec<Container>, WatchError> {
+    let summaries = docker
+        .list_containers(Some(ListContainersOptions {
+            all: false,
+            ..Default::default()
+        }))
+        .await
+        .map_err(|source| WatchError::Engine {
+            host: host.to_owned(),
+            source,
+        })?;
+    let ids: Vec<String> = summaries.into_iter().filter_map(|s| s.id).collect();
+    let found: Vec<Result<Option<Container>, WatchError>> = stream::iter(ids)
+        .map(|id| async move { inspect(docker, host, &id).await })
+        .buffer_unordered(INSPECT_CONCURRENCY)
+        .collect()
+        .await;
+    let mut out = Vec::new();
+    for c in found {
+        out.extend(c?);
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// The container `id` if it is running; `None` if it is not or is gone.
+async fn inspect(docker: &Docker, host: &str, id: &str) -> Result<Option<Container>, WatchError> {
+    match docker.inspect_container(id, None).await {
+        Ok(r) => Ok(from_inspect(r)),
+        Err(BollardError::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(None),
+        Err(source) => Err(WatchError::Engine {
+            host: host.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// What an inspection says, if the container is running.
+fn from_inspect(r: ContainerInspectResponse) -> Option<Container> {
+    let state = r.state?;
+    if state.running != Some(true) {
+        return None;
+    }
+    let pid = u32::try_from(state.pid.unwrap_or(0)).unwrap_or(0);
+    let health = match state.health.and_then(|h| h.status) {
+        Some(HealthStatusEnum::STARTING) => Health::Starting,
+        Some(HealthStatusEnum::HEALTHY) => Health::Healthy,
+        Some(HealthStatusEnum::UNHEALTHY) => Health::Unhealthy,
+        _ => Health::None,
+    };
+    let config = r.config.unwrap_or_default();
+    let networks = r
+        .network_settings
+        .and_then(|n| n.networks)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(name, e)| {
+            let ip: Ipv4Addr = e.ip_address.as_deref()?.parse().ok()?;
+            let mac = e.mac_address.as_deref().and_then(|m| parse_mac(m).ok());
+            Some((name, Endpoint { ip, mac }))
+        })
+        .collect();
+    Some(Container {
+        id: r.id?,
+        name: r
+            .name
+            .map(|n| n.trim_start_matches('/').to_owned())
+            .unwrap_or_default(),
+        image: config.image.unwrap_or_default(),
+        labels: config.labels.unwrap_or_default().into_iter().collect(),
+        networks,
+        pid,
+        paused: state.paused == Some(true),
+        health,
+    })
+}
+
+/// Follows the engine at `host` for as long as the daemon runs, reporting
+/// to the control task through `handle`.
+pub async fn watch(host: String, handle: Handle) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let started = tokio::time::Instant::now();
+        let e = session(&host, &handle).await;
+        // A session that ran a while was healthy: start the backoff over.
+        if started.elapsed() > BACKOFF_MAX {
+            backoff = BACKOFF_MIN;
+        }
+        let status = format!("disconnected: {e}; retrying in {} ms", backoff.as_millis());
+        warn!(error = %e, retry_ms = backoff.as_millis() as u64, "docker watcher lost the engine");
+        handle.docker(DockerUpdate::Status(status)).await;
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One connection: list, then follow events until something fails.
+async fn session(host: &str, handle: &Handle) -> WatchError {
+    let docker = match connect(host).await {
+        Ok(d) => d,
+        Err(e) => return e,
+    };
+    // Events are asked for from just before the list, so none that happen
+    // while listing is lost; replaying one twice is harmless.
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let filters: HashMap<String, Vec<String>> =
+        HashMap::from([("type".into(), vec!["container".into(), "network".into()])]);
+    let mut events = docker.events(Some(EventsOptions {
+        since: Some(format!("{}.{:09}", since.as_secs(), since.subsec_nanos())),
+        until: None,
+        filters: Some(filters),
+    }));
+    let containers = match list(&docker, host).await {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let version = docker.client_version();
+    info!(
+        host,
+        api = %version,
+        containers = containers.len(),
+        "docker watcher connected"
+    );
+    let count = containers.len();
+    handle.docker(DockerUpdate::Sync(containers)).await;
+    handle
+        .docker(DockerUpdate::Status(format!(
+            "connected to {host} (API {version}), {count} running containers at the last list"
+        )))
+        .await;
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(e) => e,
+            Err(source) => {
+                return WatchError::Engine {
+                    host: host.to_owned(),
+                    source,
+                }
+            }
+        };
+        if let Some(update) = on_event(&docker, host, event).await {
+            match update {
+                Ok(u) => handle.docker(u).await,
+                Err(e) => return e,
+            }
+        }
+    }
+    WatchError::StreamEnded(host.to_owned())
+}
+
+/// What an event means for the container it is about.
+async fn on_event(
+    docker: &Docker,
+    host: &str,
+    event: EventMessage,
+) -> Option<Result<DockerUpdate, WatchError>> {
+    let action = event.action.unwrap_or_default();
+    let actor = event.actor.unwrap_or_default();
+    let id = match event.typ {
+        Some(EventMessageTypeEnum::CONTAINER) => actor.id?,
+        Some(EventMessageTypeEnum::NETWORK)
+            if matches!(action.as_str(), "connect" | "disconnect") =>
+        {
+            actor.attributes.unwrap_or_default().remove("container")?
+        }
+        _ => return None,
+    };
+    debug!(action, container = id, "docker event");
+    match action.as_str() {
+        // Out at once, without asking the engine anything more: this is
+        // the path whose latency matters.
+        "die" | "stop" | "destroy" => Some(Ok(DockerUpdate::Remove(id))),
+        "start" | "restart" | "pause" | "unpause" | "rename" | "update" | "connect"
+        | "disconnect" => Some(refresh(docker, host, id).await),
+        a if a.starts_with("health_status") => Some(refresh(docker, host, id).await),
+        // kill, oom, exec_*, create, …: a die follows if the process ends.
+        _ => None,
+    }
+}
+
+async fn refresh(docker: &Docker, host: &str, id: String) -> Result<DockerUpdate, WatchError> {
+    Ok(match inspect(docker, host, &id).await? {
+        Some(c) => DockerUpdate::Upsert(c),
+        None => DockerUpdate::Remove(id),
+    })
+}

@@ -19,6 +19,7 @@ pub mod clients;
 pub mod cmd;
 pub mod config;
 pub mod daemon;
+pub mod docker;
 pub mod forward;
 pub mod netns;
 pub mod ops;

@@ -62,7 +62,7 @@ pub const IMAGE: &str = "lb-test/busybox:1";
 pub const OTHER_IMAGE: &str = "lb-test/other:1";
 /// The busybox applets linked in `/bin` of both images (`PATH=/bin`).
 pub const IMAGE_APPLETS: &[&str] = &[
-    "sh", "httpd", "nc", "cat", "hostname", "sleep", "mkdir", "echo", "ls", "wget", "kill",
+    "sh", "httpd", "nc", "cat", "hostname", "sleep", "mkdir", "echo", "ls", "wget", "kill", "rm",
 ];
 /// The port of the default command's HTTP server (see [`RunOpts::default`]).
 pub const HTTP_PORT: u16 = 8080;
@@ -407,6 +407,9 @@ impl Engine {
         }
         if let Some(network) = &opts.network {
             args.extend(["--network".to_owned(), network.clone()]);
+        }
+        if opts.restart_always {
+            args.extend(["--restart".to_owned(), "always".to_owned()]);
         }
         if let Some(health) = &opts.health_cmd {
             args.extend([
@@ -764,6 +767,9 @@ pub struct RunOpts {
     pub health_timeout: Duration,
     /// The network (`--network`); the default bridge if `None`.
     pub network: Option<String>,
+    /// `--restart always`: the engine starts it again, e.g. after its own
+    /// restart.
+    pub restart_always: bool,
 }
 
 impl Default for RunOpts {
@@ -783,6 +789,7 @@ impl Default for RunOpts {
             health_retries: 1,
             health_timeout: Duration::from_secs(1),
             network: None,
+            restart_always: false,
         }
     }
 }
@@ -810,6 +817,12 @@ impl RunOpts {
     pub fn health(mut self, cmd: &str, interval: Duration) -> RunOpts {
         self.health_cmd = Some(cmd.to_owned());
         self.health_interval = interval;
+        self
+    }
+
+    /// Restart policy `always`.
+    pub fn restart_always(mut self) -> RunOpts {
+        self.restart_always = true;
         self
     }
 
@@ -893,6 +906,13 @@ impl Container {
     /// `docker rm -f`: removes it now; panics if that fails.
     pub fn rm(&self) {
         docker_ok(&["rm", "-f", &self.id]);
+    }
+
+    /// `docker exec` of `cmd` in it; panics if that fails.
+    pub fn exec(&self, cmd: &[&str]) -> String {
+        let mut args = vec!["exec", self.id.as_str()];
+        args.extend_from_slice(cmd);
+        docker_ok(&args)
     }
 }
 

@@ -1,0 +1,448 @@
+//! End to end with a real Docker engine (never a mock): containers join and
+//! leave services by themselves while `lb run` follows the engine. Run as
+//! root, one at a time: `cargo test -p lb-tests --test e2e_docker --
+//! --test-threads=1`.
+//!
+//! Every container runs two servers (see [`serve`]): HTTP on 8080 answering
+//! its own name, and on 9000 a stream server that greets each connection
+//! with its name and then echoes, to hold connections and see where they
+//! went. Two services use them:
+//! - `web` (VIP port 80): containers labelled `lb.service=web`, `lb.port=8080`;
+//! - `echo` (VIP port 9000): the image rule `image = IMAGE`, `target_port = 9000`.
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use lb::api::types::{BackendInfo, BackendState, Status};
+use lb_tests::{
+    docker::{Container, Engine, RunOpts, IMAGE},
+    http_tally,
+    ops::{with_pin_path, LbCli, PinDir},
+    require_root,
+    stream::StreamConn,
+    Daemon, HttpTally, TempDir, Topology, READY_MARKER,
+};
+
+/// How long the daemon may take to attach and write its maps.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a change in the engine may take to show in `lb backend ls`
+/// (bounded polling: the figure itself is measured by `cargo xtask bench`).
+const SETTLE: Duration = Duration::from_secs(10);
+const WEB_PORT: u16 = 80;
+const ECHO_PORT: u16 = 9000;
+
+/// The command of every container: the two servers of the module docs.
+fn serve() -> Vec<String> {
+    [
+        "sh",
+        "-c",
+        "echo -n $(hostname) > /www/index.html; \
+         nc -ll -p 9000 -e sh -c 'hostname; exec cat' & \
+         exec httpd -f -p 8080 -h /www",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// Options of a container that joins `web` by its labels.
+fn labelled() -> RunOpts {
+    RunOpts::default()
+        .cmd(serve())
+        .label("lb.service", "web")
+        .label("lb.port", "8080")
+}
+
+/// One test's daemon files: config, socket, pins.
+struct Files {
+    _pins: PinDir,
+    config: PathBuf,
+    socket: PathBuf,
+    _dir: TempDir,
+}
+
+impl Files {
+    fn new(topo: &Topology) -> Files {
+        let pins = PinDir::new(&format!("/sys/fs/bpf/lb-e2e-{}", topo.prefix()));
+        let dir = TempDir::new(&format!("docker-{}", topo.prefix()));
+        let vip = topo.vip();
+        let text = format!(
+            "[datapath]\nexternal = [\"{ext}\"]\n\n[docker]\nenabled = true\n\n\
+             [[service]]\nname = \"web\"\nvip = \"{vip}:{WEB_PORT}\"\n\n\
+             [[service]]\nname = \"echo\"\nvip = \"{vip}:{ECHO_PORT}\"\n\
+             image = \"{IMAGE}\"\ntarget_port = 9000\n",
+            ext = topo.client_host_if()
+        );
+        let config = dir.write("lb.toml", &with_pin_path(&text, pins.as_str()));
+        Files {
+            _pins: pins,
+            config,
+            socket: dir.path().join("lb.sock"),
+            _dir: dir,
+        }
+    }
+
+    fn start(&self) -> Daemon {
+        let s = |p: &Path| p.to_str().expect("UTF-8 path").to_owned();
+        let (config, socket) = (s(&self.config), s(&self.socket));
+        Daemon::start(
+            &["run", "--config", &config, "--socket", &socket],
+            READY_MARKER,
+            READY_TIMEOUT,
+        )
+    }
+
+    fn cli(&self) -> LbCli {
+        LbCli::new(&self.socket)
+    }
+}
+
+fn backends(cli: &LbCli, service: &str) -> Vec<BackendInfo> {
+    cli.json(&["backend", "ls", service, "--json"])
+}
+
+/// Names of `service`'s containers in `state`.
+fn containers_in(cli: &LbCli, service: &str, state: BackendState) -> BTreeSet<String> {
+    backends(cli, service)
+        .into_iter()
+        .filter(|b| b.state == state)
+        .filter_map(|b| b.container)
+        .collect()
+}
+
+fn names(cs: &[&Container]) -> BTreeSet<String> {
+    cs.iter().map(|c| c.name().to_owned()).collect()
+}
+
+/// Waits (bounded) until `service`'s active containers are exactly `want`.
+fn wait_active(cli: &LbCli, daemon: &Daemon, service: &str, want: &BTreeSet<String>) {
+    let end = Instant::now() + SETTLE;
+    loop {
+        let now = containers_in(cli, service, BackendState::Active);
+        if &now == want {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "{service}'s active containers are {now:?}, not {want:?}, after {SETTLE:?}; \
+             backends: {:#?}\ndaemon output:\n{}",
+            backends(cli, service),
+            daemon.output()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn web_tally(topo: &Topology, n: usize) -> HttpTally {
+    http_tally(
+        &topo.client,
+        SocketAddrV4::new(topo.vip(), WEB_PORT),
+        n,
+        Duration::from_secs(60),
+    )
+}
+
+fn echo_addr(topo: &Topology) -> SocketAddrV4 {
+    SocketAddrV4::new(topo.vip(), ECHO_PORT)
+}
+
+/// Holds `n` connections to the echo service and checks each greeting came
+/// from one of `among`.
+fn hold(topo: &Topology, n: usize, among: &BTreeSet<String>) -> Vec<StreamConn> {
+    (0..n)
+        .map(|i| {
+            let c = StreamConn::connect(&topo.client, echo_addr(topo))
+                .unwrap_or_else(|e| panic!("held connection {i}: {e}"));
+            assert!(
+                among.contains(c.backend()),
+                "held connection {i} greeted by {:?}, not one of {among:?}",
+                c.backend()
+            );
+            c
+        })
+        .collect()
+}
+
+#[test]
+fn containers_join_and_leave_the_service_by_themselves() {
+    require_root();
+    let engine = Engine::ensure();
+    let topo = Topology::new("lbd1", 0);
+    let files = Files::new(&topo);
+    let w: Vec<Container> = (1..=3)
+        .map(|i| engine.run(&format!("lbd1-w{i}"), labelled()))
+        .collect();
+    let daemon = files.start();
+    let cli = files.cli();
+    let three = names(&[&w[0], &w[1], &w[2]]);
+    wait_active(&cli, &daemon, "web", &three);
+
+    // Each backend entry is the container's address on its network.
+    for b in backends(&cli, "web") {
+        let c = w
+            .iter()
+            .find(|c| Some(c.name()) == b.container.as_deref())
+            .unwrap();
+        assert_eq!(b.address, format!("{}:8080", c.ip()));
+    }
+    let tally = web_tally(&topo, 90);
+    assert_eq!(tally.failures, 0, "{tally:?}");
+    for c in &w {
+        assert!(
+            tally.count(c.name()) >= 15,
+            "{} answered {} of 90: {tally:?}",
+            c.name(),
+            tally.count(c.name())
+        );
+    }
+
+    // A fourth container: traffic with no other action.
+    let w4 = engine.run("lbd1-w4", labelled());
+    let four: BTreeSet<String> = three.iter().cloned().chain([w4.name().into()]).collect();
+    wait_active(&cli, &daemon, "web", &four);
+    let tally = web_tally(&topo, 120);
+    assert_eq!(tally.failures, 0, "{tally:?}");
+    assert!(tally.count(w4.name()) >= 15, "the new container: {tally:?}");
+
+    // A request in flight on a survivor while another container is killed.
+    let mut held = hold(&topo, 8, &four);
+    let victim = w[0].name().to_owned();
+    assert!(
+        held.iter().any(|h| h.backend() != victim),
+        "all 8 held connections went to {victim}"
+    );
+    w[0].kill();
+    let rest: BTreeSet<String> = four.iter().filter(|n| **n != victim).cloned().collect();
+    wait_active(&cli, &daemon, "web", &rest);
+    for (i, h) in held.iter_mut().enumerate() {
+        if h.backend() == victim {
+            continue;
+        }
+        h.echo(format!("in flight {i}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("connection {i} on {} broke: {e}", h.backend()));
+    }
+    let tally = web_tally(&topo, 90);
+    assert_eq!(tally.failures, 0, "{tally:?}");
+    assert_eq!(
+        tally.count(&victim),
+        0,
+        "the killed container answered: {tally:?}"
+    );
+    let status: Status = cli.json(&["status", "--json"]);
+    assert!(status.docker.starts_with("connected"), "{}", status.docker);
+    drop(daemon);
+}
+
+#[test]
+fn an_image_rule_takes_its_image_and_no_other() {
+    require_root();
+    let engine = Engine::ensure();
+    let topo = Topology::new("lbd2", 0);
+    let files = Files::new(&topo);
+    let mine: Vec<Container> = (1..=2)
+        .map(|i| engine.run(&format!("lbd2-m{i}"), RunOpts::default().cmd(serve())))
+        .collect();
+    let other_image = engine.other_image();
+    let other = engine.run(
+        "lbd2-o1",
+        RunOpts::default().cmd(serve()).image(&other_image),
+    );
+    let daemon = files.start();
+    let cli = files.cli();
+    let want = names(&[&mine[0], &mine[1]]);
+    wait_active(&cli, &daemon, "echo", &want);
+    // Started after the daemon: joins by its image too.
+    let m3 = engine.run("lbd2-m3", RunOpts::default().cmd(serve()));
+    let want = names(&[&mine[0], &mine[1], &m3]);
+    wait_active(&cli, &daemon, "echo", &want);
+    assert!(
+        backends(&cli, "echo")
+            .iter()
+            .all(|b| b.address.ends_with(":9000")),
+        "target_port not used: {:#?}",
+        backends(&cli, "echo")
+    );
+    let held = hold(&topo, 24, &want);
+    let seen: BTreeSet<&str> = held.iter().map(StreamConn::backend).collect();
+    assert!(!seen.contains(other.name()));
+    assert!(seen.len() >= 2, "24 connections all went to {seen:?}");
+    // Unlabelled containers are not web backends.
+    assert!(backends(&cli, "web").is_empty());
+}
+
+#[test]
+fn after_the_engine_restarts_the_maps_match_it_exactly() {
+    require_root();
+    let mut engine = Engine::ensure();
+    let topo = Topology::new("lbd3", 0);
+    let files = Files::new(&topo);
+    let keep = engine.run("lbd3-keep", labelled().restart_always());
+    let gone = engine.run("lbd3-gone", labelled());
+    let daemon = files.start();
+    let cli = files.cli();
+    wait_active(&cli, &daemon, "web", &names(&[&keep, &gone]));
+
+    // The engine goes away: its shutdown stops every container, and only
+    // `keep` (restart policy "always") comes back with it.
+    engine.stop();
+    std::thread::sleep(Duration::from_millis(500));
+    let status: Status = cli.json(&["status", "--json"]);
+    assert!(
+        status.docker.starts_with("disconnected"),
+        "docker status while the engine is down: {}",
+        status.docker
+    );
+    engine.start();
+    // Changed as soon as the engine is back, racing the watcher's reconnect.
+    let late = engine.run("lbd3-late", labelled());
+    let want = names(&[&keep, &late]);
+    wait_active(&cli, &daemon, "web", &want);
+    assert!(!keep.ip().is_unspecified());
+    let addrs: BTreeSet<String> = backends(&cli, "web")
+        .into_iter()
+        .map(|b| b.address)
+        .collect();
+    let engine_addrs: BTreeSet<String> = [&keep, &late]
+        .iter()
+        .map(|c| format!("{}:8080", c.ip()))
+        .collect();
+    assert_eq!(addrs, engine_addrs, "the maps do not match the engine");
+    let tally = web_tally(&topo, 40);
+    assert_eq!(tally.failures, 0, "{tally:?}");
+    assert_eq!(tally.count(gone.name()), 0);
+    assert_eq!(
+        tally.successes(),
+        tally.count(keep.name()) + tally.count(late.name())
+    );
+    let status: Status = cli.json(&["status", "--json"]);
+    assert!(status.docker.starts_with("connected"), "{}", status.docker);
+}
+
+#[test]
+fn a_held_connection_survives_other_containers_coming_and_going() {
+    require_root();
+    let engine = Engine::ensure();
+    let topo = Topology::new("lbd4", 0);
+    let files = Files::new(&topo);
+    let first: Vec<Container> = (1..=3)
+        .map(|i| engine.run(&format!("lbd4-a{i}"), RunOpts::default().cmd(serve())))
+        .collect();
+    let daemon = files.start();
+    let cli = files.cli();
+    let all = names(&[&first[0], &first[1], &first[2]]);
+    wait_active(&cli, &daemon, "echo", &all);
+    let mut held = hold(&topo, 1, &all).pop().unwrap();
+    let owner = held.backend().to_owned();
+    let mut seq = 0u32;
+    let mut echo = |held: &mut StreamConn, what: &str| {
+        for _ in 0..20 {
+            seq += 1;
+            held.echo(format!("{seq}\n").as_bytes())
+                .unwrap_or_else(|e| panic!("held connection to {owner} after {what}: {e}"));
+        }
+    };
+    echo(&mut held, "connecting");
+    let more: Vec<Container> = (1..=2)
+        .map(|i| engine.run(&format!("lbd4-b{i}"), RunOpts::default().cmd(serve())))
+        .collect();
+    let mut now = all.clone();
+    now.extend(names(&[&more[0], &more[1]]));
+    wait_active(&cli, &daemon, "echo", &now);
+    echo(&mut held, "two containers started");
+    for c in first.iter().filter(|c| c.name() != owner) {
+        c.kill_process();
+        now.remove(c.name());
+    }
+    wait_active(&cli, &daemon, "echo", &now);
+    echo(&mut held, "two containers died");
+    assert_eq!(held.backend(), owner);
+}
+
+#[test]
+fn a_malformed_label_skips_that_container_with_one_log_line() {
+    require_root();
+    let engine = Engine::ensure();
+    let topo = Topology::new("lbd5", 0);
+    let files = Files::new(&topo);
+    let good = engine.run("lbd5-good", labelled());
+    let bad = engine.run(
+        "lbd5-bad",
+        RunOpts::default()
+            .cmd(serve())
+            .label("lb.service", "web")
+            .label("lb.port", "http"),
+    );
+    let daemon = files.start();
+    let cli = files.cli();
+    wait_active(&cli, &daemon, "web", &names(&[&good]));
+    // Another change makes the daemon work membership out again: the
+    // problem is still only logged once.
+    let good2 = engine.run("lbd5-good2", labelled());
+    wait_active(&cli, &daemon, "web", &names(&[&good, &good2]));
+    let tally = web_tally(&topo, 40);
+    assert_eq!(tally.failures, 0, "{tally:?}");
+    assert_eq!(tally.count(bad.name()), 0);
+    let out = daemon.output();
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains(bad.name())).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "want one line about {}: {lines:#?}",
+        bad.name()
+    );
+    assert!(
+        lines[0].contains("lb.port=\\\"http\\\"") || lines[0].contains("lb.port=\"http\""),
+        "the line does not name the label: {}",
+        lines[0]
+    );
+    assert!(!out.contains("panicked"));
+}
+
+#[test]
+fn an_unhealthy_container_is_drained_and_comes_back_when_healthy() {
+    require_root();
+    let engine = Engine::ensure();
+    let topo = Topology::new("lbd6", 0);
+    let files = Files::new(&topo);
+    let plain = engine.run("lbd6-plain", labelled());
+    let checked = engine.run(
+        "lbd6-checked",
+        labelled().health("test ! -e /tmp/sick", Duration::from_millis(300)),
+    );
+    let daemon = files.start();
+    let cli = files.cli();
+    wait_active(&cli, &daemon, "web", &names(&[&plain, &checked]));
+
+    // Held connections to the checked container, through the echo service.
+    let both = names(&[&plain, &checked]);
+    let mut held: Vec<StreamConn> = hold(&topo, 12, &both)
+        .into_iter()
+        .filter(|h| h.backend() == checked.name())
+        .collect();
+    assert!(
+        !held.is_empty(),
+        "no held connection reached {}",
+        checked.name()
+    );
+
+    checked.exec(&["sh", "-c", ": > /tmp/sick"]);
+    wait_active(&cli, &daemon, "web", &names(&[&plain]));
+    assert_eq!(
+        containers_in(&cli, "web", BackendState::Draining),
+        names(&[&checked])
+    );
+    // Drained: existing flows finish, new ones go elsewhere.
+    for h in &mut held {
+        h.echo(b"still here\n")
+            .expect("a drained container's flow broke");
+    }
+    let tally = web_tally(&topo, 30);
+    assert_eq!(tally.failures, 0, "{tally:?}");
+    assert_eq!(tally.count(checked.name()), 0, "{tally:?}");
+
+    checked.exec(&["rm", "/tmp/sick"]);
+    wait_active(&cli, &daemon, "web", &both);
+}

@@ -30,6 +30,7 @@ pub const PACKAGES: &[&str] = &[
     "wrk",            // the benchmark's HTTP load generator
     "haproxy",        // the proxy contender of the benchmark
     "nftables",       // nft: removing the nat table the iptables contender created
+    "docker.io",      // a real engine for the Docker watcher's tests (the harness starts dockerd)
 ];
 
 /// The bpf-linker release the eBPF build is known to work with (see

@@ -719,6 +719,63 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
     }
 
     #[test]
+    fn image_rules_are_kept_and_checked() {
+        let dir = tmp("image");
+        let path = dir.0.join("lb.state.json");
+        let mut d = Desired::load(&config(), path.clone()).unwrap();
+        let with_rule = NewService {
+            image: Some("web:1".into()),
+            target_port: Some(8080),
+            ..new_service("img", "198.18.101.2:80")
+        };
+        let spec = d.add_service(&with_rule).unwrap();
+        let rule = Some(ImageRule {
+            image: "web:1".into(),
+            target_port: 8080,
+        });
+        assert_eq!(spec.image, rule);
+        let again = Desired::load(&config(), path).unwrap();
+        assert_eq!(again.services()[1].image, rule);
+        for (image, port, field) in [
+            (Some("web:1"), None, "target_port"),
+            (None, Some(80), "image"),
+            (Some("bad image"), Some(80), "image"),
+        ] {
+            let e = d
+                .add_service(&NewService {
+                    image: image.map(Into::into),
+                    target_port: port,
+                    ..new_service("x", "198.18.101.3:80")
+                })
+                .unwrap_err();
+            assert_eq!(e.kind, FailureKind::BadRequest);
+            assert!(e.message.starts_with(field), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn docker_backends_are_served_but_not_saved_nor_removable() {
+        let dir = tmp("docker");
+        let path = dir.0.join("lb.state.json");
+        let mut d = Desired::load(&config(), path.clone()).unwrap();
+        let b: BackendSpec = "198.18.0.2:8080".parse().unwrap();
+        d.set_docker(BTreeMap::from([("web".to_owned(), vec![b])]));
+        assert_eq!(d.services()[0].backends.len(), 3);
+        assert_eq!(d.declared()[0].backends.len(), 2);
+        for r in [
+            d.remove_backend("web", "198.18.0.2:8080"),
+            d.drain_backend("web", "198.18.0.2:8080"),
+        ] {
+            let e = r.unwrap_err();
+            assert_eq!(e.kind, FailureKind::Conflict);
+            assert!(e.message.contains("Docker container"), "{}", e.message);
+        }
+        d.add_backend("web", &backend("198.18.105.2:8080")).unwrap();
+        let saved = fs::read_to_string(&path).unwrap();
+        assert!(!saved.contains("198.18.0.2"), "{saved}");
+    }
+
+    #[test]
     fn limits_are_enforced() {
         let dir = tmp("limits");
         let mut d = Desired::load(&config(), dir.0.join("s.json")).unwrap();

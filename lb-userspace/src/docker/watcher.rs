@@ -56,6 +56,9 @@ const CALL_TIMEOUT_SECS: u64 = 10;
 /// First and longest wait before reconnecting.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often a connected engine is pinged (a remote one can vanish without
+/// closing the event stream).
+const PING_EVERY: Duration = Duration::from_secs(30);
 /// Containers inspected at once while listing.
 const INSPECT_CONCURRENCY: usize = 8;
 
@@ -210,7 +213,21 @@ async fn session(host: &str, handle: &Handle) -> WatchError {
             "connected to {host} (API {version}), {count} running containers at the last list"
         )))
         .await;
-    while let Some(event) = events.next().await {
+    // A remote engine can vanish without closing the connection: a quiet
+    // stream is checked with a ping now and then.
+    let mut liveness = tokio::time::interval(PING_EVERY);
+    liveness.tick().await;
+    loop {
+        let event = tokio::select! {
+            e = events.next() => e,
+            _ = liveness.tick() => {
+                if let Err(source) = docker.ping().await {
+                    return WatchError::Engine { host: host.to_owned(), source };
+                }
+                continue;
+            }
+        };
+        let Some(event) = event else { break };
         let event = match event {
             Ok(e) => e,
             Err(source) => {

@@ -542,16 +542,14 @@ impl Reconciler {
             }
         }
         // The reverse path of every adopted backend's interface is taken over.
-        let ifindexes: BTreeSet<u32> = self
+        self.container_ifaces = self
             .services
             .values()
-            .flat_map(|s| {
-                s.backends
-                    .values()
-                    .filter_map(|m| m.delivery.map(|d| d.ifindex))
-            })
+            .flat_map(|s| s.backends.values())
+            .filter(|m| m.via.is_some())
+            .filter_map(|m| m.delivery.map(|d| d.ifindex))
             .collect();
-        for ifindex in ifindexes {
+        for ifindex in self.used_ifindexes() {
             if let Ok(name) = nix::net::if_::if_indextoname(ifindex) {
                 let name = name.to_string_lossy().into_owned();
                 self.dp.attach_tc(&name, ifindex)?;
@@ -729,18 +727,19 @@ impl Reconciler {
         Ok(())
     }
 
+    /// The interfaces backends are delivered through.
+    fn used_ifindexes(&self) -> BTreeSet<u32> {
+        self.services
+            .values()
+            .flat_map(|s| s.backends.values())
+            .filter_map(|m| m.delivery.map(|d| d.ifindex))
+            .collect()
+    }
+
     /// Detaches the reverse path from container veths no backend uses any
     /// more (the container is gone, or left every service).
     fn release_container_ifaces(&mut self) {
-        let used: BTreeSet<u32> = self
-            .services
-            .values()
-            .flat_map(|s| {
-                s.backends
-                    .values()
-                    .filter_map(|m| m.delivery.map(|d| d.ifindex))
-            })
-            .collect();
+        let used = self.used_ifindexes();
         let unused: Vec<u32> = self
             .container_ifaces
             .iter()

@@ -17,13 +17,10 @@
 //! both before the engine stops.
 
 use std::{
-    fs::{self, File, OpenOptions},
+    fs::{self, OpenOptions},
     io::Read,
     net::Ipv4Addr,
-    os::{
-        fd::AsRawFd,
-        unix::{fs::PermissionsExt, process::CommandExt},
-    },
+    os::unix::{fs::PermissionsExt, process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     thread,
@@ -35,7 +32,7 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::{cmd::run, tempdir::TempDir, topology::host_links};
+use crate::{cmd::run, lock::HostLock, tempdir::TempDir, topology::host_links};
 
 /// The engine's API socket every command of this module uses.
 pub const DOCKER_SOCKET: &str = "/var/run/docker.sock";
@@ -266,7 +263,7 @@ pub struct Engine {
     log: PathBuf,
     _log_dir: TempDir,
     /// Held (and so dropped) last.
-    _lock: EngineLock,
+    _lock: HostLock,
 }
 
 impl Engine {
@@ -281,7 +278,7 @@ impl Engine {
     /// bridge is not [`BRIDGE_SUBNET`] (someone else's engine, which tests
     /// must not use: see the address plan).
     pub fn ensure() -> Engine {
-        let lock = EngineLock::acquire();
+        let lock = HostLock::acquire(LOCK_PATH, LOCK_WAIT, "another engine user");
         let log_dir = TempDir::new("dockerd");
         let mut engine = Engine {
             owned: false,
@@ -953,39 +950,6 @@ impl Drop for Network {
             ),
             Err(e) => eprintln!("warning: {e}"),
         }
-    }
-}
-
-/// An exclusive `flock` on `/run/lb-tests-docker.lock`, released when
-/// dropped (the file is closed).
-#[derive(Debug)]
-struct EngineLock {
-    _file: File,
-}
-
-impl EngineLock {
-    fn acquire() -> EngineLock {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(LOCK_PATH)
-            .unwrap_or_else(|e| panic!("opening {LOCK_PATH}: {e}"));
-        let mut told = false;
-        let locked = poll_until(LOCK_WAIT, || {
-            // SAFETY: flock on a valid, open file descriptor.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            if rc != 0 && !told {
-                eprintln!("waiting for another engine user (lock {LOCK_PATH}) to finish");
-                told = true;
-            }
-            rc == 0
-        });
-        assert!(
-            locked,
-            "another engine user held {LOCK_PATH} for more than {LOCK_WAIT:?}"
-        );
-        EngineLock { _file: file }
     }
 }
 

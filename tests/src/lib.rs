@@ -21,6 +21,7 @@ pub mod config;
 pub mod daemon;
 pub mod docker;
 pub mod forward;
+pub mod lock;
 pub mod netns;
 pub mod ops;
 pub mod packets;

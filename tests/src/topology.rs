@@ -14,15 +14,14 @@
 //! bare too: the daemon under test configures what it needs itself.
 
 use std::{
-    fs::{File, OpenOptions},
     net::Ipv4Addr,
-    os::fd::AsRawFd,
     thread,
     time::{Duration, Instant},
 };
 
 use crate::{
     cmd::{run, run_ok, stderr_of},
+    lock::HostLock,
     netns::{list_netns, Netns},
 };
 
@@ -88,7 +87,7 @@ impl Topology {
             backends <= MAX_BACKENDS,
             "at most {MAX_BACKENDS} backends, not {backends}"
         );
-        let lock = HostLock::acquire();
+        let lock = HostLock::acquire(LOCK_PATH, LOCK_WAIT, "another topology");
         remove_stale(prefix, backends);
 
         let client = Netns::new(&format!("{prefix}-c"));
@@ -376,41 +375,6 @@ fn remove_stale(prefix: &str, backends: usize) {
                 "{cidr} is on {ifname}, which this harness did not create (someone else's setup?); \
                  topology {prefix} needs that subnet: remove {ifname} or wait until it is gone"
             );
-        }
-    }
-}
-
-/// An exclusive `flock` on [`LOCK_PATH`], released when dropped (the file is
-/// closed).
-#[derive(Debug)]
-struct HostLock {
-    _file: File,
-}
-
-impl HostLock {
-    fn acquire() -> HostLock {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(LOCK_PATH)
-            .unwrap_or_else(|e| panic!("opening {LOCK_PATH}: {e}"));
-        let deadline = Instant::now() + LOCK_WAIT;
-        let mut told = false;
-        loop {
-            // SAFETY: flock on a valid, open file descriptor.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            if rc == 0 {
-                return HostLock { _file: file };
-            }
-            if Instant::now() >= deadline {
-                panic!("another topology held {LOCK_PATH} for more than {LOCK_WAIT:?}");
-            }
-            if !told {
-                eprintln!("waiting for another topology (lock {LOCK_PATH}) to be dropped");
-                told = true;
-            }
-            thread::sleep(Duration::from_millis(50));
         }
     }
 }

@@ -62,6 +62,14 @@ pub fn vip_filter_bit(addr: u32) -> u32 {
     (addr ^ (addr >> 16)) & (VIP_FILTER_WORDS * 64 - 1)
 }
 
+/// Map flags of [`maps::MAGLEV`]: `BPF_F_MMAPABLE`, so userspace writes a
+/// whole table with memory stores instead of a syscall per slot.
+pub const MAGLEV_MAP_FLAGS: u32 = 1 << 10;
+
+/// Bytes from one [`maps::MAGLEV`] slot to the next in its memory mapping:
+/// the kernel rounds an array's values up to 8 bytes.
+pub const MAGLEV_SLOT_STRIDE: usize = 8;
+
 /// [`maps::IFACES`] flag: the XDP forward program runs on this interface, so
 /// the TC program there sees only what XDP passed (and XDP counted).
 pub const IFACE_F_XDP: u32 = 1 << 0;

@@ -41,6 +41,15 @@ pub enum DatapathError {
     /// A map the code expects is not in the object.
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
+    /// A map could not be mapped into memory.
+    #[error("mapping map {name} into memory")]
+    Mmap {
+        /// The map.
+        name: &'static str,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
     /// A map has another type than expected.
     #[error("map {name}")]
     Map {
@@ -84,7 +93,7 @@ fn pin_err<E: std::error::Error + Send + Sync + 'static>(
 
 /// Version of the map layout in `lb-common`. A pin directory written with
 /// another version (or other map sizes) is never adopted.
-const MAPS_ABI: u32 = 4;
+const MAPS_ABI: u32 = 5;
 
 /// The name of the directory, under the pin path, that holds the pins of a
 /// data path with these sizes. bpffs holds no regular files, so the layout
@@ -216,6 +225,8 @@ pub struct Maps {
     pub backends: Array<MapData, Backend>,
     /// Every service's two Maglev tables.
     pub maglev: Array<MapData, u32>,
+    /// The same tables, mapped into this process for writing.
+    pub maglev_slots: MaglevSlots,
     /// Forward flow table.
     pub flows: HashMap<MapData, FlowKey, Flow>,
     /// Services each backend address:port serves, for the reverse path.
@@ -240,11 +251,115 @@ where
     T::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
+/// The Maglev array (created `BPF_F_MMAPABLE`) mapped into this process.
+/// A table is written with plain stores, a few hundred microseconds for a
+/// 65,537-slot table where a syscall per slot took about 10 ms; the service
+/// entry's update (a syscall) then publishes it.
+pub struct MaglevSlots {
+    base: std::ptr::NonNull<u8>,
+    len: usize,
+    slots: u32,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; access goes
+// through atomics (the kernel reads it concurrently).
+unsafe impl Send for MaglevSlots {}
+
+impl MaglevSlots {
+    /// Maps the array `name` of `ebpf` (before it is taken as a typed map).
+    fn map(ebpf: &Ebpf, name: &'static str) -> Result<Self, DatapathError> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let map = ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
+        let aya::maps::Map::Array(data) = map else {
+            return Err(DatapathError::MissingMap(name));
+        };
+        let slots = data
+            .info()
+            .map_err(|source| DatapathError::Map { name, source })?
+            .max_entries();
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let len = (slots as usize * lb_common::MAGLEV_SLOT_STRIDE).div_ceil(page) * page;
+        // SAFETY: a fresh shared mapping of the map's own fd, of the size
+        // the kernel allocated for it (values rounded to 8 bytes, pages).
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DatapathError::Mmap {
+                name,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(Self {
+            base: std::ptr::NonNull::new(ptr.cast()).ok_or(DatapathError::MissingMap(name))?,
+            len,
+            slots,
+        })
+    }
+
+    fn slot(&self, i: u32) -> Option<&std::sync::atomic::AtomicU32> {
+        if i >= self.slots {
+            return None;
+        }
+        // SAFETY: `i` is in bounds, slots are 8-byte aligned (page-aligned
+        // base, 8-byte stride), and the mapping lives as long as `self`.
+        Some(unsafe {
+            std::sync::atomic::AtomicU32::from_ptr(
+                self.base
+                    .as_ptr()
+                    .add(i as usize * lb_common::MAGLEV_SLOT_STRIDE)
+                    .cast(),
+            )
+        })
+    }
+
+    /// Slot `i`, or `None` past the end.
+    pub fn get(&self, i: u32) -> Option<u32> {
+        self.slot(i)
+            .map(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Writes slot `i`; `false` (nothing written) past the end.
+    pub fn set(&self, i: u32, id: u32) -> bool {
+        self.slot(i)
+            .map(|s| s.store(id, std::sync::atomic::Ordering::Relaxed))
+            .is_some()
+    }
+
+    /// Slots in the array.
+    pub fn len(&self) -> u32 {
+        self.slots
+    }
+
+    /// Whether the array has no slot (never, for a loaded data path).
+    pub fn is_empty(&self) -> bool {
+        self.slots == 0
+    }
+}
+
+impl Drop for MaglevSlots {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`.
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.len);
+        }
+    }
+}
+
 impl Maps {
     fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
         Ok(Self {
             services: take(ebpf, maps::SERVICES)?,
             backends: take(ebpf, maps::BACKENDS)?,
+            maglev_slots: MaglevSlots::map(ebpf, maps::MAGLEV)?,
             maglev: take(ebpf, maps::MAGLEV)?,
             flows: take(ebpf, maps::FLOWS)?,
             rev_nat: take(ebpf, maps::REV_NAT)?,

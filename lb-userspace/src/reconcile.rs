@@ -486,16 +486,19 @@ impl Reconciler {
                 }
                 continue;
             };
-            let mut table = Vec::with_capacity(value.table_size as usize);
-            for i in 0..value.table_size {
-                table.push(
-                    self.dp
-                        .maps
-                        .maglev
-                        .get(&(value.table_base + i), 0)
-                        .map_err(map_err(maps::MAGLEV))?,
-                );
-            }
+            let slots = &self.dp.maps.maglev_slots;
+            let table = (0..value.table_size)
+                .map(|i| {
+                    let index = value.table_base + i;
+                    slots.get(index).ok_or(ReconcileError::Map {
+                        name: maps::MAGLEV,
+                        source: MapError::OutOfBounds {
+                            index,
+                            max_entries: slots.len(),
+                        },
+                    })
+                })
+                .collect::<Result<Vec<u32>, _>>()?;
             let mut members = BTreeMap::new();
             for (id, b) in backends.iter().filter(|(_, b)| b.service_id == value.id) {
                 let addr =
@@ -1102,17 +1105,25 @@ impl Reconciler {
         let base = (st.id * 2 + copy as u32) * max_table;
         let old = &st.copies[copy];
         let mut written = 0usize;
+        let slots = &self.dp.maps.maglev_slots;
         for (i, &slot) in table.iter().enumerate() {
             if old.len() == table.len() && old[i] == slot {
                 continue;
             }
-            self.dp
-                .maps
-                .maglev
-                .set(base + i as u32, slot, 0)
-                .map_err(map_err(maps::MAGLEV))?;
+            let index = base + i as u32;
+            if !slots.set(index, slot) {
+                return Err(ReconcileError::Map {
+                    name: maps::MAGLEV,
+                    source: MapError::OutOfBounds {
+                        index,
+                        max_entries: slots.len(),
+                    },
+                });
+            }
             written += 1;
         }
+        // The stores above are seen before the entry that points at them.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         let value = ServiceValue {
             id: st.id,
             table_base: base,

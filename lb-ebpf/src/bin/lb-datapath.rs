@@ -30,7 +30,7 @@ use aya_ebpf::{
 use lb_common::{
     defaults, stat, Backend, Counters, Flow, FlowKey, RevNat, ServiceKey, ServiceValue,
     BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_F_MAC, BACKEND_F_PEER, BACKEND_F_XDP, FLOW_F_VLAN,
-    IFACE_F_XDP, IPPROTO_UDP, NO_BACKEND, REV_NAT_MAX, VIP_FILTER_WORDS,
+    IFACE_F_XDP, IPPROTO_UDP, MAGLEV_MAP_FLAGS, NO_BACKEND, REV_NAT_MAX, VIP_FILTER_WORDS,
 };
 use lb_ebpf::{
     hash::flow_hash,
@@ -45,7 +45,7 @@ static SERVICES: HashMap<ServiceKey, ServiceValue> =
 #[map(name = "LB_BACKENDS")]
 static BACKENDS: Array<Backend> = Array::with_max_entries(defaults::MAX_BACKENDS, 0);
 #[map(name = "LB_MAGLEV")]
-static MAGLEV: Array<u32> = Array::with_max_entries(1, 0);
+static MAGLEV: Array<u32> = Array::with_max_entries(1, MAGLEV_MAP_FLAGS);
 #[map(name = "LB_FLOWS")]
 static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(1024, BPF_F_NO_COMMON_LRU);
 #[map(name = "LB_REV_NAT")]

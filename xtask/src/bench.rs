@@ -19,6 +19,10 @@ pub struct Args {
     /// Replace the README's performance section with this run's report.
     #[arg(long)]
     update_readme: bool,
+    /// Run only this section (per_packet, rate, scale, control, docker,
+    /// e2e); may be given more than once.
+    #[arg(long, value_name = "SECTION")]
+    only: Vec<String>,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -41,6 +45,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     bench.arg("--out").arg(&out);
     if args.quick {
         bench.arg("--quick");
+    }
+    for section in &args.only {
+        bench.arg("--only").arg(section);
     }
     cmd::run(&mut bench)?;
     if args.update_readme {

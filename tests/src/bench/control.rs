@@ -15,7 +15,7 @@ use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::Ipv4Addr,
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -26,6 +26,7 @@ use lb_common::{maps, Backend, ServiceKey, ServiceValue, BACKEND_ACTIVE, IPPROTO
 use super::{
     report::{Column, Row, Section},
     scale::thousands,
+    PinDir,
 };
 use crate::{render_config, Daemon, ServiceConfig, TempDir, Topology, READY_MARKER};
 
@@ -37,49 +38,6 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// First port of the added backends (on the topology's backend addresses).
 const FIRST_PORT: u16 = 10_000;
-
-/// The bpffs directory the benchmark's daemon pins under; removed (with
-/// anything left in it) when created and when dropped.
-struct PinDir(PathBuf);
-
-impl PinDir {
-    fn new() -> Self {
-        let dir = Self(PathBuf::from(format!(
-            "/sys/fs/bpf/lb-bench-control-{}",
-            std::process::id()
-        )));
-        dir.remove();
-        dir
-    }
-
-    fn remove(&self) {
-        if self.0.exists() {
-            if let Err(e) = fs::remove_dir_all(&self.0) {
-                eprintln!("warning: removing {}: {e}", self.0.display());
-            }
-        }
-    }
-
-    /// The data path's directory inside (named after the map layout).
-    fn datapath_dir(&self) -> PathBuf {
-        fs::read_dir(&self.0)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", self.0.display()))
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("abi"))
-            })
-            .unwrap_or_else(|| panic!("no pinned data path under {}", self.0.display()))
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        self.remove();
-    }
-}
 
 /// An answer of the admin API.
 struct Answer {
@@ -289,7 +247,7 @@ pub fn measure(changes: usize, budget: Duration, probe: Duration) -> Outcome {
     );
     // Dropped in reverse order: daemon, temporary files, pins, topology.
     let topo = Topology::new("lbbc", 3);
-    let pins = PinDir::new();
+    let pins = PinDir::new("control");
     let dir = TempDir::new("bench-control");
     let web = ServiceConfig::new(
         "web",
@@ -299,7 +257,7 @@ pub fn measure(changes: usize, budget: Duration, probe: Duration) -> Outcome {
     );
     let config = render_config(&[&topo.client_host_if()], &[web]).replacen(
         "[datapath]\n",
-        &format!("[datapath]\npin_path = \"{}\"\n", pins.0.display()),
+        &format!("[datapath]\npin_path = \"{}\"\n", pins.path().display()),
         1,
     );
     let config_path = dir.write("lb.toml", &config);

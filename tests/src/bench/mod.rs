@@ -2,8 +2,60 @@
 //! module measures one thing and returns a [`report::Section`].
 
 pub mod control;
+pub mod docker;
 pub mod e2e;
 pub mod per_packet;
 pub mod rate;
 pub mod report;
 pub mod scale;
+
+use std::{fs, path::PathBuf};
+
+/// The bpffs directory a section's daemon pins under; removed (with
+/// anything left in it) when created and when dropped.
+pub(crate) struct PinDir(PathBuf);
+
+impl PinDir {
+    /// `/sys/fs/bpf/lb-bench-{section}-{pid}`.
+    pub(crate) fn new(section: &str) -> Self {
+        let dir = Self(PathBuf::from(format!(
+            "/sys/fs/bpf/lb-bench-{section}-{}",
+            std::process::id()
+        )));
+        dir.remove();
+        dir
+    }
+
+    /// The directory.
+    pub(crate) fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    fn remove(&self) {
+        if self.0.exists() {
+            if let Err(e) = fs::remove_dir_all(&self.0) {
+                eprintln!("warning: removing {}: {e}", self.0.display());
+            }
+        }
+    }
+
+    /// The data path's directory inside (named after the map layout).
+    pub(crate) fn datapath_dir(&self) -> PathBuf {
+        fs::read_dir(&self.0)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", self.0.display()))
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("abi"))
+            })
+            .unwrap_or_else(|| panic!("no pinned data path under {}", self.0.display()))
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}

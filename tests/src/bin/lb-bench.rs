@@ -5,7 +5,7 @@
 use std::{fs, path::PathBuf};
 
 use lb_tests::bench::{
-    control, e2e, per_packet, rate,
+    control, docker, e2e, per_packet, rate,
     report::{Machine, Report, Section},
     scale,
 };
@@ -14,11 +14,12 @@ use lb_tests::bench::{
 type RunSection = fn(bool) -> Section;
 
 /// The sections, in report order.
-const SECTIONS: [(&str, RunSection); 5] = [
+const SECTIONS: [(&str, RunSection); 6] = [
     ("per_packet", per_packet::run),
     ("rate", rate::run),
     ("scale", scale::run),
     ("control", control::run),
+    ("docker", docker::run),
     ("e2e", e2e::run),
 ];
 

@@ -133,9 +133,8 @@ mod tests {
 
     #[test]
     fn splice_sections_replaces_or_adds_only_those_sections() {
-        let readme = format!(
-            "# x\n{BEGIN}\nMachine: m\n\n### A\n\nold a\n\n### B\n\nold b\n{END}\ntail\n"
-        );
+        let readme =
+            format!("# x\n{BEGIN}\nMachine: m\n\n### A\n\nold a\n\n### B\n\nold b\n{END}\ntail\n");
         let out = splice_sections(&readme, "Machine: m\n\n### B\n\nnew b\n").unwrap();
         assert_eq!(
             out,

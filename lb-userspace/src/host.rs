@@ -380,6 +380,28 @@ pub fn container_veth(ifindex: u32) -> Result<Link, HostError> {
     })
 }
 
+/// The bridge `ifname` is a port of, as (ifindex, name); `None` when it is
+/// not a bridge port.
+pub fn bridge_of(ifname: &str) -> Result<Option<(u32, String)>, HostError> {
+    let master = match std::fs::read_link(Path::new("/sys/class/net").join(ifname).join("master")) {
+        Ok(m) => m,
+        Err(_) => return Ok(None),
+    };
+    let Some(name) = master.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return Ok(None);
+    };
+    if !Path::new("/sys/class/net")
+        .join(&name)
+        .join("bridge")
+        .exists()
+    {
+        return Ok(None);
+    }
+    let ifindex = nix::net::if_::if_nametoindex(name.as_str())
+        .map_err(|_| HostError::NoInterface(name.clone()))?;
+    Ok(Some((ifindex, name)))
+}
+
 /// Interface `ifindex` inside the namespace `netns`.
 pub async fn link_in_netns(netns: &Path, ifindex: u32) -> Result<Option<Link>, HostError> {
     let ns = format!("--net={}", netns.display());

@@ -131,6 +131,9 @@ pub struct Delivery {
     pub dst_mac: Option<[u8; 6]>,
     /// `BACKEND_F_*` bits.
     pub flags: u32,
+    /// Where its replies enter this host and the reverse path runs: the
+    /// egress interface itself, or the bridge a container's veth is a port of.
+    pub reply_ifindex: u32,
 }
 
 #[derive(Debug)]
@@ -178,6 +181,7 @@ impl Member {
             src_mac: [0; 6],
             dst_mac: None,
             flags: 0,
+            reply_ifindex: 0,
         });
         Backend {
             addr: u32::from_ne_bytes(addr.ip().octets()),
@@ -511,6 +515,9 @@ impl Reconciler {
                     src_mac: b.src_mac,
                     dst_mac: (b.flags & BACKEND_F_MAC != 0).then_some(b.dst_mac),
                     flags: b.flags,
+                    // The earlier daemon's choice is not recorded: the
+                    // backend's own interface always sees its replies.
+                    reply_ifindex: b.ifindex,
                 });
                 let mut m = Member::new(*id, want);
                 m.delivery = delivery;
@@ -550,7 +557,7 @@ impl Reconciler {
             .values()
             .flat_map(|s| s.backends.values())
             .filter(|m| m.via.is_some())
-            .filter_map(|m| m.delivery.map(|d| d.ifindex))
+            .filter_map(|m| m.delivery.map(|d| d.reply_ifindex))
             .collect();
         for ifindex in self.used_ifindexes() {
             if let Ok(name) = nix::net::if_::if_indextoname(ifindex) {
@@ -735,12 +742,14 @@ impl Reconciler {
         self.services
             .values()
             .flat_map(|s| s.backends.values())
-            .filter_map(|m| m.delivery.map(|d| d.ifindex))
+            .filter_map(|m| m.delivery)
+            .flat_map(|d| [d.ifindex, d.reply_ifindex])
             .collect()
     }
 
-    /// Detaches the reverse path from container veths no backend uses any
-    /// more (the container is gone, or left every service).
+    /// Detaches the reverse path from container interfaces (a bridge, or a
+    /// veth) no backend uses any more (its containers are gone, or left every
+    /// service).
     fn release_container_ifaces(&mut self) {
         let used = self.used_ifindexes();
         let unused: Vec<u32> = self
@@ -751,15 +760,16 @@ impl Reconciler {
             .collect();
         for ifindex in unused {
             self.container_ifaces.remove(&ifindex);
-            self.gro_ready.remove(&ifindex);
             if let Some(name) = self.ready_ifaces.remove(&ifindex) {
                 self.dp.detach_tc(ifindex);
-                debug!(
+                info!(
                     iface = name,
-                    "reverse path detached from a container veth no backend uses"
+                    "reverse path detached: no container backend behind it"
                 );
             }
         }
+        // A gone container's veth takes its GRO state with it.
+        self.gro_ready.retain(|i| used.contains(i));
     }
 
     /// Makes `VIP_FILTER` have a bit for every service's VIP and no other,
@@ -933,17 +943,28 @@ impl Reconciler {
     async fn resolve_container(&mut self, via: Via) -> Result<Delivery, ResolveError> {
         let inner = host::container_link(via.pid, via.mac)?;
         let link = host::container_veth(inner.host_ifindex)?;
-        if !self.ready_ifaces.contains_key(&link.ifindex) {
+        // Replies to clients go to the container's gateway: on a bridge
+        // network, the bridge itself, whose ingress sees them all. One
+        // attachment there serves every container on it; one per veth would
+        // put a TCX attach (an RCU grace period, about 8 ms here) on every
+        // container's way in.
+        let (reply_ifindex, reply_name) = match host::bridge_of(&link.name) {
+            Ok(Some(bridge)) => bridge,
+            _ => (link.ifindex, link.name.clone()),
+        };
+        if !self.ready_ifaces.contains_key(&reply_ifindex) {
+            let started = std::time::Instant::now();
             self.dp
-                .attach_tc(&link.name, link.ifindex)
+                .attach_tc(&reply_name, reply_ifindex)
                 .map_err(ResolveError::Datapath)?;
-            self.container_ifaces.insert(link.ifindex);
-            debug!(
-                iface = link.name,
-                "reverse path attached to a container veth (TC ingress)"
+            self.container_ifaces.insert(reply_ifindex);
+            info!(
+                iface = reply_name,
+                us = started.elapsed().as_micros() as u64,
+                "reverse path attached for containers (TC ingress)"
             );
         }
-        self.ready_ifaces.insert(link.ifindex, link.name.clone());
+        self.ready_ifaces.insert(reply_ifindex, reply_name);
         let mut flags = BACKEND_F_MAC | BACKEND_F_PEER;
         if self.xdp_forward {
             if !self.gro_ready.contains(&link.ifindex) {
@@ -969,6 +990,7 @@ impl Reconciler {
             src_mac: link.mac,
             dst_mac: Some(via.mac),
             flags,
+            reply_ifindex,
         })
     }
 
@@ -1020,6 +1042,7 @@ impl Reconciler {
             src_mac: link.mac,
             dst_mac: mac,
             flags,
+            reply_ifindex: link.ifindex,
         })
     }
 

@@ -21,7 +21,7 @@ use lb::api::types::{BackendInfo, BackendState, Status};
 use lb_tests::{
     docker::{Container, Engine, RunOpts, IMAGE},
     http_tally,
-    ops::{with_pin_path, LbCli, PinDir},
+    ops::{stop_with_output, with_pin_path, LbCli, PinDir},
     require_root,
     stream::StreamConn,
     Daemon, HttpTally, TempDir, Topology, READY_MARKER,
@@ -86,13 +86,15 @@ impl Files {
     }
 
     fn start(&self) -> Daemon {
+        self.start_with(&[])
+    }
+
+    fn start_with(&self, extra: &[&str]) -> Daemon {
         let s = |p: &Path| p.to_str().expect("UTF-8 path").to_owned();
         let (config, socket) = (s(&self.config), s(&self.socket));
-        Daemon::start(
-            &["run", "--config", &config, "--socket", &socket],
-            READY_MARKER,
-            READY_TIMEOUT,
-        )
+        let mut args = vec!["run", "--config", &config, "--socket", &socket];
+        args.extend_from_slice(extra);
+        Daemon::start(&args, READY_MARKER, READY_TIMEOUT)
     }
 
     fn cli(&self) -> LbCli {
@@ -445,4 +447,62 @@ fn an_unhealthy_container_is_drained_and_comes_back_when_healthy() {
 
     checked.exec(&["rm", "/tmp/sick"]);
     wait_active(&cli, &daemon, "web", &both);
+}
+
+#[test]
+fn a_restart_keeps_container_backends_and_their_connections() {
+    require_root();
+    let engine = Engine::ensure();
+    let topo = Topology::new("lbd7", 0);
+    let files = Files::new(&topo);
+    let cs: Vec<Container> = (1..=3)
+        .map(|i| engine.run(&format!("lbd7-c{i}"), RunOpts::default().cmd(serve())))
+        .collect();
+    let all = names(&[&cs[0], &cs[1], &cs[2]]);
+    let first = files.start_with(&["--keep-datapath"]);
+    let cli = files.cli();
+    wait_active(&cli, &first, "echo", &all);
+    let mut held = hold(&topo, 6, &all);
+    let before: Vec<String> = backends(&cli, "echo")
+        .into_iter()
+        .map(|b| b.address)
+        .collect();
+
+    let (status, out) = stop_with_output(first);
+    assert!(status.success(), "first daemon: {status}\n{out}");
+    for (i, h) in held.iter_mut().enumerate() {
+        h.echo(format!("no daemon {i}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("connection {i} with no daemon: {e}"));
+    }
+    let second = files.start();
+    let status: Status = cli.json(&["status", "--json"]);
+    assert!(status.adopted, "the second daemon did not take over");
+    let after: Vec<String> = backends(&cli, "echo")
+        .into_iter()
+        .map(|b| b.address)
+        .collect();
+    assert_eq!(before, after);
+    for (i, h) in held.iter_mut().enumerate() {
+        h.echo(format!("taken over {i}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("connection {i} after the takeover: {e}"));
+    }
+    // Containers still come and go under the second daemon.
+    let victim = held[0].backend().to_owned();
+    cs.iter().find(|c| c.name() == victim).unwrap().kill();
+    let rest: BTreeSet<String> = all.iter().filter(|n| **n != victim).cloned().collect();
+    wait_active(&cli, &second, "echo", &rest);
+    for (i, h) in held
+        .iter_mut()
+        .enumerate()
+        .filter(|(_, h)| h.backend() != victim)
+    {
+        h.echo(format!("after a death {i}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("connection {i} after {victim} died: {e}"));
+    }
+    let late = engine.run("lbd7-late", RunOpts::default().cmd(serve()));
+    let mut now = rest.clone();
+    now.insert(late.name().to_owned());
+    wait_active(&cli, &second, "echo", &now);
+    let fresh = hold(&topo, 12, &now);
+    assert!(fresh.iter().all(|h| h.backend() != victim));
 }

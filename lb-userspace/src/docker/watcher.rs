@@ -4,7 +4,7 @@
 //! replaces everything the control task knew.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::Ipv4Addr,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -207,6 +207,11 @@ async fn session(host: &str, handle: &Handle) -> WatchError {
         "docker watcher connected"
     );
     let count = containers.len();
+    // Running containers as last reported: network events of others (a
+    // container being created is connected before it starts) need no
+    // inspection, which would wait for the engine to finish creating it
+    // and hold up the events behind it.
+    let mut running: HashSet<String> = containers.iter().map(|c| c.id.clone()).collect();
     handle.docker(DockerUpdate::Sync(containers)).await;
     handle
         .docker(DockerUpdate::Status(format!(
@@ -237,9 +242,16 @@ async fn session(host: &str, handle: &Handle) -> WatchError {
                 }
             }
         };
-        if let Some(update) = on_event(&docker, host, event).await {
+        if let Some(update) = on_event(&docker, host, event, &running).await {
             match update {
-                Ok(u) => handle.docker(u).await,
+                Ok(u) => {
+                    match &u {
+                        DockerUpdate::Upsert(c) => running.insert(c.id.clone()),
+                        DockerUpdate::Remove(id) => running.remove(id),
+                        _ => false,
+                    };
+                    handle.docker(u).await;
+                }
                 Err(e) => return e,
             }
         }
@@ -252,6 +264,7 @@ async fn on_event(
     docker: &Docker,
     host: &str,
     event: EventMessage,
+    running: &HashSet<String>,
 ) -> Option<Result<DockerUpdate, WatchError>> {
     let action = event.action.unwrap_or_default();
     let actor = event.actor.unwrap_or_default();
@@ -269,6 +282,7 @@ async fn on_event(
         // Out at once, without asking the engine anything more: this is
         // the path whose latency matters.
         "die" | "stop" | "destroy" => Some(Ok(DockerUpdate::Remove(id))),
+        "connect" | "disconnect" if !running.contains(&id) => None,
         "start" | "restart" | "pause" | "unpause" | "rename" | "update" | "connect"
         | "disconnect" => Some(refresh(docker, host, id).await),
         a if a.starts_with("health_status") => Some(refresh(docker, host, id).await),
@@ -278,7 +292,14 @@ async fn on_event(
 }
 
 async fn refresh(docker: &Docker, host: &str, id: String) -> Result<DockerUpdate, WatchError> {
-    Ok(match inspect(docker, host, &id).await? {
+    let started = std::time::Instant::now();
+    let found = inspect(docker, host, &id).await?;
+    debug!(
+        container = id,
+        us = started.elapsed().as_micros() as u64,
+        "container inspected"
+    );
+    Ok(match found {
         Some(c) => DockerUpdate::Upsert(c),
         None => DockerUpdate::Remove(id),
     })

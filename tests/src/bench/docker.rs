@@ -1422,11 +1422,12 @@ pub fn section(o: &Outcome) -> Section {
         .collect();
     notes.push(
         "What the daemon does in between (from its code): on `start` it asks the engine \
-         about the container, attaches the reverse path to the container's veth, writes the \
-         backend entry, rebuilds the service's Maglev table and writes the slots that differ \
-         into the inactive copy, one map update each (about a third of 65,537 when a third \
-         backend joins), then flips; on `die` it rebuilds the table, finds the inactive copy \
-         already holds it (the table from before the start), and flips."
+         about the container, finds the host side of its veth through the container's \
+         process (sysfs, no subprocess; the reverse path is already on the bridge), writes \
+         the backend entry, rebuilds the service's Maglev table, writes the slots that \
+         differ into the inactive copy through a memory mapping of the array, then flips; \
+         on `die` it makes no engine call: it rebuilds the table, writes the inactive copy \
+         the same way, and flips."
             .into(),
     );
     if !problems.is_empty() {

@@ -158,7 +158,7 @@ fn control_section_changes_are_in_the_map() {
     assert_eq!(o.in_table, 10, "slots in the active Maglev table");
     assert_eq!(o.api_listed, Some((13, 13)), "the API lists them, active");
     assert!(!o.idle_api_ms.is_empty());
-    assert!(o.rss_ready_kib > 0 && o.rss_after_kib > 0 && o.hwm_after_kib > 0);
+    assert!(o.rss_ready_kib > 0 && o.rss_after_kib > 0 && o.vm_rss_after_kib > 0);
     assert_eq!(o.milestones.len(), 1);
     assert!(o.milestones[0].1.is_some());
     let s = control::section(&o);

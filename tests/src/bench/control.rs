@@ -110,7 +110,9 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
-/// `VmRSS` and `VmHWM` of process `pid`, in KiB.
+/// `RssAnon` (the process's own heap and stacks) and `VmRSS` (with its
+/// binary and the memory-mapped Maglev array, which is the kernel's map
+/// memory, not more of it) of process `pid`, in KiB.
 fn rss_kib(pid: u32) -> (u64, u64) {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
@@ -122,7 +124,7 @@ fn rss_kib(pid: u32) -> (u64, u64) {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
     };
-    (field("VmRSS:"), field("VmHWM:"))
+    (field("RssAnon:"), field("VmRSS:"))
 }
 
 /// The `p`th percentile (0 to 100, nearest rank) of `v`.
@@ -228,12 +230,12 @@ pub struct Outcome {
     /// Latencies in ms of `GET /v1/services` sent every 200 ms for a
     /// while after the changes, with the daemon otherwise idle.
     pub idle_api_ms: Vec<f64>,
-    /// Daemon `VmRSS` once ready, in KiB.
+    /// Daemon `RssAnon` once ready, in KiB.
     pub rss_ready_kib: u64,
-    /// Daemon `VmRSS` after the changes, in KiB.
+    /// Daemon `RssAnon` after the changes, in KiB.
     pub rss_after_kib: u64,
-    /// Daemon `VmHWM` (peak RSS) after the changes, in KiB.
-    pub hwm_after_kib: u64,
+    /// Daemon `VmRSS` after the changes, in KiB.
+    pub vm_rss_after_kib: u64,
 }
 
 /// Starts a daemon over a three-backend topology and applies up to
@@ -358,7 +360,7 @@ pub fn measure(changes: usize, budget: Duration, probe: Duration) -> Outcome {
         idle_api_ms.push(t.elapsed().as_secs_f64() * 1e3);
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (rss_after_kib, hwm_after_kib) = rss_kib(pid);
+    let (rss_after_kib, vm_rss_after_kib) = rss_kib(pid);
     drop(daemon);
     drop(dir);
     drop(pins);
@@ -378,7 +380,7 @@ pub fn measure(changes: usize, budget: Duration, probe: Duration) -> Outcome {
         idle_unanswered,
         rss_ready_kib,
         rss_after_kib,
-        hwm_after_kib,
+        vm_rss_after_kib,
     }
 }
 
@@ -475,11 +477,15 @@ pub fn section(o: &Outcome) -> Section {
             "applied backends in the active Maglev table (of {applied})"
         ))
         .with("count", o.in_table as f64),
-        Row::new("daemon RSS, ready (1 service, 3 backends)").with("mib", mib(o.rss_ready_kib)),
-        Row::new(&format!("daemon RSS, after {applied} additions"))
-            .with("mib", mib(o.rss_after_kib))
-            .with("count", (o.applied + 3) as f64),
-        Row::new("daemon peak RSS (VmHWM)").with("mib", mib(o.hwm_after_kib)),
+        Row::new("daemon's own memory (RssAnon), ready (1 service, 3 backends)")
+            .with("mib", mib(o.rss_ready_kib)),
+        Row::new(&format!(
+            "daemon's own memory (RssAnon), after {applied} additions"
+        ))
+        .with("mib", mib(o.rss_after_kib))
+        .with("count", (o.applied + 3) as f64),
+        Row::new("daemon VmRSS (with its binary and the mapped Maglev array)")
+            .with("mib", mib(o.vm_rss_after_kib)),
     ]);
     let mut notes = vec![format!(
         "`lb run` over three backend namespaces, one service from its config file, default \
@@ -489,9 +495,9 @@ pub fn section(o: &Outcome) -> Section {
          a real one (route, neighbour, veth peer). It answers a change once the maps hold \
          it, so an answer is when that change is in the map. Afterwards the pinned maps were \
          read: {} of the {applied} applied backends have an active entry and {} have slots \
-         in the service's active Maglev table{}. RSS is the daemon process's own memory \
-         (the maps are kernel memory: see how cost grows); the peak is from loading the \
-         data path.",
+         in the service's active Maglev table{}. RssAnon is the daemon process's own memory \
+         (heap and stacks); VmRSS adds its binary and the Maglev array it maps to write \
+         tables, which is the kernel's map memory (see how cost grows), not more of it.",
         thousands(o.active_in_map as u64),
         thousands(o.in_table as u64),
         match o.api_listed {

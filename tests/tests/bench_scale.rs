@@ -169,7 +169,7 @@ fn control_section_changes_are_in_the_map() {
         row(&s, "applied backends active in the pinned map (of 10)").get("count"),
         Some(10.0)
     );
-    assert!(row(&s, "daemon RSS, after 10 additions")
+    assert!(row(&s, "daemon's own memory (RssAnon), after 10 additions")
         .get("mib")
         .is_some_and(|v| v > 0.0));
 }

@@ -66,11 +66,16 @@ struct Files {
 
 impl Files {
     fn new(topo: &Topology) -> Files {
+        Files::with_mode(topo, "auto")
+    }
+
+    /// With `datapath.mode = mode`.
+    fn with_mode(topo: &Topology, mode: &str) -> Files {
         let pins = PinDir::new(&format!("/sys/fs/bpf/lb-e2e-{}", topo.prefix()));
         let dir = TempDir::new(&format!("docker-{}", topo.prefix()));
         let vip = topo.vip();
         let text = format!(
-            "[datapath]\nexternal = [\"{ext}\"]\n\n[docker]\nenabled = true\n\n\
+            "[datapath]\nexternal = [\"{ext}\"]\nmode = \"{mode}\"\n\n[docker]\nenabled = true\n\n\
              [[service]]\nname = \"web\"\nvip = \"{vip}:{WEB_PORT}\"\n\n\
              [[service]]\nname = \"echo\"\nvip = \"{vip}:{ECHO_PORT}\"\n\
              image = \"{IMAGE}\"\ntarget_port = 9000\n",
@@ -505,4 +510,32 @@ fn a_restart_keeps_container_backends_and_their_connections() {
     wait_active(&cli, &second, "echo", &now);
     let fresh = hold(&topo, 12, &now);
     assert!(fresh.iter().all(|h| h.backend() != victim));
+}
+
+#[test]
+fn with_xdp_forwarding_the_daemon_turns_gro_on_inside_the_container() {
+    require_root();
+    let engine = Engine::ensure();
+    let topo = Topology::new("lbd8", 0);
+    let files = Files::with_mode(&topo, "xdp");
+    let c = engine.run("lbd8-c1", RunOpts::default().cmd(serve()));
+    let gro = || {
+        let ns = format!("--net=/proc/{}/ns/net", c.pid());
+        let out = lb_tests::run_ok("nsenter", &[&ns, "ethtool", "-k", "eth0"]);
+        out.lines()
+            .any(|l| l.trim() == "generic-receive-offload: on")
+    };
+    assert!(
+        !gro(),
+        "a fresh container already has GRO on: nothing to test"
+    );
+    let daemon = files.start();
+    let cli = files.cli();
+    wait_active(&cli, &daemon, "echo", &names(&[&c]));
+    assert!(gro(), "GRO is still off in {}'s eth0", c.name());
+    assert!(
+        daemon.output().contains("turned GRO on"),
+        "{}",
+        daemon.output()
+    );
 }

@@ -205,6 +205,10 @@ struct ServiceState {
     active: Option<usize>,
     /// What each copy of the table holds in the map (empty: unknown).
     copies: [Vec<u32>; 2],
+    /// The table size and members the active copy was built from: an
+    /// apply that changes neither skips the build (about 1 ms per service
+    /// at M = 65,537, paid by every service on every change otherwise).
+    built_from: Option<(u32, Vec<MaglevBackend>)>,
     backends: BTreeMap<SocketAddrV4, Member>,
 }
 
@@ -540,6 +544,7 @@ impl Reconciler {
                     id: value.id,
                     active: Some(copy as usize),
                     copies,
+                    built_from: None,
                     backends: members,
                 },
             );
@@ -661,6 +666,7 @@ impl Reconciler {
                     id,
                     active: None,
                     copies: [Vec::new(), Vec::new()],
+                    built_from: None,
                     backends: BTreeMap::new(),
                 },
             );
@@ -1117,11 +1123,17 @@ impl Reconciler {
             })
             .collect();
         let size = st.spec.table_size;
+        let from = (size, members);
+        if st.active.is_some() && st.built_from.as_ref() == Some(&from) {
+            return Ok(());
+        }
+        let (size, members) = from;
         let table = maglev::build(&members, size).map_err(|source| ReconcileError::Maglev {
             service: name.to_owned(),
             source,
         })?;
         if st.active.is_some_and(|a| st.copies[a] == table) {
+            st.built_from = Some((size, members));
             return Ok(());
         }
         let copy = st.active.map_or(0, |a| 1 - a);
@@ -1161,6 +1173,7 @@ impl Reconciler {
         let in_table = members.len();
         let empty = table.first() == Some(&NO_BACKEND);
         st.copies[copy] = table;
+        st.built_from = Some((size, members));
         st.active = Some(copy);
         info!(
             service = name,

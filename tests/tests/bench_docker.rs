@@ -14,7 +14,7 @@ use lb_tests::{
         docker::{self, Params, NAME_PREFIX, TOPOLOGY_PREFIX},
         report::{Report, Row, Section},
     },
-    docker::docker_ok,
+    docker::{docker_ok, Engine},
     netns::list_netns,
 };
 
@@ -81,6 +81,9 @@ fn docker_section_sees_every_start_and_death_and_cleans_up() {
     );
 
     // Nothing left: containers, daemon, events stream, pins, namespaces.
+    // The section's engine may have been its own and stopped with it: ask
+    // an engine (started again if need be) which containers it has.
+    let _engine = Engine::ensure();
     let left: Vec<String> = docker_ok(&["ps", "-a", "--format", "{{.Names}}"])
         .lines()
         .filter(|n| n.starts_with(NAME_PREFIX))

@@ -18,13 +18,6 @@ use lb_tests::{
     netns::list_netns,
 };
 
-fn row<'a>(s: &'a Section, name: &str) -> &'a Row {
-    s.rows.iter().find(|r| r.name == name).unwrap_or_else(|| {
-        let names: Vec<&str> = s.rows.iter().map(|r| r.name.as_str()).collect();
-        panic!("no row {name:?} in section {}: {names:?}", s.key)
-    })
-}
-
 /// Whether `pid` is a live process (not a zombie).
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
@@ -125,7 +118,7 @@ fn docker_section_sees_every_start_and_death_and_cleans_up() {
         "`start` event → `docker run` returned",
         "`docker run` returned → first request answered by the new container",
     ] {
-        let r = row(&s, name);
+        let r = s.row(name);
         for key in ["p50", "p99", "max"] {
             assert!(
                 r.get(key).is_some_and(f64::is_finite),

@@ -16,13 +16,6 @@ use lb_tests::bench::{
     scale::{self, Params},
 };
 
-fn row<'a>(s: &'a Section, name: &str) -> &'a lb_tests::bench::report::Row {
-    s.rows.iter().find(|r| r.name == name).unwrap_or_else(|| {
-        let names: Vec<&str> = s.rows.iter().map(|r| r.name.as_str()).collect();
-        panic!("no row {name:?} in section {}: {names:?}", s.key)
-    })
-}
-
 #[test]
 fn scale_section_measures_every_case() {
     lb_tests::require_root();
@@ -51,7 +44,7 @@ fn scale_section_measures_every_case() {
         "1 flow in the table (replayed, as in the per-packet section)",
         "1,000 flows in the table",
     ] {
-        let r = row(&s, name);
+        let r = s.row(name);
         for key in ["pass_ns", "est_ns", "new_ns"] {
             let v = r
                 .get(key)
@@ -60,7 +53,7 @@ fn scale_section_measures_every_case() {
         }
         assert_eq!(r.rounds.len(), 2, "{name}: one figure per round");
     }
-    let fill = row(&s, "flow table fill: 1,000 flows written from 1 CPU");
+    let fill = s.row("flow table fill: 1,000 flows written from 1 CPU");
     assert_eq!(fill.get("entries"), Some(1_000.0), "{fill:?}");
     assert!(s.rows.iter().any(|r| r
         .name
@@ -68,15 +61,16 @@ fn scale_section_measures_every_case() {
         && !r.name.ends_with("1 CPU")
         && r.get("entries") == Some(1_000.0)));
     for n in ["10", "1,000"] {
-        let r = row(&s, &format!("Maglev rebuild, {n} backends (M = 65,537)"));
+        let r = s.row(&format!("Maglev rebuild, {n} backends (M = 65,537)"));
         assert!(r.get("ms").is_some_and(|v| v > 0.0), "{r:?}");
     }
-    assert!(row(&s, "memory: LB_FLOWS").get("mib").is_some());
+    assert!(s.row("memory: LB_FLOWS").get("mib").is_some());
     assert!(s
         .rows
         .iter()
         .any(|r| r.name.starts_with("memory: all ") && r.get("mib").is_some_and(|v| v > 0.0)));
-    assert!(row(&s, "memory per flow entry")
+    assert!(s
+        .row("memory per flow entry")
         .get("bytes_per")
         .is_some_and(|v| v > 0.0));
     assert!(
@@ -163,13 +157,15 @@ fn control_section_changes_are_in_the_map() {
     assert!(o.milestones[0].1.is_some());
     let s = control::section(&o);
     assert_eq!(s.key, "control");
-    let r = row(&s, "10 backend additions, until the last is in the map");
+    let r = s.row("10 backend additions, until the last is in the map");
     assert!(r.get("s").is_some_and(|v| v > 0.0), "{r:?}");
     assert_eq!(
-        row(&s, "applied backends active in the pinned map (of 10)").get("count"),
+        s.row("applied backends active in the pinned map (of 10)")
+            .get("count"),
         Some(10.0)
     );
-    assert!(row(&s, "daemon's own memory (RssAnon), after 10 additions")
+    assert!(s
+        .row("daemon's own memory (RssAnon), after 10 additions")
         .get("mib")
         .is_some_and(|v| v > 0.0));
 }

@@ -19,11 +19,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, MapData};
 use lb::api::types::{BackendInfo, BackendState};
 use lb_common::{maps, Backend, ServiceKey, ServiceValue, BACKEND_ACTIVE, IPPROTO_TCP};
 
 use super::{
+    open_pinned,
     report::{Column, Row, Section},
     scale::thousands,
     PinDir,
@@ -149,11 +150,7 @@ struct InMaps {
 /// Reads the daemon's pinned maps: which of `added` have an active backend
 /// entry and slots in the active Maglev table of `vip:port`/TCP.
 fn read_pinned(dir: &Path, vip: Ipv4Addr, port: u16, added: &[(Ipv4Addr, u16)]) -> InMaps {
-    let open = |name: &str| {
-        let data = MapData::from_pin(dir.join(name))
-            .unwrap_or_else(|e| panic!("opening pinned map {name}: {e}"));
-        Map::from_map_data(data).unwrap_or_else(|e| panic!("pinned map {name}: {e}"))
-    };
+    let open = |name: &str| open_pinned(dir, name);
     let backends: Array<MapData, Backend> =
         Array::try_from(open(maps::BACKENDS)).expect("LB_BACKENDS is an array");
     let services: HashMap<MapData, ServiceKey, ServiceValue> =

@@ -51,6 +51,7 @@ use nix::{
 };
 
 use super::{
+    open_pinned,
     report::{Column, Row, Section, Target},
     PinDir,
 };
@@ -382,11 +383,7 @@ impl PinnedMaps {
 /// reads (through aya) of the service's active table and the first
 /// backends.
 fn check_batch_reads(dir: &Path, maps_: &PinnedMaps, key: ServiceKey) {
-    let open = |name: &str| {
-        let data = MapData::from_pin(dir.join(name))
-            .unwrap_or_else(|e| panic!("opening pinned map {name}: {e}"));
-        Map::from_map_data(data).unwrap_or_else(|e| panic!("pinned map {name}: {e}"))
-    };
+    let open = |name: &str| open_pinned(dir, name);
     let backends: Array<MapData, Backend> =
         Array::try_from(open(maps::BACKENDS)).expect("LB_BACKENDS is an array");
     let maglev: Array<MapData, u32> =

@@ -9,7 +9,20 @@ pub mod rate;
 pub mod report;
 pub mod scale;
 
-use std::{fs, path::PathBuf};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Map, MapData};
+
+/// The pinned map `name` in the data path directory `dir`; panics if it
+/// cannot be opened.
+pub(crate) fn open_pinned(dir: &Path, name: &str) -> Map {
+    let data = MapData::from_pin(dir.join(name))
+        .unwrap_or_else(|e| panic!("opening pinned map {name}: {e}"));
+    Map::from_map_data(data).unwrap_or_else(|e| panic!("pinned map {name}: {e}"))
+}
 
 /// The bpffs directory a section's daemon pins under; removed (with
 /// anything left in it) when created and when dropped.

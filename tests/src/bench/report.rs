@@ -130,6 +130,20 @@ pub struct Section {
     pub notes: Vec<String>,
 }
 
+impl Section {
+    /// The row named `name`; panics, listing the rows there are, if there
+    /// is none (for the tests of the sections' machinery).
+    pub fn row(&self, name: &str) -> &Row {
+        self.rows
+            .iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| {
+                let names: Vec<&str> = self.rows.iter().map(|r| r.name.as_str()).collect();
+                panic!("no row {name:?} in section {}: {names:?}", self.key)
+            })
+    }
+}
+
 /// The whole report.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {

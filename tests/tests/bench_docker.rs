@@ -12,7 +12,7 @@ use std::path::Path;
 use lb_tests::{
     bench::{
         docker::{self, Params, NAME_PREFIX, TOPOLOGY_PREFIX},
-        report::{Report, Row, Section},
+        report::Report,
     },
     docker::{docker_ok, Engine},
     netns::list_netns,

@@ -12,7 +12,6 @@ use lb::datapath::MapSizes;
 use lb_common::maps;
 use lb_tests::bench::{
     control,
-    report::Section,
     scale::{self, Params},
 };
 

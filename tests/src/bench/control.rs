@@ -25,7 +25,7 @@ use lb_common::{maps, Backend, ServiceKey, ServiceValue, BACKEND_ACTIVE, IPPROTO
 
 use super::{
     open_pinned,
-    report::{Column, Row, Section},
+    report::{percentile, Column, Row, Section},
     scale::thousands,
     PinDir,
 };
@@ -126,17 +126,6 @@ fn rss_kib(pid: u32) -> (u64, u64) {
             .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
     };
     (field("RssAnon:"), field("VmRSS:"))
-}
-
-/// The `p`th percentile (0 to 100, nearest rank) of `v`.
-fn percentile(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
-    s[rank.clamp(1, s.len()) - 1]
 }
 
 /// What the pinned maps say about the added backends.
@@ -587,16 +576,6 @@ pub fn section(o: &Outcome) -> Section {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn percentiles_by_nearest_rank() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), 50.0);
-        assert_eq!(percentile(&v, 99.0), 99.0);
-        assert_eq!(percentile(&v, 100.0), 100.0);
-        assert_eq!(percentile(&[3.0], 99.0), 3.0);
-        assert_eq!(percentile(&[], 50.0), 0.0);
-    }
 
     #[test]
     fn chunked_bodies() {

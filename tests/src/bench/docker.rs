@@ -52,7 +52,7 @@ use nix::{
 
 use super::{
     open_pinned,
-    report::{Column, Row, Section, Target},
+    report::{percentile, Column, Row, Section, Target},
     PinDir,
 };
 use crate::{
@@ -1198,17 +1198,6 @@ fn round(
 // ---------------------------------------------------------------------------
 // The report.
 
-/// The `p`th percentile (0 to 100, nearest rank) of `v`.
-pub fn percentile(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
-    s[rank.clamp(1, s.len()) - 1]
-}
-
 /// Runs the section: 50 containers started and killed (`quick`: 10).
 pub fn run(quick: bool) -> Section {
     run_with(&Params {
@@ -1470,14 +1459,6 @@ mod tests {
         assert_eq!(e.name, "lbbd-v0");
         assert_eq!(e.at_ns, 1_700_000_000_123_456_789);
         assert!(Event::parse("not json").is_none());
-    }
-
-    #[test]
-    fn percentiles_by_nearest_rank() {
-        let v: Vec<f64> = (1..=50).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), 25.0);
-        assert_eq!(percentile(&v, 99.0), 50.0);
-        assert_eq!(percentile(&[], 99.0), 0.0);
     }
 
     #[test]

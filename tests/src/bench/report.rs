@@ -167,6 +167,17 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// The `p`th percentile (0 to 100, nearest rank) of `v`.
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    s[rank.clamp(1, s.len()) - 1]
+}
+
 impl Report {
     /// The report as Markdown.
     pub fn markdown(&self) -> String {
@@ -340,6 +351,19 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("cpu &lt;x&gt;"));
         assert!(svg.contains("b &amp; c") || !svg.contains("b & c"));
+    }
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&v, 100.0), 100.0);
+        assert_eq!(percentile(&[3.0], 99.0), 3.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+        let v: Vec<f64> = (1..=50).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 25.0);
+        assert_eq!(percentile(&v, 99.0), 50.0);
     }
 
     #[test]

@@ -157,15 +157,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut tracker = Tracker::new(if docker_on { "connecting" } else { "disabled" });
     let mut desired = desired;
+    // The first session's list is both what the maps start with and what
+    // the watcher reports first; its events follow on from that list.
+    let mut first = None;
     if docker_on {
-        match tokio::time::timeout(DOCKER_FIRST_LIST, first_list(&docker_host)).await {
-            Ok(Ok(containers)) => {
+        match tokio::time::timeout(DOCKER_FIRST_LIST, docker::open(&docker_host)).await {
+            Ok(Ok(session)) => {
                 info!(
                     host = docker_host,
-                    containers = containers.len(),
+                    containers = session.containers.len(),
                     "docker: first list"
                 );
-                tracker.update(DockerUpdate::Sync(containers));
+                tracker.update(DockerUpdate::Sync(session.containers.clone()));
+                first = Some(session);
             }
             Ok(Err(e)) => {
                 warn!(error = %e, "docker: engine not reachable; starting without its containers and retrying")
@@ -221,7 +225,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ))
     });
     let watcher =
-        docker_on.then(|| tokio::spawn(docker::watch(docker_host.clone(), handle.clone())));
+        docker_on.then(|| tokio::spawn(docker::watch(docker_host.clone(), handle.clone(), first)));
     // Backends start healthy (as the reconciler assumes); checks can only
     // take them out. Kept in step with the desired services below.
     let health = health::spawn(handle.clone());
@@ -279,11 +283,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         info!("detached");
     }
     Ok(())
-}
-
-async fn first_list(host: &str) -> Result<Vec<docker::Container>, docker::WatchError> {
-    let engine = docker::connect(host).await?;
-    docker::list(&engine, host).await
 }
 
 async fn wait_for(mut stop: watch::Receiver<bool>) {

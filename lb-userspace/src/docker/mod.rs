@@ -23,7 +23,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-pub use watcher::{connect, list, watch, DockerUpdate, WatchError};
+pub use watcher::{open, watch, DockerUpdate, Session, WatchError};
 
 use crate::{
     config::{BackendSpec, ServiceSpec, Via},

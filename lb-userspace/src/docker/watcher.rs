@@ -15,7 +15,10 @@ use bollard::{
     query_parameters::{EventsOptions, ListContainersOptions},
     Docker,
 };
-use futures_util::{stream, StreamExt as _};
+use futures_util::{
+    stream::{self, BoxStream},
+    StreamExt as _,
+};
 use tracing::{debug, info, warn};
 
 use super::{Container, Endpoint, Health};
@@ -63,7 +66,7 @@ const PING_EVERY: Duration = Duration::from_secs(30);
 const INSPECT_CONCURRENCY: usize = 8;
 
 /// Connects to the engine at `host` (`unix://…` or `tcp://…`).
-pub async fn connect(host: &str) -> Result<Docker, WatchError> {
+async fn connect(host: &str) -> Result<Docker, WatchError> {
     let err = |source| WatchError::Engine {
         host: host.to_owned(),
         source,
@@ -79,7 +82,7 @@ pub async fn connect(host: &str) -> Result<Docker, WatchError> {
 }
 
 /// Every running container, inspected.
-pub async fn list(docker: &Docker, host: &str) -> Result<Vec<Container>, WatchError> {
+async fn list(docker: &Docker, host: &str) -> Result<Vec<Container>, WatchError> {
     let summaries = docker
         .list_containers(Some(ListContainersOptions {
             all: false,
@@ -158,13 +161,55 @@ fn from_inspect(r: ContainerInspectResponse) -> Option<Container> {
     })
 }
 
+/// A connection to the engine: its event stream (from just before the
+/// list) and every running container at the time of the list.
+pub struct Session {
+    docker: Docker,
+    events: BoxStream<'static, Result<EventMessage, BollardError>>,
+    /// The running containers, inspected.
+    pub containers: Vec<Container>,
+}
+
+/// Connects to the engine at `host`, subscribes to its events, then lists
+/// the running containers. Events are asked for from just before the list,
+/// so none that happens while listing is lost; replaying one twice is
+/// harmless.
+pub async fn open(host: &str) -> Result<Session, WatchError> {
+    let docker = connect(host).await?;
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let filters: HashMap<String, Vec<String>> =
+        HashMap::from([("type".into(), vec!["container".into(), "network".into()])]);
+    let events = docker
+        .events(Some(EventsOptions {
+            since: Some(format!("{}.{:09}", since.as_secs(), since.subsec_nanos())),
+            until: None,
+            filters: Some(filters),
+        }))
+        .boxed();
+    let containers = list(&docker, host).await?;
+    Ok(Session {
+        docker,
+        events,
+        containers,
+    })
+}
+
 /// Follows the engine at `host` for as long as the daemon runs, reporting
-/// to the control task through `handle`.
-pub async fn watch(host: String, handle: Handle) {
+/// to the control task through `handle`. `first` is a session already
+/// open (the daemon's start-up list), followed before any new one.
+pub async fn watch(host: String, handle: Handle, mut first: Option<Session>) {
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = tokio::time::Instant::now();
-        let e = session(&host, &handle).await;
+        let e = match first.take() {
+            Some(s) => follow(&host, &handle, s).await,
+            None => match open(&host).await {
+                Ok(s) => follow(&host, &handle, s).await,
+                Err(e) => e,
+            },
+        };
         // A session that ran a while was healthy: start the backoff over.
         if started.elapsed() > BACKOFF_MAX {
             backoff = BACKOFF_MIN;
@@ -177,28 +222,13 @@ pub async fn watch(host: String, handle: Handle) {
     }
 }
 
-/// One connection: list, then follow events until something fails.
-async fn session(host: &str, handle: &Handle) -> WatchError {
-    let docker = match connect(host).await {
-        Ok(d) => d,
-        Err(e) => return e,
-    };
-    // Events are asked for from just before the list, so none that happen
-    // while listing is lost; replaying one twice is harmless.
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let filters: HashMap<String, Vec<String>> =
-        HashMap::from([("type".into(), vec!["container".into(), "network".into()])]);
-    let mut events = docker.events(Some(EventsOptions {
-        since: Some(format!("{}.{:09}", since.as_secs(), since.subsec_nanos())),
-        until: None,
-        filters: Some(filters),
-    }));
-    let containers = match list(&docker, host).await {
-        Ok(c) => c,
-        Err(e) => return e,
-    };
+/// Reports a session's list, then follows its events until something fails.
+async fn follow(host: &str, handle: &Handle, session: Session) -> WatchError {
+    let Session {
+        docker,
+        mut events,
+        containers,
+    } = session;
     let version = docker.client_version();
     info!(
         host,

@@ -9,11 +9,12 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use crate::{
-    api::{
-        types::{BackendInfo, InterfaceStatus, NewBackend, NewService, ServiceInfo, Stats, Status},
-        Failure,
+    api::types::{
+        BackendInfo, InterfaceStatus, NewBackend, NewService, ServiceInfo, Stats, Status,
     },
-    docker::{DockerUpdate, Tracker},
+    docker::{DockerSink, DockerUpdate, Tracker},
+    health::HealthSink,
+    model::Refusal,
     reconcile::Reconciler,
     state::Desired,
 };
@@ -62,7 +63,7 @@ pub enum Response {
 #[derive(Debug)]
 pub enum Input {
     /// A client's request and where to send the answer.
-    Call(Request, oneshot::Sender<Result<Response, Failure>>),
+    Call(Request, oneshot::Sender<Result<Response, Refusal>>),
     /// A health check result for (service, backend).
     Health(String, SocketAddrV4, bool),
     /// What the Docker watcher saw.
@@ -83,14 +84,14 @@ impl Handle {
     }
 
     /// Sends a request and waits for its answer.
-    pub async fn call(&self, request: Request) -> Result<Response, Failure> {
+    pub async fn call(&self, request: Request) -> Result<Response, Refusal> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Input::Call(request, tx))
             .await
-            .map_err(|_| Failure::internal("the daemon is shutting down".into()))?;
+            .map_err(|_| Refusal::failed("the daemon is shutting down".into()))?;
         rx.await
-            .map_err(|_| Failure::internal("the daemon is shutting down".into()))?
+            .map_err(|_| Refusal::failed("the daemon is shutting down".into()))?
     }
 
     /// Reports what the Docker watcher saw.
@@ -101,6 +102,18 @@ impl Handle {
     /// Reports a health check result.
     pub async fn health(&self, service: String, backend: SocketAddrV4, healthy: bool) {
         let _ = self.tx.send(Input::Health(service, backend, healthy)).await;
+    }
+}
+
+impl HealthSink for Handle {
+    async fn report(&self, service: String, backend: SocketAddrV4, healthy: bool) {
+        self.health(service, backend, healthy).await;
+    }
+}
+
+impl DockerSink for Handle {
+    async fn report(&self, update: DockerUpdate) {
+        self.docker(update).await;
     }
 }
 
@@ -175,23 +188,23 @@ impl Controller {
         }
     }
 
-    async fn apply(&mut self) -> Result<(), Failure> {
+    async fn apply(&mut self) -> Result<(), Refusal> {
         let services = self.desired.services();
         self.rec
             .apply(&services)
             .await
-            .map_err(|e| Failure::internal(format!("{e:#}")))
+            .map_err(|e| Refusal::failed(format!("{e:#}")))
     }
 
-    fn service_info(&self, name: &str) -> Result<ServiceInfo, Failure> {
+    fn service_info(&self, name: &str) -> Result<ServiceInfo, Refusal> {
         self.rec
             .services_info()
             .into_iter()
             .find(|s| s.name == name)
-            .ok_or_else(|| Failure::not_found(format!("no service {name}")))
+            .ok_or_else(|| Refusal::not_found(format!("no service {name}")))
     }
 
-    async fn call(&mut self, req: Request) -> Result<Response, Failure> {
+    async fn call(&mut self, req: Request) -> Result<Response, Refusal> {
         match req {
             Request::ListServices => Ok(Response::Services(self.rec.services_info())),
             Request::AddService(new) => {
@@ -211,7 +224,7 @@ impl Controller {
                 let mut list = self
                     .rec
                     .backends_info(&name)
-                    .ok_or_else(|| Failure::not_found(format!("no service {name}")))?;
+                    .ok_or_else(|| Refusal::not_found(format!("no service {name}")))?;
                 for b in &mut list {
                     if let Ok(addr) = b.address.parse() {
                         b.container = self.docker.container(&name, addr).map(str::to_owned);
@@ -239,7 +252,7 @@ impl Controller {
                 .stats(name.as_deref())
                 .map(Response::Stats)
                 .ok_or_else(|| {
-                    Failure::not_found(format!("no service {}", name.unwrap_or_default()))
+                    Refusal::not_found(format!("no service {}", name.unwrap_or_default()))
                 }),
             Request::Status => {
                 let mut interfaces = self.info.externals.clone();

@@ -1,7 +1,7 @@
 //! Active TCP health checks of backends.
 //!
 //! The checker never touches maps: it reports results through a
-//! [`HealthSink`] (the control task's [`Handle`] in the daemon), and the
+//! [`HealthSink`] (the controller's handle in the daemon), and the
 //! reconciler takes a backend out of or back into its service's table.
 //!
 //! Each (service, backend) of a service with a [`HealthCheck`] gets its own
@@ -31,13 +31,9 @@ use tokio::{
 };
 use tracing::{debug, info};
 
-use crate::{
-    api::types::HealthCheck,
-    config::{Protocol, ServiceSpec},
-    control::Handle,
-};
+use crate::model::{HealthCheck, Protocol, ServiceSpec};
 
-/// Where health results go. The daemon uses the control task's [`Handle`];
+/// Where health results go. The daemon uses the controller's handle;
 /// tests use an `mpsc` channel.
 pub trait HealthSink: Clone + Send + Sync + 'static {
     /// Reports that `backend` of `service` now passes (`true`) or fails
@@ -48,17 +44,6 @@ pub trait HealthSink: Clone + Send + Sync + 'static {
         backend: SocketAddrV4,
         healthy: bool,
     ) -> impl Future<Output = ()> + Send;
-}
-
-impl HealthSink for Handle {
-    fn report(
-        &self,
-        service: String,
-        backend: SocketAddrV4,
-        healthy: bool,
-    ) -> impl Future<Output = ()> + Send {
-        self.health(service, backend, healthy)
-    }
 }
 
 impl HealthSink for mpsc::Sender<(String, SocketAddrV4, bool)> {
@@ -308,7 +293,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::{api::types::Origin, config::BackendSpec};
+    use crate::model::{BackendSpec, Origin};
 
     type Report = (String, SocketAddrV4, bool);
 

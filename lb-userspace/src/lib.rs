@@ -12,5 +12,6 @@ pub mod health;
 pub mod host;
 pub mod maglev;
 pub mod metrics;
+pub mod model;
 pub mod reconcile;
 pub mod state;

@@ -31,10 +31,10 @@ use crate::{
         BackendInfo, BackendState, Counters, Health, InterfaceStatus, MapStatus, ServiceInfo,
         ServiceStats, Stats,
     },
-    config::{BackendSpec, Protocol, ServiceSpec, Via},
     datapath::{Datapath, DatapathError, MapSizes, Maps},
     host::{self, HostError},
     maglev::{self, MaglevBackend, MaglevError},
+    model::{BackendSpec, Protocol, ServiceSpec, Via},
 };
 
 /// Errors of the reconcile loop.

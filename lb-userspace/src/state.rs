@@ -24,13 +24,11 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    api::{
-        types::{NewBackend, NewService, Origin},
-        Failure,
-    },
-    config::{
-        image_rule, parse_socket_addr, service_spec, BackendSpec, Config, ImageRule, Protocol,
-        ServiceSpec,
+    api::types::{NewBackend, NewService},
+    config::Config,
+    model::{
+        image_rule, parse_socket_addr, service_spec, BackendSpec, ImageRule, Origin, Protocol,
+        Refusal, ServiceSpec,
     },
 };
 
@@ -297,7 +295,7 @@ impl Desired {
     }
 
     /// Adds a service through the API.
-    pub fn add_service(&mut self, new: &NewService) -> Result<ServiceSpec, Failure> {
+    pub fn add_service(&mut self, new: &NewService) -> Result<ServiceSpec, Refusal> {
         let proto = new.protocol.map(|p| p.to_string());
         let spec = service_spec(
             &new.name,
@@ -307,11 +305,11 @@ impl Desired {
             new.health,
             self.limits.max_table_size,
         )
-        .map_err(|e| Failure::bad_request(format!("{}: {}", e.field, e.reason)))?;
+        .map_err(|e| Refusal::invalid(format!("{}: {}", e.field, e.reason)))?;
         let image = image_rule(new.image.as_deref(), new.target_port)
-            .map_err(|e| Failure::bad_request(format!("{}: {}", e.field, e.reason)))?;
+            .map_err(|e| Refusal::invalid(format!("{}: {}", e.field, e.reason)))?;
         if self.services().iter().any(|s| s.name == spec.name) {
-            return Err(Failure::conflict(format!(
+            return Err(Refusal::conflict(format!(
                 "service {} already exists",
                 spec.name
             )));
@@ -321,7 +319,7 @@ impl Desired {
             .iter()
             .find(|s| s.vip == spec.vip && s.protocol == spec.protocol)
         {
-            return Err(Failure::conflict(format!(
+            return Err(Refusal::conflict(format!(
                 "{} {} is already used by service {}",
                 spec.protocol, spec.vip, s.name
             )));
@@ -346,25 +344,25 @@ impl Desired {
     }
 
     /// Removes a service created through the API.
-    pub fn remove_service(&mut self, name: &str) -> Result<(), Failure> {
+    pub fn remove_service(&mut self, name: &str) -> Result<(), Refusal> {
         if self.config_service(name).is_some() {
-            return Err(Failure::conflict(format!(
+            return Err(Refusal::conflict(format!(
                 "service {name} is declared in the config file: remove it there and restart"
             )));
         }
         if !self.overlay.services.iter().any(|s| s.name == name) {
-            return Err(Failure::not_found(format!("no service {name}")));
+            return Err(Refusal::not_found(format!("no service {name}")));
         }
         self.change(|o| o.services.retain(|s| s.name != name))
     }
 
     /// Adds a backend to any service.
-    pub fn add_backend(&mut self, service: &str, new: &NewBackend) -> Result<(), Failure> {
+    pub fn add_backend(&mut self, service: &str, new: &NewBackend) -> Result<(), Refusal> {
         let addr = parse_socket_addr(&new.address)
-            .map_err(|r| Failure::bad_request(format!("address: {r}")))?;
+            .map_err(|r| Refusal::invalid(format!("address: {r}")))?;
         let weight = new.weight.unwrap_or(1);
         if weight == 0 {
-            return Err(Failure::bad_request(
+            return Err(Refusal::invalid(
                 "weight: 0 is not a weight (at least 1; drain or remove a backend instead)".into(),
             ));
         }
@@ -372,9 +370,9 @@ impl Desired {
             .services()
             .into_iter()
             .find(|s| s.name == service)
-            .ok_or_else(|| Failure::not_found(format!("no service {service}")))?;
+            .ok_or_else(|| Refusal::not_found(format!("no service {service}")))?;
         if current.backends.iter().any(|b| b.addr == addr) {
-            return Err(Failure::conflict(format!(
+            return Err(Refusal::conflict(format!(
                 "{addr} is already a backend of {service}"
             )));
         }
@@ -400,7 +398,7 @@ impl Desired {
     }
 
     /// Removes a backend from any service.
-    pub fn remove_backend(&mut self, service: &str, address: &str) -> Result<(), Failure> {
+    pub fn remove_backend(&mut self, service: &str, address: &str) -> Result<(), Refusal> {
         let addr = self.existing_backend(service, address)?;
         if self.config_service(service).is_some() {
             let in_config = self
@@ -424,7 +422,7 @@ impl Desired {
     }
 
     /// Drains a backend: it keeps its flows and gets no new ones.
-    pub fn drain_backend(&mut self, service: &str, address: &str) -> Result<(), Failure> {
+    pub fn drain_backend(&mut self, service: &str, address: &str) -> Result<(), Refusal> {
         let addr = self.existing_backend(service, address)?;
         if self.config_service(service).is_some() {
             self.change(|o| {
@@ -449,16 +447,16 @@ impl Desired {
         }
     }
 
-    fn existing_backend(&self, service: &str, address: &str) -> Result<SocketAddrV4, Failure> {
-        let addr = parse_socket_addr(address)
-            .map_err(|r| Failure::bad_request(format!("address: {r}")))?;
+    fn existing_backend(&self, service: &str, address: &str) -> Result<SocketAddrV4, Refusal> {
+        let addr =
+            parse_socket_addr(address).map_err(|r| Refusal::invalid(format!("address: {r}")))?;
         let s = self
             .services()
             .into_iter()
             .find(|s| s.name == service)
-            .ok_or_else(|| Failure::not_found(format!("no service {service}")))?;
+            .ok_or_else(|| Refusal::not_found(format!("no service {service}")))?;
         if !s.backends.iter().any(|b| b.addr == addr) {
-            return Err(Failure::not_found(format!(
+            return Err(Refusal::not_found(format!(
                 "{addr} is not a backend of {service}"
             )));
         }
@@ -467,7 +465,7 @@ impl Desired {
             .into_iter()
             .any(|s| s.name == service && s.backends.iter().any(|b| b.addr == addr));
         if !declared {
-            return Err(Failure::conflict(format!(
+            return Err(Refusal::conflict(format!(
                 "{addr} of {service} is a Docker container: stop it, or change its labels"
             )));
         }
@@ -476,16 +474,16 @@ impl Desired {
 
     /// Applies `f` to a copy, checks the result, saves it, and only then
     /// keeps it.
-    fn change(&mut self, f: impl FnOnce(&mut Overlay)) -> Result<(), Failure> {
+    fn change(&mut self, f: impl FnOnce(&mut Overlay)) -> Result<(), Refusal> {
         let before = self.overlay.clone();
         f(&mut self.overlay);
         if let Err(e) = check(&self.services(), &self.limits) {
             self.overlay = before;
-            return Err(Failure::conflict(e));
+            return Err(Refusal::conflict(e));
         }
         if let Err(e) = self.save() {
             self.overlay = before;
-            return Err(Failure::internal(format!("{e:#}")));
+            return Err(Refusal::failed(format!("{e:#}")));
         }
         Ok(())
     }
@@ -560,7 +558,7 @@ pub fn check(services: &[ServiceSpec], limits: &Limits) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::FailureKind;
+    use crate::model::RefusalKind;
 
     fn config() -> Config {
         Config::parse(
@@ -642,31 +640,31 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
         let path = dir.0.join("lb.state.json");
         let mut d = Desired::load(&config(), path.clone()).unwrap();
         let before = d.services();
-        let cases: Vec<(Result<(), Failure>, FailureKind)> = vec![
+        let cases: Vec<(Result<(), Refusal>, RefusalKind)> = vec![
             (
                 d.add_service(&new_service("web", "198.18.101.9:80"))
                     .map(|_| ()),
-                FailureKind::Conflict,
+                RefusalKind::Conflict,
             ),
             (
                 d.add_service(&new_service("x", "198.18.101.1:80"))
                     .map(|_| ()),
-                FailureKind::Conflict,
+                RefusalKind::Conflict,
             ),
             (
                 d.add_service(&new_service("x", "198.18.101.9:0"))
                     .map(|_| ()),
-                FailureKind::BadRequest,
+                RefusalKind::Invalid,
             ),
             (
                 d.add_service(&new_service("x", "198.18.101.9:65536"))
                     .map(|_| ()),
-                FailureKind::BadRequest,
+                RefusalKind::Invalid,
             ),
             (
                 d.add_service(&new_service("bad name", "198.18.101.9:80"))
                     .map(|_| ()),
-                FailureKind::BadRequest,
+                RefusalKind::Invalid,
             ),
             (
                 d.add_service(&NewService {
@@ -674,21 +672,21 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
                     ..new_service("x", "198.18.101.9:80")
                 })
                 .map(|_| ()),
-                FailureKind::BadRequest,
+                RefusalKind::Invalid,
             ),
-            (d.remove_service("web"), FailureKind::Conflict),
-            (d.remove_service("nope"), FailureKind::NotFound),
+            (d.remove_service("web"), RefusalKind::Conflict),
+            (d.remove_service("nope"), RefusalKind::NotFound),
             (
                 d.add_backend("nope", &backend("198.18.103.2:1")),
-                FailureKind::NotFound,
+                RefusalKind::NotFound,
             ),
             (
                 d.add_backend("web", &backend("198.18.103.2:8080")),
-                FailureKind::Conflict,
+                RefusalKind::Conflict,
             ),
             (
                 d.add_backend("web", &backend("198.18.103.2")),
-                FailureKind::BadRequest,
+                RefusalKind::Invalid,
             ),
             (
                 d.add_backend(
@@ -698,15 +696,15 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
                         weight: Some(0),
                     },
                 ),
-                FailureKind::BadRequest,
+                RefusalKind::Invalid,
             ),
             (
                 d.remove_backend("web", "198.18.109.9:1"),
-                FailureKind::NotFound,
+                RefusalKind::NotFound,
             ),
             (
                 d.drain_backend("web", "not an address"),
-                FailureKind::BadRequest,
+                RefusalKind::Invalid,
             ),
         ];
         for (i, (r, kind)) in cases.into_iter().enumerate() {
@@ -748,7 +746,7 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
                     ..new_service("x", "198.18.101.3:80")
                 })
                 .unwrap_err();
-            assert_eq!(e.kind, FailureKind::BadRequest);
+            assert_eq!(e.kind, RefusalKind::Invalid);
             assert!(e.message.starts_with(field), "{}", e.message);
         }
     }
@@ -767,7 +765,7 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
             d.drain_backend("web", "198.18.0.2:8080"),
         ] {
             let e = r.unwrap_err();
-            assert_eq!(e.kind, FailureKind::Conflict);
+            assert_eq!(e.kind, RefusalKind::Conflict);
             assert!(e.message.contains("Docker container"), "{}", e.message);
         }
         d.add_backend("web", &backend("198.18.105.2:8080")).unwrap();

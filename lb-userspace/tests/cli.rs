@@ -17,13 +17,12 @@ use lb::{
     api::{
         server,
         types::{
-            BackendInfo, BackendState, Counters, Health, HealthCheck, InterfaceStatus, MapStatus,
-            NewService, Origin, ServiceInfo, ServiceStats, Stats, Status,
+            BackendInfo, BackendState, Counters, Health, InterfaceStatus, MapStatus, NewService,
+            ServiceInfo, ServiceStats, Stats, Status,
         },
-        Failure,
     },
-    config::Protocol,
     control::{Handle, Input, Request, Response},
+    model::{HealthCheck, Origin, Protocol, Refusal},
 };
 use serde_json::Value;
 
@@ -141,7 +140,7 @@ struct FakeDaemon {
 }
 
 impl FakeDaemon {
-    fn start(tag: &str, answer: fn(&Request) -> Result<Response, Failure>) -> Self {
+    fn start(tag: &str, answer: fn(&Request) -> Result<Response, Refusal>) -> Self {
         let dir = scratch(tag);
         let socket = dir.0.join("lb.sock");
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -262,7 +261,7 @@ fn status() -> Status {
     }
 }
 
-fn answer(req: &Request) -> Result<Response, Failure> {
+fn answer(req: &Request) -> Result<Response, Refusal> {
     static STATS_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     match req {
         Request::ListServices => Ok(Response::Services(vec![service()])),
@@ -272,12 +271,12 @@ fn answer(req: &Request) -> Result<Response, Failure> {
             protocol: new.protocol.unwrap_or(Protocol::Tcp),
             ..service()
         })),
-        Request::RemoveService(name) if name == "cfg" => Err(Failure::conflict(
+        Request::RemoveService(name) if name == "cfg" => Err(Refusal::conflict(
             "service cfg is declared in the config file; edit the file to remove it".into(),
         )),
         Request::ListBackends(name) if name == "api" => Ok(Response::Backends(backends(10))),
         Request::ListBackends(name) | Request::Stats(Some(name)) if name != "api" => {
-            Err(Failure::not_found(format!("no service {name}")))
+            Err(Refusal::not_found(format!("no service {name}")))
         }
         Request::Stats(_) => {
             // Every call 100 packets more, for the rates of --watch.

@@ -32,8 +32,9 @@ use axum::{
 use serde::{de::DeserializeOwned, Deserialize};
 use tokio::net::{UnixListener, UnixStream};
 
-use super::{types::ApiError, Failure, FailureKind};
+use super::types::ApiError;
 use crate::control::{Handle, Request, Response};
+use crate::model::{Refusal, RefusalKind};
 
 /// Default path of the admin socket.
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
@@ -111,25 +112,25 @@ pub fn router(handle: Handle) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/status", get(status))
         .fallback(|| async {
-            failure(Failure::not_found(
+            failure(Refusal::not_found(
                 "no such API path (see lb --help)".into(),
             ))
         })
         .with_state(handle)
 }
 
-fn failure(f: Failure) -> HttpResponse {
+fn failure(f: Refusal) -> HttpResponse {
     let code = match f.kind {
-        FailureKind::BadRequest => StatusCode::BAD_REQUEST,
-        FailureKind::NotFound => StatusCode::NOT_FOUND,
-        FailureKind::Conflict => StatusCode::CONFLICT,
-        FailureKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        RefusalKind::Invalid => StatusCode::BAD_REQUEST,
+        RefusalKind::NotFound => StatusCode::NOT_FOUND,
+        RefusalKind::Conflict => StatusCode::CONFLICT,
+        RefusalKind::Failed => StatusCode::INTERNAL_SERVER_ERROR,
     };
     (code, Json(ApiError { error: f.message })).into_response()
 }
 
-fn json_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, Failure> {
-    serde_json::from_slice(body).map_err(|e| Failure::bad_request(format!("request body: {e}")))
+fn json_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, Refusal> {
+    serde_json::from_slice(body).map_err(|e| Refusal::invalid(format!("request body: {e}")))
 }
 
 async fn answer(handle: &Handle, req: Request, created: bool) -> HttpResponse {

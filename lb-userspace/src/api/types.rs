@@ -5,48 +5,14 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Protocol;
+// The domain types a body carries, part of the wire vocabulary too.
+pub use crate::model::{HealthCheck, Origin, Protocol};
 
 /// An error body: `{"error": "one line"}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
     /// What went wrong, one line.
     pub error: String,
-}
-
-/// Where a service was declared.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Origin {
-    /// In the config file: removed by editing the file.
-    Config,
-    /// Through the admin API: kept in the state file.
-    Api,
-}
-
-/// An active health check: a backend that refuses `fall` TCP connections in
-/// a row is taken out, one that accepts `rise` in a row is put back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HealthCheck {
-    /// Milliseconds between checks of one backend.
-    pub interval_ms: u64,
-    /// Milliseconds a connection attempt may take.
-    pub timeout_ms: u64,
-    /// Successes in a row that bring a backend back.
-    pub rise: u32,
-    /// Failures in a row that take a backend out.
-    pub fall: u32,
-}
-
-impl Default for HealthCheck {
-    fn default() -> Self {
-        Self {
-            interval_ms: 1_000,
-            timeout_ms: 500,
-            rise: 2,
-            fall: 3,
-        }
-    }
 }
 
 /// `POST /v1/services`: a new service.
@@ -62,7 +28,7 @@ pub struct NewService {
     /// Maglev table size (prime); the default when absent.
     #[serde(default)]
     pub table_size: Option<u32>,
-    /// Containers of this image join the service (Docker; see the Docker issue).
+    /// Containers of this image join the service (Docker).
     #[serde(default)]
     pub image: Option<String>,
     /// The containers' port for `image`.

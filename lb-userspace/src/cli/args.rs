@@ -11,9 +11,8 @@ use clap::{builder::NonEmptyStringValueParser, Args, Parser, Subcommand, ValueEn
 use crate::{
     api::{
         server::DEFAULT_SOCKET,
-        types::{HealthCheck, NewBackend, NewService},
+        types::{HealthCheck, NewBackend, NewService, Protocol},
     },
-    config::Protocol,
     daemon::RunArgs,
 };
 

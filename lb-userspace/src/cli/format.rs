@@ -355,9 +355,8 @@ mod tests {
     use std::{collections::BTreeMap, time::Duration};
 
     use super::*;
-    use crate::{
-        api::types::{BackendInfo, Health, InterfaceStatus, MapStatus, Origin, ServiceStats},
-        config::Protocol,
+    use crate::api::types::{
+        BackendInfo, Health, InterfaceStatus, MapStatus, Origin, Protocol, ServiceStats,
     };
 
     fn counters(packets: u64, bytes: u64, new_flows: u64) -> Counters {

@@ -9,10 +9,7 @@ use super::{
     args::{BackendCommand, HealthKind, Proto, ServiceCommand},
     stats_path, url_segment, Admin, Cli, Command,
 };
-use crate::{
-    api::types::{HealthCheck, NewBackend, NewService},
-    config::Protocol,
-};
+use crate::api::types::{HealthCheck, NewBackend, NewService, Protocol};
 
 fn parse(args: &[&str]) -> Cli {
     match Cli::try_parse_from(std::iter::once("lb").chain(args.iter().copied())) {

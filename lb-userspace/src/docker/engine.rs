@@ -21,8 +21,8 @@ use futures_util::{
 };
 use tracing::{debug, info, warn};
 
-use super::{Container, Endpoint, Health};
-use crate::{control::Handle, host::parse_mac};
+use super::membership::{Container, Endpoint, Health};
+use crate::host::parse_mac;
 
 /// What the watcher tells the control task.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +35,13 @@ pub enum DockerUpdate {
     Remove(String),
     /// The connection's state, for `lb status`.
     Status(String),
+}
+
+/// Where the engine client's reports go: the controller in the daemon, a
+/// channel in tests. The client never imports the controller.
+pub trait DockerSink: Send + Sync + 'static {
+    /// Hands one report over; waits while the receiver is busy.
+    fn report(&self, update: DockerUpdate) -> impl std::future::Future<Output = ()> + Send;
 }
 
 /// Why a session with the engine ended.
@@ -197,16 +204,16 @@ pub async fn open(host: &str) -> Result<Session, WatchError> {
 }
 
 /// Follows the engine at `host` for as long as the daemon runs, reporting
-/// to the control task through `handle`. `first` is a session already
+/// to `sink`. `first` is a session already
 /// open (the daemon's start-up list), followed before any new one.
-pub async fn watch(host: String, handle: Handle, mut first: Option<Session>) {
+pub async fn watch(host: String, sink: impl DockerSink, mut first: Option<Session>) {
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = tokio::time::Instant::now();
         let e = match first.take() {
-            Some(s) => follow(&host, &handle, s).await,
+            Some(s) => follow(&host, &sink, s).await,
             None => match open(&host).await {
-                Ok(s) => follow(&host, &handle, s).await,
+                Ok(s) => follow(&host, &sink, s).await,
                 Err(e) => e,
             },
         };
@@ -216,14 +223,14 @@ pub async fn watch(host: String, handle: Handle, mut first: Option<Session>) {
         }
         let status = format!("disconnected: {e}; retrying in {} ms", backoff.as_millis());
         warn!(error = %e, retry_ms = backoff.as_millis() as u64, "docker watcher lost the engine");
-        handle.docker(DockerUpdate::Status(status)).await;
+        sink.report(DockerUpdate::Status(status)).await;
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
 /// Reports a session's list, then follows its events until something fails.
-async fn follow(host: &str, handle: &Handle, session: Session) -> WatchError {
+async fn follow(host: &str, sink: &impl DockerSink, session: Session) -> WatchError {
     let Session {
         docker,
         mut events,
@@ -242,12 +249,11 @@ async fn follow(host: &str, handle: &Handle, session: Session) -> WatchError {
     // inspection, which would wait for the engine to finish creating it
     // and hold up the events behind it.
     let mut running: HashSet<String> = containers.iter().map(|c| c.id.clone()).collect();
-    handle.docker(DockerUpdate::Sync(containers)).await;
-    handle
-        .docker(DockerUpdate::Status(format!(
-            "connected to {host} (API {version}), {count} running containers at the last list"
-        )))
-        .await;
+    sink.report(DockerUpdate::Sync(containers)).await;
+    sink.report(DockerUpdate::Status(format!(
+        "connected to {host} (API {version}), {count} running containers at the last list"
+    )))
+    .await;
     // A remote engine can vanish without closing the connection: a quiet
     // stream is checked with a ping now and then.
     let mut liveness = tokio::time::interval(PING_EVERY);
@@ -280,7 +286,7 @@ async fn follow(host: &str, handle: &Handle, session: Session) -> WatchError {
                         DockerUpdate::Remove(id) => running.remove(id),
                         _ => false,
                     };
-                    handle.docker(u).await;
+                    sink.report(u).await;
                 }
                 Err(e) => return e,
             }

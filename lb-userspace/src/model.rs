@@ -1,0 +1,379 @@
+//! The domain: services, backends and the checks every source of them
+//! (config file, admin API, Docker) applies alike. Nothing here knows about
+//! files, HTTP or maps; config, state, Docker, the controller and the
+//! reconciler all speak these types.
+
+use std::{
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+    str::FromStr,
+};
+
+use lb_common::{defaults, IPPROTO_TCP, IPPROTO_UDP};
+use serde::{Deserialize, Serialize};
+
+use crate::maglev::is_prime;
+
+/// Where a service was declared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// In the config file: removed by editing the file.
+    Config,
+    /// Through the admin API: kept in the state file.
+    Api,
+}
+
+/// An active health check: a backend that refuses `fall` TCP connections in
+/// a row is taken out, one that accepts `rise` in a row is put back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// Milliseconds between checks of one backend.
+    pub interval_ms: u64,
+    /// Milliseconds a connection attempt may take.
+    pub timeout_ms: u64,
+    /// Successes in a row that bring a backend back.
+    pub rise: u32,
+    /// Failures in a row that take a backend out.
+    pub fall: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            interval_ms: 1_000,
+            timeout_ms: 500,
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+/// A transport protocol a service balances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// IANA protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// A backend address with its weight, written `ip:port` or `ip:port@weight`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendSpec {
+    /// Address and port.
+    pub addr: SocketAddrV4,
+    /// Relative share of new flows (at least 1).
+    pub weight: u32,
+    /// Drained by the operator: keeps its flows, gets no new ones.
+    pub drained: bool,
+    /// Where a container backend's interface is, when Docker told us.
+    pub via: Option<Via>,
+}
+
+/// A container backend's side of its veth: the process whose network
+/// namespace holds it and the interface's MAC. The reconciler finds the
+/// host side of the veth from these instead of from the routing table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Via {
+    /// A process in the container's network namespace (its main process).
+    pub pid: u32,
+    /// The container interface's MAC.
+    pub mac: [u8; 6],
+}
+
+impl FromStr for BackendSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, weight) = match s.split_once('@') {
+            Some((a, w)) => (
+                a,
+                w.parse::<u32>()
+                    .map_err(|_| format!("weight {w:?} in {s:?} is not a whole number"))?,
+            ),
+            None => (s, 1),
+        };
+        if weight == 0 {
+            return Err(format!(
+                "weight 0 in {s:?}: weights start at 1 (use drain or remove the backend)"
+            ));
+        }
+        let addr = parse_socket_addr(addr)?;
+        Ok(Self {
+            addr,
+            weight,
+            drained: false,
+            via: None,
+        })
+    }
+}
+
+impl fmt::Display for BackendSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.weight == 1 {
+            write!(f, "{}", self.addr)
+        } else {
+            write!(f, "{}@{}", self.addr, self.weight)
+        }
+    }
+}
+
+/// Parses `a.b.c.d:port` with a port from 1 to 65535.
+pub fn parse_socket_addr(s: &str) -> Result<SocketAddrV4, String> {
+    let (ip, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not IPv4:port"))?;
+    let ip: Ipv4Addr = ip
+        .parse()
+        .map_err(|_| format!("{ip:?} in {s:?} is not an IPv4 address"))?;
+    let port: u32 = port
+        .parse()
+        .map_err(|_| format!("port {port:?} in {s:?} is not a number"))?;
+    if port == 0 || port > 65535 {
+        return Err(format!("port {port} in {s:?} is out of range 1-65535"));
+    }
+    Ok(SocketAddrV4::new(ip, port as u16))
+}
+
+/// A bad field of one service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// The field: `name`, `vip`, `protocol`, `table_size`, `backends`, `health`.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+fn field_error(field: &'static str, reason: String) -> FieldError {
+    FieldError { field, reason }
+}
+
+/// Checks a service name: 1-64 letters, digits, `-`, `_` or `.`.
+pub fn check_name(name: &str) -> Result<(), FieldError> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(field_error(
+            "name",
+            format!("{name:?}: use 1-64 letters, digits, '-', '_' or '.'"),
+        ));
+    }
+    Ok(())
+}
+
+/// Validates one service's own fields (not its backends, nor how it relates
+/// to other services). The config file and the admin API both use it, so
+/// both refuse the same inputs with the same words.
+pub fn service_spec(
+    name: &str,
+    vip: &str,
+    protocol: Option<&str>,
+    table_size: Option<u32>,
+    health: Option<HealthCheck>,
+    max_table_size: u32,
+) -> Result<ServiceSpec, FieldError> {
+    check_name(name)?;
+    let protocol = match protocol {
+        None | Some("tcp") => Protocol::Tcp,
+        Some("udp") => Protocol::Udp,
+        Some(p) => {
+            return Err(field_error(
+                "protocol",
+                format!("{p:?} is neither \"tcp\" nor \"udp\""),
+            ))
+        }
+    };
+    let vip = parse_socket_addr(vip).map_err(|r| field_error("vip", r))?;
+    let table_size = table_size.unwrap_or(defaults::TABLE_SIZE.min(max_table_size));
+    if !is_prime(table_size) {
+        return Err(field_error(
+            "table_size",
+            format!("{table_size} is not prime"),
+        ));
+    }
+    if table_size > max_table_size {
+        return Err(field_error(
+            "table_size",
+            format!("{table_size} is larger than datapath.max_table_size {max_table_size}"),
+        ));
+    }
+    if let Some(h) = health {
+        if h.interval_ms == 0 || h.timeout_ms == 0 || h.rise == 0 || h.fall == 0 {
+            return Err(field_error(
+                "health",
+                "interval, timeout, rise and fall must all be at least 1".into(),
+            ));
+        }
+        if h.timeout_ms > h.interval_ms {
+            return Err(field_error(
+                "health",
+                format!(
+                    "timeout {} ms is longer than the interval {} ms",
+                    h.timeout_ms, h.interval_ms
+                ),
+            ));
+        }
+    }
+    Ok(ServiceSpec {
+        name: name.to_owned(),
+        vip,
+        protocol,
+        table_size,
+        backends: Vec::new(),
+        origin: Origin::Config,
+        health,
+        image: None,
+    })
+}
+
+/// A service, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// Unique name.
+    pub name: String,
+    /// Virtual address and port.
+    pub vip: SocketAddrV4,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Maglev table size (prime).
+    pub table_size: u32,
+    /// Static backends, unique by address.
+    pub backends: Vec<BackendSpec>,
+    /// Where the service was declared.
+    pub origin: Origin,
+    /// Active TCP health check of the backends.
+    pub health: Option<HealthCheck>,
+    /// Docker containers of this image join the service.
+    pub image: Option<ImageRule>,
+}
+
+/// An image rule: every running container of `image` is a backend on
+/// `target_port`, without a label on the container.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ImageRule {
+    /// Image reference as `docker run` takes it, e.g. `web:1`.
+    pub image: String,
+    /// The containers' port.
+    pub target_port: u16,
+}
+
+/// Validates an image rule's two fields, which come together or not at all.
+pub fn image_rule(
+    image: Option<&str>,
+    target_port: Option<u16>,
+) -> Result<Option<ImageRule>, FieldError> {
+    match (image, target_port) {
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(field_error(
+            "target_port",
+            "missing: an image rule needs the containers' port".into(),
+        )),
+        (None, Some(_)) => Err(field_error(
+            "image",
+            "missing: target_port only goes with an image rule".into(),
+        )),
+        (Some(_), Some(0)) => Err(field_error(
+            "target_port",
+            "0 is out of range 1-65535".into(),
+        )),
+        (Some(i), Some(port)) => {
+            let ok = !i.is_empty()
+                && i.len() <= 255
+                && i.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b));
+            if !ok {
+                return Err(field_error(
+                    "image",
+                    format!("{i:?} is not an image reference (e.g. \"web:1\")"),
+                ));
+            }
+            Ok(Some(ImageRule {
+                image: i.to_owned(),
+                target_port: port,
+            }))
+        }
+    }
+}
+
+/// What kind of refusal a [`Refusal`] is. The admin API maps each to an
+/// HTTP status; nothing else here knows about HTTP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// The request itself is wrong.
+    Invalid,
+    /// What it names does not exist.
+    NotFound,
+    /// It contradicts the current state.
+    Conflict,
+    /// The daemon failed to carry it out.
+    Failed,
+}
+
+/// A refused or failed change: one line for the operator. Nothing was
+/// changed when a change is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    /// Which kind.
+    pub kind: RefusalKind,
+    /// One line.
+    pub message: String,
+}
+
+impl Refusal {
+    /// The request is wrong.
+    pub fn invalid(message: String) -> Self {
+        Self {
+            kind: RefusalKind::Invalid,
+            message,
+        }
+    }
+
+    /// What it names does not exist.
+    pub fn not_found(message: String) -> Self {
+        Self {
+            kind: RefusalKind::NotFound,
+            message,
+        }
+    }
+
+    /// It contradicts the current state.
+    pub fn conflict(message: String) -> Self {
+        Self {
+            kind: RefusalKind::Conflict,
+            message,
+        }
+    }
+
+    /// The daemon failed to carry it out.
+    pub fn failed(message: String) -> Self {
+        Self {
+            kind: RefusalKind::Failed,
+            message,
+        }
+    }
+}

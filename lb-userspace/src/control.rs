@@ -1,21 +1,30 @@
-//! The reconcile loop's inbox. The admin API and the health checker never
-//! touch maps or the state file: they send a [`Request`] (or a health
-//! result) through a [`Handle`] and the one task that owns the
-//! [`Reconciler`] and the [`Desired`] state carries it out, one at a time.
+//! The controller: the one task that owns the [`Reconciler`] (and so the
+//! maps) and the [`Desired`] state. The admin API, the health checker and
+//! the Docker watcher never touch either: they send a [`Request`], a health
+//! result or a Docker update through a [`Handle`], and [`Controller::run`]
+//! carries them out one at a time.
+//!
+//! Docker updates that arrive together (a deploy starting 100 containers)
+//! are taken in together: each service's table is rebuilt once for the
+//! batch. A lone event is handled at once, nothing waits for a batch.
+//!
+//! Reads (counters, flows, status) are answered off this task: the
+//! controller takes a cheap view of the membership and a blocking thread
+//! fills it in through the [`Reader`], so a scrape never holds up a change.
 
-use std::{net::SocketAddrV4, time::Instant};
+use std::{net::SocketAddrV4, sync::Arc, time::Duration, time::Instant};
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::{
     api::types::{
         BackendInfo, InterfaceStatus, NewBackend, NewService, ServiceInfo, Stats, Status,
     },
     docker::{DockerSink, DockerUpdate, Tracker},
-    health::HealthSink,
+    health::{HealthSink, HealthUpdater},
     model::Refusal,
-    reconcile::Reconciler,
+    reconcile::{Reader, Reconciler},
     state::Desired,
 };
 
@@ -30,12 +39,18 @@ pub enum Request {
     RemoveService(String),
     /// A service's backends.
     ListBackends(String),
-    /// Add a backend to a service.
-    AddBackend(String, NewBackend),
+    /// Add backends to a service, all or none.
+    AddBackends(String, Vec<NewBackend>),
+    /// Replace a service's declared backends, all or none.
+    SetBackends(String, Vec<NewBackend>),
     /// Remove a backend (service, address).
     RemoveBackend(String, String),
     /// Drain a backend (service, address).
     DrainBackend(String, String),
+    /// Put a drained backend back (service, address).
+    UndrainBackend(String, String),
+    /// Change a backend's weight in place (service, address, weight).
+    SetWeight(String, String, u32),
     /// Counters, of one service or all.
     Stats(Option<String>),
     /// Daemon status.
@@ -130,48 +145,129 @@ pub struct DaemonInfo {
     pub externals: Vec<InterfaceStatus>,
 }
 
+/// How often routes, neighbours and veth peers are checked again.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
+
+/// Most inbox messages taken in one go.
+const BATCH_MAX: usize = 1024;
+
+type Reply = oneshot::Sender<Result<Response, Refusal>>;
+
 /// Owns the reconciler and the desired state; carries out requests.
 pub struct Controller {
     rec: Reconciler,
     desired: Desired,
     docker: Tracker,
     info: DaemonInfo,
+    reader: Arc<Reader>,
+    health: Option<HealthUpdater>,
 }
 
 impl Controller {
     /// Takes over a reconciler that has applied `desired`, whose Docker
-    /// backends `docker` assigned.
-    pub fn new(rec: Reconciler, desired: Desired, docker: Tracker, info: DaemonInfo) -> Self {
+    /// backends `docker` assigned. `reader` answers reads.
+    pub fn new(
+        rec: Reconciler,
+        desired: Desired,
+        docker: Tracker,
+        info: DaemonInfo,
+        reader: Reader,
+    ) -> Self {
         Self {
             rec,
             desired,
             docker,
             info,
+            reader: Arc::new(reader),
+            health: None,
         }
     }
 
-    /// The reconciler, e.g. for periodic refreshes and shutdown.
-    pub fn reconciler(&mut self) -> &mut Reconciler {
-        &mut self.rec
+    /// Keeps `health`'s checks in step with the desired services.
+    pub fn with_health(mut self, health: HealthUpdater) -> Self {
+        health.set(&self.desired.services());
+        self.health = Some(health);
+        self
     }
 
-    /// Gives the reconciler back, for shutdown.
-    pub fn into_reconciler(self) -> Reconciler {
+    /// Carries out what arrives in `inbox`, re-checks delivery every
+    /// [`REFRESH_EVERY`], until `shutdown` completes. Then answers what was
+    /// already accepted and gives the reconciler back, for shutdown.
+    pub async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<Input>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Reconciler {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(REFRESH_EVERY);
+        tick.tick().await;
+        let mut batch = Vec::new();
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                n = inbox.recv_many(&mut batch, BATCH_MAX) => {
+                    if n == 0 {
+                        break;
+                    }
+                    self.handle_batch(std::mem::take(&mut batch)).await;
+                }
+                _ = tick.tick() => {
+                    if let Err(e) = self.rec.refresh().await {
+                        warn!(error = %format!("{e:#}"), "refresh failed; retrying at the next tick");
+                    }
+                }
+            }
+        }
+        // No more health results: the checks stop with their updater.
+        self.health = None;
+        inbox.close();
+        while let Ok(input) = inbox.try_recv() {
+            self.handle_batch(vec![input]).await;
+        }
         self.rec
     }
 
-    /// The desired services, as last applied.
-    pub fn desired(&self) -> &Desired {
-        &self.desired
+    /// Handles messages in arrival order; a run of Docker updates is
+    /// folded in and applied once.
+    async fn handle_batch(&mut self, batch: Vec<Input>) {
+        let mut docker_changed = false;
+        for input in batch {
+            match input {
+                Input::Docker(update) => {
+                    docker_changed |= self.docker.update(update);
+                    continue;
+                }
+                other => {
+                    if std::mem::take(&mut docker_changed) {
+                        self.apply_docker().await;
+                    }
+                    self.handle(other).await;
+                }
+            }
+        }
+        if docker_changed {
+            self.apply_docker().await;
+        }
+        if let Some(h) = &self.health {
+            // Cheap when nothing changed: only a different set of checks
+            // wakes the checker.
+            h.set(&self.desired.services());
+        }
     }
 
-    /// Handles one inbox message.
-    pub async fn handle(&mut self, input: Input) {
+    async fn apply_docker(&mut self) {
+        self.docker.assign(&mut self.desired);
+        if let Err(e) = self.apply().await {
+            warn!(
+                error = e.message,
+                "applying Docker's changes failed; retrying at the next change"
+            );
+        }
+    }
+
+    async fn handle(&mut self, input: Input) {
         match input {
-            Input::Call(req, reply) => {
-                let r = self.call(req).await;
-                let _ = reply.send(r);
-            }
+            Input::Call(req, reply) => self.call(req, reply).await,
             Input::Health(service, addr, healthy) => {
                 if let Err(e) = self.rec.set_health(&service, addr, healthy) {
                     warn!(service, backend = %addr, error = %format!("{e:#}"), "applying a health result failed");
@@ -179,10 +275,7 @@ impl Controller {
             }
             Input::Docker(update) => {
                 if self.docker.update(update) {
-                    self.docker.assign(&mut self.desired);
-                    if let Err(e) = self.apply().await {
-                        warn!(error = e.message, "applying Docker's changes failed; retrying at the next change or refresh");
-                    }
+                    self.apply_docker().await;
                 }
             }
         }
@@ -204,60 +297,45 @@ impl Controller {
             .ok_or_else(|| Refusal::not_found(format!("no service {name}")))
     }
 
-    async fn call(&mut self, req: Request) -> Result<Response, Refusal> {
-        match req {
-            Request::ListServices => Ok(Response::Services(self.rec.services_info())),
-            Request::AddService(new) => {
-                let spec = self.desired.add_service(&new)?;
-                // Its image rule or containers' labels may name it already.
-                self.docker.assign(&mut self.desired);
-                self.apply().await?;
-                Ok(Response::Service(self.service_info(&spec.name)?))
-            }
-            Request::RemoveService(name) => {
-                self.desired.remove_service(&name)?;
-                self.docker.assign(&mut self.desired);
-                self.apply().await?;
-                Ok(Response::Done)
-            }
+    /// Answers a read on a blocking thread, through the reader.
+    fn read(
+        &self,
+        reply: Reply,
+        answer: impl FnOnce(&Reader) -> Result<Response, Refusal> + Send + 'static,
+    ) {
+        let reader = Arc::clone(&self.reader);
+        tokio::task::spawn_blocking(move || {
+            let _ = reply.send(answer(&reader));
+        });
+    }
+
+    async fn call(&mut self, req: Request, reply: Reply) {
+        let r = match req {
             Request::ListBackends(name) => {
-                let mut list = self
-                    .rec
-                    .backends_info(&name)
-                    .ok_or_else(|| Refusal::not_found(format!("no service {name}")))?;
-                for b in &mut list {
+                let Some(mut views) = self.rec.view(Some(&name)) else {
+                    let _ = reply.send(Err(Refusal::not_found(format!("no service {name}"))));
+                    return;
+                };
+                let mut view = views.remove(0);
+                for (_, b) in &mut view.backends {
                     if let Ok(addr) = b.address.parse() {
                         b.container = self.docker.container(&name, addr).map(str::to_owned);
                     }
                 }
-                Ok(Response::Backends(list))
+                return self.read(reply, move |r| Ok(Response::Backends(r.backends(view))));
             }
-            Request::AddBackend(name, new) => {
-                self.desired.add_backend(&name, &new)?;
-                self.apply().await?;
-                Ok(Response::Done)
+            Request::Stats(name) => {
+                let Some(views) = self.rec.view(name.as_deref()) else {
+                    let name = name.unwrap_or_default();
+                    let _ = reply.send(Err(Refusal::not_found(format!("no service {name}"))));
+                    return;
+                };
+                return self.read(reply, move |r| Ok(Response::Stats(r.stats(views))));
             }
-            Request::RemoveBackend(name, addr) => {
-                self.desired.remove_backend(&name, &addr)?;
-                self.apply().await?;
-                Ok(Response::Done)
-            }
-            Request::DrainBackend(name, addr) => {
-                self.desired.drain_backend(&name, &addr)?;
-                self.apply().await?;
-                Ok(Response::Done)
-            }
-            Request::Stats(name) => self
-                .rec
-                .stats(name.as_deref())
-                .map(Response::Stats)
-                .ok_or_else(|| {
-                    Refusal::not_found(format!("no service {}", name.unwrap_or_default()))
-                }),
             Request::Status => {
                 let mut interfaces = self.info.externals.clone();
                 interfaces.extend(self.rec.backend_interfaces());
-                Ok(Response::Status(Box::new(Status {
+                let status = Status {
                     version: env!("CARGO_PKG_VERSION").into(),
                     uptime_secs: self.info.started.elapsed().as_secs(),
                     adopted: self.info.adopted,
@@ -266,8 +344,47 @@ impl Controller {
                     maps: self.rec.map_status(),
                     docker: self.docker.status().to_owned(),
                     services: self.rec.services_info().len(),
-                })))
+                };
+                return self.read(reply, move |r| {
+                    let maps = r.map_status(status.maps.clone());
+                    Ok(Response::Status(Box::new(Status { maps, ..status })))
+                });
+            }
+            other => self.change(other).await,
+        };
+        let _ = reply.send(r);
+    }
+
+    /// A request that changes the desired state: checked and saved first,
+    /// then applied.
+    async fn change(&mut self, req: Request) -> Result<Response, Refusal> {
+        match req {
+            Request::ListServices => return Ok(Response::Services(self.rec.services_info())),
+            Request::AddService(new) => {
+                let spec = self.desired.add_service(&new)?;
+                // Its image rule or containers' labels may name it already.
+                self.docker.assign(&mut self.desired);
+                self.apply().await?;
+                return Ok(Response::Service(self.service_info(&spec.name)?));
+            }
+            Request::RemoveService(name) => {
+                self.desired.remove_service(&name)?;
+                self.docker.assign(&mut self.desired);
+            }
+            Request::AddBackends(name, new) => self.desired.add_backends(&name, &new)?,
+            Request::SetBackends(name, new) => self.desired.set_backends(&name, &new)?,
+            Request::RemoveBackend(name, addr) => self.desired.remove_backend(&name, &addr)?,
+            Request::DrainBackend(name, addr) => self.desired.drain_backend(&name, &addr)?,
+            Request::UndrainBackend(name, addr) => self.desired.undrain_backend(&name, &addr)?,
+            Request::SetWeight(name, addr, weight) => {
+                self.desired.set_weight(&name, &addr, weight)?;
+                info!(service = name, backend = addr, weight, "weight changed");
+            }
+            Request::ListBackends(_) | Request::Stats(_) | Request::Status => {
+                return Err(Refusal::failed("a read reached the write path".into()))
             }
         }
+        self.apply().await?;
+        Ok(Response::Done)
     }
 }

@@ -23,9 +23,6 @@ use crate::{
     state::{default_state_path, Desired},
 };
 
-/// How often routes, neighbours and veth peers are checked again.
-const REFRESH_EVERY: Duration = Duration::from_secs(5);
-
 /// Options of `lb run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -195,7 +192,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     rec.apply(&services).await?;
     rec.finish_adoption()?;
-    let mut control = Controller::new(
+    let reader = rec.reader()?;
+    let (handle, inbox) = Handle::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Backends start healthy (as the reconciler assumes); checks can only
+    // take them out. The controller keeps them in step with the services.
+    let control = Controller::new(
         rec,
         desired,
         tracker,
@@ -205,10 +207,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             pin_path: d.pin_path.display().to_string(),
             externals: attached,
         },
-    );
+        reader,
+    )
+    .with_health(health::spawn(handle.clone()));
+    let control = tokio::spawn(control.run(inbox, wait_for(stop_rx.clone())));
 
-    let (handle, mut inbox) = Handle::new();
-    let (stop_tx, stop_rx) = watch::channel(false);
     let api = tokio::spawn(server::serve(
         listener,
         handle.clone(),
@@ -226,33 +229,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     let watcher =
         docker_on.then(|| tokio::spawn(docker::watch(docker_host.clone(), handle.clone(), first)));
-    // Backends start healthy (as the reconciler assumes); checks can only
-    // take them out. Kept in step with the desired services below.
-    let health = health::spawn(handle.clone());
-    health.set(&control.desired().services());
+    drop(handle);
     info!(services = services.len(), socket = %args.socket.display(), "data path ready");
 
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(REFRESH_EVERY);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            Some(input) = inbox.recv() => {
-                control.handle(input).await;
-                // Cheap when nothing changed: only a different set of
-                // checks wakes the checker.
-                health.set(&control.desired().services());
-            }
-            _ = tick.tick() => {
-                if let Err(e) = control.reconciler().refresh().await {
-                    warn!(error = %format!("{e:#}"), "refresh failed; retrying later");
-                }
-            }
-        }
-    }
+    wait_for_signal().await?;
     if args.keep_datapath {
         info!("shutting down: the data path keeps forwarding (--keep-datapath)");
     } else {
@@ -262,18 +242,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(w) = watcher {
         w.abort();
     }
-    // No more health results: the checks stop with their updater.
-    drop(health);
-    drop(handle);
-    // Requests already accepted still get their answer.
-    while let Ok(input) = inbox.try_recv() {
-        control.handle(input).await;
-    }
     let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
     if let Some(task) = metrics_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
-    let mut rec = control.into_reconciler();
+    let mut rec = control.await.context("the controller stopped abnormally")?;
     if args.keep_datapath {
         rec.into_datapath().close(true);
         info!("left running; the next `lb run` takes it over");
@@ -281,6 +254,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         rec.release_neighbors().await;
         rec.into_datapath().close(false);
         info!("detached");
+    }
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM.
+async fn wait_for_signal() -> std::io::Result<()> {
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = sigint.recv() => {}
+        _ = sigterm.recv() => {}
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues},
     programs::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachType},
@@ -32,6 +32,15 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb
 /// Errors of loading, attaching and reading the data path.
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
+    /// A second handle on a map could not be made.
+    #[error("duplicating the handle of map {name}")]
+    Dup {
+        /// The map.
+        name: &'static str,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
     /// This binary was built without its eBPF object.
     #[error("this lb binary was built without its data path (bpf-linker was missing); run `cargo xtask setup` and rebuild")]
     NoObject,
@@ -394,6 +403,53 @@ impl Maps {
                 Ok((stat::NAMES[i as usize], v.iter().sum()))
             })
             .collect()
+    }
+}
+
+/// Second handles on the maps that are only read (counters and the flow
+/// table), for the read side: walking a million flows there never holds up
+/// the control task, which keeps the writing handles.
+pub struct ReadMaps {
+    /// Forward flow table.
+    pub flows: HashMap<MapData, FlowKey, Flow>,
+    /// Per-CPU counters by service id.
+    pub service_stats: PerCpuArray<MapData, Counters>,
+    /// Per-CPU counters by backend id.
+    pub backend_stats: PerCpuArray<MapData, Counters>,
+    /// Per-CPU outcome counters.
+    pub global_stats: PerCpuArray<MapData, u64>,
+}
+
+/// A new handle on the same kernel map as `map` (a duplicated fd).
+fn second_handle<K: aya::Pod, V, T>(
+    map: &impl IterableMap<K, V>,
+    name: &'static str,
+) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    use std::os::fd::AsFd as _;
+    let failed = |source| DatapathError::Map { name, source };
+    let fd = map
+        .map()
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| DatapathError::Dup { name, source })?;
+    let data = MapData::from_fd(fd).map_err(failed)?;
+    let map = aya::maps::Map::from_map_data(data).map_err(failed)?;
+    T::try_from(map).map_err(failed)
+}
+
+impl Maps {
+    /// Second handles on the maps only read, for the read side.
+    pub fn read_handles(&self) -> Result<ReadMaps, DatapathError> {
+        Ok(ReadMaps {
+            flows: second_handle(&self.flows, maps::FLOWS)?,
+            service_stats: second_handle(&self.service_stats, maps::SERVICE_STATS)?,
+            backend_stats: second_handle(&self.backend_stats, maps::BACKEND_STATS)?,
+            global_stats: second_handle(&self.global_stats, maps::GLOBAL_STATS)?,
+        })
     }
 }
 

@@ -110,6 +110,9 @@ struct Changes {
     removed: Vec<SocketAddrV4>,
     #[serde(default)]
     drained: Vec<SocketAddrV4>,
+    /// Weights changed in place, of the config's own backends.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    weights: BTreeMap<SocketAddrV4, u32>,
 }
 
 /// The state file's contents.
@@ -246,6 +249,9 @@ impl Desired {
                     }
                     for b in &mut s.backends {
                         b.drained |= c.drained.contains(&b.addr);
+                        if let Some(w) = c.weights.get(&b.addr) {
+                            b.weight = *w;
+                        }
                     }
                 }
                 s
@@ -358,43 +364,97 @@ impl Desired {
 
     /// Adds a backend to any service.
     pub fn add_backend(&mut self, service: &str, new: &NewBackend) -> Result<(), Refusal> {
-        let addr = parse_socket_addr(&new.address)
-            .map_err(|r| Refusal::invalid(format!("address: {r}")))?;
-        let weight = new.weight.unwrap_or(1);
-        if weight == 0 {
-            return Err(Refusal::invalid(
-                "weight: 0 is not a weight (at least 1; drain or remove a backend instead)".into(),
-            ));
-        }
-        let current = self
-            .services()
-            .into_iter()
-            .find(|s| s.name == service)
-            .ok_or_else(|| Refusal::not_found(format!("no service {service}")))?;
-        if current.backends.iter().any(|b| b.addr == addr) {
+        self.add_backends(service, std::slice::from_ref(new))
+    }
+
+    /// Adds backends to any service, all or none: one refused backend
+    /// refuses the call, naming it.
+    pub fn add_backends(&mut self, service: &str, new: &[NewBackend]) -> Result<(), Refusal> {
+        let current = self.service(service)?;
+        let stored = parse_backends(new)?;
+        if let Some(b) = stored
+            .iter()
+            .find(|b| current.backends.iter().any(|c| c.addr == b.address))
+        {
             return Err(Refusal::conflict(format!(
-                "{addr} is already a backend of {service}"
+                "{} is already a backend of {service}",
+                b.address
             )));
         }
-        let stored = StoredBackend {
-            address: addr,
-            weight,
-            drained: false,
-        };
         if self.config_service(service).is_some() {
             self.change(|o| {
                 let c = o.changes.entry(service.to_owned()).or_default();
-                c.removed.retain(|a| *a != addr);
-                c.drained.retain(|a| *a != addr);
-                c.added.push(stored);
+                for b in stored {
+                    c.removed.retain(|a| *a != b.address);
+                    c.drained.retain(|a| *a != b.address);
+                    c.weights.remove(&b.address);
+                    c.added.push(b);
+                }
             })
         } else {
             self.change(|o| {
                 if let Some(s) = o.services.iter_mut().find(|s| s.name == service) {
-                    s.backends.push(stored);
+                    s.backends.extend(stored);
                 }
             })
         }
+    }
+
+    /// Replaces a service's declared backends with `new`, all or none.
+    /// Backends that stay keep their drain state; weights are those given.
+    /// Docker's backends are not declared and are left as they are.
+    pub fn set_backends(&mut self, service: &str, new: &[NewBackend]) -> Result<(), Refusal> {
+        self.service(service)?;
+        let mut stored = parse_backends(new)?;
+        let declared = self
+            .declared()
+            .into_iter()
+            .find(|s| s.name == service)
+            .map(|s| s.backends)
+            .unwrap_or_default();
+        for b in &mut stored {
+            b.drained = declared.iter().any(|d| d.addr == b.address && d.drained);
+        }
+        if let Some(config) = self.config_service(service).cloned() {
+            self.change(|o| {
+                let c = o.changes.entry(service.to_owned()).or_default();
+                let own = |a: &SocketAddrV4| config.backends.iter().find(|b| b.addr == *a);
+                c.removed = config
+                    .backends
+                    .iter()
+                    .map(|b| b.addr)
+                    .filter(|a| !stored.iter().any(|s| s.address == *a))
+                    .collect();
+                c.drained = stored
+                    .iter()
+                    .filter(|s| s.drained && own(&s.address).is_some())
+                    .map(|s| s.address)
+                    .collect();
+                c.weights = stored
+                    .iter()
+                    .filter(|s| own(&s.address).is_some_and(|b| b.weight != s.weight))
+                    .map(|s| (s.address, s.weight))
+                    .collect();
+                c.added = stored
+                    .iter()
+                    .filter(|s| own(&s.address).is_none())
+                    .cloned()
+                    .collect();
+            })
+        } else {
+            self.change(|o| {
+                if let Some(s) = o.services.iter_mut().find(|s| s.name == service) {
+                    s.backends = stored;
+                }
+            })
+        }
+    }
+
+    fn service(&self, service: &str) -> Result<ServiceSpec, Refusal> {
+        self.services()
+            .into_iter()
+            .find(|s| s.name == service)
+            .ok_or_else(|| Refusal::not_found(format!("no service {service}")))
     }
 
     /// Removes a backend from any service.
@@ -408,6 +468,7 @@ impl Desired {
                 let c = o.changes.entry(service.to_owned()).or_default();
                 c.added.retain(|b| b.address != addr);
                 c.drained.retain(|a| *a != addr);
+                c.weights.remove(&addr);
                 if in_config {
                     c.removed.push(addr);
                 }
@@ -423,14 +484,25 @@ impl Desired {
 
     /// Drains a backend: it keeps its flows and gets no new ones.
     pub fn drain_backend(&mut self, service: &str, address: &str) -> Result<(), Refusal> {
+        self.set_drained(service, address, true)
+    }
+
+    /// Puts a drained backend back: it takes new flows again.
+    pub fn undrain_backend(&mut self, service: &str, address: &str) -> Result<(), Refusal> {
+        self.set_drained(service, address, false)
+    }
+
+    fn set_drained(&mut self, service: &str, address: &str, drained: bool) -> Result<(), Refusal> {
         let addr = self.existing_backend(service, address)?;
         if self.config_service(service).is_some() {
             self.change(|o| {
                 let c = o.changes.entry(service.to_owned()).or_default();
                 if let Some(b) = c.added.iter_mut().find(|b| b.address == addr) {
-                    b.drained = true;
-                } else if !c.drained.contains(&addr) {
+                    b.drained = drained;
+                } else if drained && !c.drained.contains(&addr) {
                     c.drained.push(addr);
+                } else if !drained {
+                    c.drained.retain(|a| *a != addr);
                 }
             })
         } else {
@@ -441,7 +513,41 @@ impl Desired {
                     .find(|s| s.name == service)
                     .and_then(|s| s.backends.iter_mut().find(|b| b.address == addr))
                 {
-                    b.drained = true;
+                    b.drained = drained;
+                }
+            })
+        }
+    }
+
+    /// Changes a backend's weight in place: its flows stay where they are,
+    /// new flows follow the new weights.
+    pub fn set_weight(&mut self, service: &str, address: &str, weight: u32) -> Result<(), Refusal> {
+        check_weight(weight)?;
+        let addr = self.existing_backend(service, address)?;
+        let in_config = self
+            .config_service(service)
+            .and_then(|s| s.backends.iter().find(|b| b.addr == addr))
+            .map(|b| b.weight);
+        if self.config_service(service).is_some() {
+            self.change(|o| {
+                let c = o.changes.entry(service.to_owned()).or_default();
+                if let Some(b) = c.added.iter_mut().find(|b| b.address == addr) {
+                    b.weight = weight;
+                } else if in_config == Some(weight) {
+                    c.weights.remove(&addr);
+                } else {
+                    c.weights.insert(addr, weight);
+                }
+            })
+        } else {
+            self.change(|o| {
+                if let Some(b) = o
+                    .services
+                    .iter_mut()
+                    .find(|s| s.name == service)
+                    .and_then(|s| s.backends.iter_mut().find(|b| b.address == addr))
+                {
+                    b.weight = weight;
                 }
             })
         }
@@ -509,6 +615,36 @@ impl Desired {
         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(io)?;
         fs::rename(&tmp, &self.path).map_err(io)
     }
+}
+
+fn check_weight(weight: u32) -> Result<(), Refusal> {
+    if weight == 0 {
+        return Err(Refusal::invalid(
+            "weight: 0 is not a weight (at least 1; drain or remove a backend instead)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a list of new backends: each address valid, each weight at
+/// least 1, no address twice. The error names the backend at fault.
+fn parse_backends(new: &[NewBackend]) -> Result<Vec<StoredBackend>, Refusal> {
+    let mut out: Vec<StoredBackend> = Vec::with_capacity(new.len());
+    for b in new {
+        let address =
+            parse_socket_addr(&b.address).map_err(|r| Refusal::invalid(format!("address: {r}")))?;
+        let weight = b.weight.unwrap_or(1);
+        check_weight(weight).map_err(|e| Refusal::invalid(format!("{address}: {e}")))?;
+        if out.iter().any(|o| o.address == address) {
+            return Err(Refusal::invalid(format!("{address} is listed twice")));
+        }
+        out.push(StoredBackend {
+            address,
+            weight,
+            drained: false,
+        });
+    }
+    Ok(out)
 }
 
 /// Checks a whole desired state against the maps' limits.

@@ -291,7 +291,7 @@ fn answer(req: &Request) -> Result<Response, Refusal> {
 #[test]
 fn mutations_send_the_request_and_print_one_line() {
     let d = FakeDaemon::start("mutations", answer);
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 10] = [
         (
             &[
                 "service",
@@ -336,6 +336,22 @@ fn mutations_send_the_request_and_print_one_line() {
             &["backend", "drain", "api", "198.18.7.2:8080"],
             "backend 198.18.7.2:8080 of api draining: keeps its flows, takes no new ones\n",
         ),
+        (
+            &["backend", "undrain", "api", "198.18.7.2:8080"],
+            "backend 198.18.7.2:8080 of api active: takes new flows again\n",
+        ),
+        (
+            &["backend", "weight", "api", "198.18.7.2:8080", "4"],
+            "backend 198.18.7.2:8080 of api weighs 4: new flows follow, established flows stay\n",
+        ),
+        (
+            &["backend", "add", "api", "198.18.7.3:80", "198.18.7.4:80"],
+            "2 backends (198.18.7.3:80, 198.18.7.4:80) added to api\n",
+        ),
+        (
+            &["backend", "set", "api", "198.18.7.5:80"],
+            "api now has backend 198.18.7.5:80\n",
+        ),
     ];
     for (args, want) in cases {
         let o = d.lb(args);
@@ -359,10 +375,11 @@ fn mutations_send_the_request_and_print_one_line() {
     assert_eq!(reqs[2], Request::RemoveService("dns".into()));
     // Names and addresses reach the daemon intact through the URL.
     match &reqs[3] {
-        Request::AddBackend(name, b) => {
+        Request::AddBackends(name, b) => {
             assert_eq!(name, "a b/c");
-            assert_eq!(b.address, "198.18.7.1:8080");
-            assert_eq!(b.weight, Some(3));
+            assert_eq!(b.len(), 1);
+            assert_eq!(b[0].address, "198.18.7.1:8080");
+            assert_eq!(b[0].weight, Some(3));
         }
         other => panic!("{other:?}"),
     }
@@ -374,6 +391,23 @@ fn mutations_send_the_request_and_print_one_line() {
         reqs[5],
         Request::DrainBackend("api".into(), "198.18.7.2:8080".into())
     );
+    assert_eq!(
+        reqs[6],
+        Request::UndrainBackend("api".into(), "198.18.7.2:8080".into())
+    );
+    assert_eq!(
+        reqs[7],
+        Request::SetWeight("api".into(), "198.18.7.2:8080".into(), 4)
+    );
+    let backends = |r: &Request| match r {
+        Request::AddBackends(_, b) | Request::SetBackends(_, b) => {
+            b.iter().map(|b| b.address.clone()).collect::<Vec<_>>()
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(backends(&reqs[8]), ["198.18.7.3:80", "198.18.7.4:80"]);
+    assert!(matches!(reqs[9], Request::SetBackends(..)));
+    assert_eq!(backends(&reqs[9]), ["198.18.7.5:80"]);
 }
 
 #[test]

@@ -6,13 +6,17 @@
 //! | POST | `/v1/services` | `NewService` | `ServiceInfo` (201) |
 //! | DELETE | `/v1/services/{name}` | | `{}` |
 //! | GET | `/v1/services/{name}/backends` | | `[BackendInfo]` |
-//! | POST | `/v1/services/{name}/backends` | `NewBackend` | `{}` (201) |
+//! | POST | `/v1/services/{name}/backends` | `NewBackend` or `[NewBackend]` | `{}` (201) |
+//! | PUT | `/v1/services/{name}/backends` | `[NewBackend]` | `{}` |
 //! | DELETE | `/v1/services/{name}/backends/{address}` | | `{}` |
 //! | POST | `/v1/services/{name}/backends/{address}/drain` | | `{}` |
+//! | POST | `/v1/services/{name}/backends/{address}/undrain` | | `{}` |
+//! | PUT | `/v1/services/{name}/backends/{address}/weight` | `Weight` | `{}` |
 //! | GET | `/v1/stats[?service=NAME]` | | `Stats` |
 //! | GET | `/v1/status` | | `Status` |
 //!
-//! Errors are `{"error": "one line"}` with 400, 404, 409 or 500.
+//! Errors are `{"error": "one line"}` with 400, 404, 409 or 500. A list
+//! of backends is taken all or none: one refused backend refuses the call.
 
 use std::{
     future::Future,
@@ -32,7 +36,7 @@ use axum::{
 use serde::{de::DeserializeOwned, Deserialize};
 use tokio::net::{UnixListener, UnixStream};
 
-use super::types::ApiError;
+use super::types::{ApiError, NewBackend, Weight};
 use crate::control::{Handle, Request, Response};
 use crate::model::{Refusal, RefusalKind};
 
@@ -99,7 +103,7 @@ pub fn router(handle: Handle) -> Router {
         .route("/v1/services/{name}", axum::routing::delete(remove_service))
         .route(
             "/v1/services/{name}/backends",
-            get(list_backends).post(add_backend),
+            get(list_backends).post(add_backends).put(set_backends),
         )
         .route(
             "/v1/services/{name}/backends/{address}",
@@ -108,6 +112,14 @@ pub fn router(handle: Handle) -> Router {
         .route(
             "/v1/services/{name}/backends/{address}/drain",
             post(drain_backend),
+        )
+        .route(
+            "/v1/services/{name}/backends/{address}/undrain",
+            post(undrain_backend),
+        )
+        .route(
+            "/v1/services/{name}/backends/{address}/weight",
+            axum::routing::put(set_weight),
         )
         .route("/v1/stats", get(stats))
         .route("/v1/status", get(status))
@@ -173,13 +185,35 @@ async fn list_backends(State(h): State<Handle>, UrlPath(name): UrlPath<String>) 
     answer(&h, Request::ListBackends(name), false).await
 }
 
-async fn add_backend(
+/// `POST …/backends` takes one backend object or an array of them.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(NewBackend),
+    Many(Vec<NewBackend>),
+}
+
+async fn add_backends(
+    State(h): State<Handle>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> HttpResponse {
+    match json_body::<OneOrMany>(&body) {
+        Ok(OneOrMany::One(new)) => answer(&h, Request::AddBackends(name, vec![new]), true).await,
+        Ok(OneOrMany::Many(new)) => answer(&h, Request::AddBackends(name, new), true).await,
+        Err(_) => failure(Refusal::invalid(
+            "request body: expected a backend {\"address\": \"ip:port\", \"weight\": n} or an array of them".into(),
+        )),
+    }
+}
+
+async fn set_backends(
     State(h): State<Handle>,
     UrlPath(name): UrlPath<String>,
     body: Bytes,
 ) -> HttpResponse {
     match json_body(&body) {
-        Ok(new) => answer(&h, Request::AddBackend(name, new), true).await,
+        Ok(new) => answer(&h, Request::SetBackends(name, new), false).await,
         Err(f) => failure(f),
     }
 }
@@ -196,6 +230,24 @@ async fn drain_backend(
     UrlPath((name, address)): UrlPath<(String, String)>,
 ) -> HttpResponse {
     answer(&h, Request::DrainBackend(name, address), false).await
+}
+
+async fn undrain_backend(
+    State(h): State<Handle>,
+    UrlPath((name, address)): UrlPath<(String, String)>,
+) -> HttpResponse {
+    answer(&h, Request::UndrainBackend(name, address), false).await
+}
+
+async fn set_weight(
+    State(h): State<Handle>,
+    UrlPath((name, address)): UrlPath<(String, String)>,
+    body: Bytes,
+) -> HttpResponse {
+    match json_body::<Weight>(&body) {
+        Ok(w) => answer(&h, Request::SetWeight(name, address, w.weight), false).await,
+        Err(f) => failure(f),
+    }
 }
 
 #[derive(Deserialize)]

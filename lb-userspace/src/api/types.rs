@@ -74,6 +74,13 @@ pub struct NewBackend {
     pub weight: Option<u32>,
 }
 
+/// `PUT /v1/services/{name}/backends/{address}/weight`: a new weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Weight {
+    /// Relative share of new flows, at least 1.
+    pub weight: u32,
+}
+
 /// What a backend does with flows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

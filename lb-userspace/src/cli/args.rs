@@ -84,13 +84,20 @@ pub enum ServiceCommand {
 /// `lb backend …`.
 #[derive(Debug, Subcommand)]
 pub enum BackendCommand {
-    /// Add a backend to a service.
+    /// Add backends to a service, all or none.
     Add(BackendAdd),
+    /// Replace a service's backends with these, all or none: the others
+    /// leave (their flows move), the ones that stay keep their flows.
+    Set(BackendSet),
     /// Remove a backend: its flows move to other backends.
     #[command(visible_alias = "remove")]
     Rm(BackendRef),
     /// Drain a backend: it keeps its flows and takes no new ones.
     Drain(BackendRef),
+    /// Put a drained backend back: it takes new flows again.
+    Undrain(BackendRef),
+    /// Change a backend's weight in place; no established flow moves.
+    Weight(BackendWeight),
     /// List a service's backends.
     #[command(visible_alias = "list")]
     Ls(BackendLs),
@@ -198,25 +205,67 @@ pub struct BackendAdd {
     /// The service's name.
     #[arg(value_parser = NonEmptyStringValueParser::new())]
     pub service: String,
-    /// The backend's address and port.
-    #[arg(value_name = "IP:PORT", value_parser = NonEmptyStringValueParser::new())]
-    pub address: String,
-    /// Relative share of new flows [default: 1].
+    /// The backends' addresses and ports.
+    #[arg(value_name = "IP:PORT", required = true, value_parser = NonEmptyStringValueParser::new())]
+    pub addresses: Vec<String>,
+    /// Relative share of new flows of each [default: 1].
     #[arg(long, value_name = "N")]
     pub weight: Option<u32>,
 }
 
 impl BackendAdd {
     /// The request body.
-    pub fn to_request(&self) -> NewBackend {
-        NewBackend {
-            address: self.address.clone(),
-            weight: self.weight,
-        }
+    pub fn to_request(&self) -> Vec<NewBackend> {
+        new_backends(&self.addresses, self.weight)
     }
 }
 
-/// A backend of a service, for `rm` and `drain`.
+/// `lb backend set`.
+#[derive(Debug, Args)]
+pub struct BackendSet {
+    /// The service's name.
+    #[arg(value_parser = NonEmptyStringValueParser::new())]
+    pub service: String,
+    /// The backends' addresses and ports; none empties the service.
+    #[arg(value_name = "IP:PORT", value_parser = NonEmptyStringValueParser::new())]
+    pub addresses: Vec<String>,
+    /// Relative share of new flows of each [default: 1].
+    #[arg(long, value_name = "N")]
+    pub weight: Option<u32>,
+}
+
+impl BackendSet {
+    /// The request body.
+    pub fn to_request(&self) -> Vec<NewBackend> {
+        new_backends(&self.addresses, self.weight)
+    }
+}
+
+fn new_backends(addresses: &[String], weight: Option<u32>) -> Vec<NewBackend> {
+    addresses
+        .iter()
+        .map(|a| NewBackend {
+            address: a.clone(),
+            weight,
+        })
+        .collect()
+}
+
+/// `lb backend weight`.
+#[derive(Debug, Args)]
+pub struct BackendWeight {
+    /// The service's name.
+    #[arg(value_parser = NonEmptyStringValueParser::new())]
+    pub service: String,
+    /// The backend's address and port.
+    #[arg(value_name = "IP:PORT", value_parser = NonEmptyStringValueParser::new())]
+    pub address: String,
+    /// Its new relative share of new flows (at least 1).
+    #[arg(value_name = "N")]
+    pub weight: u32,
+}
+
+/// A backend of a service, for `rm`, `drain` and `undrain`.
 #[derive(Debug, Args)]
 pub struct BackendRef {
     /// The service's name.

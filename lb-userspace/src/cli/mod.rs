@@ -28,7 +28,7 @@ use self::{
 };
 use crate::api::{
     client::Client,
-    types::{BackendInfo, ServiceInfo, Stats, Status},
+    types::{BackendInfo, ServiceInfo, Stats, Status, Weight},
 };
 
 /// Runs an admin command against the daemon on `socket` and prints its
@@ -129,6 +129,14 @@ async fn show<T: DeserializeOwned>(
     print(&render(&parse(body, socket)?))
 }
 
+/// "backend A" or "3 backends (A, B, C)".
+fn backends_phrase(addresses: &[String]) -> String {
+    match addresses {
+        [one] => format!("backend {one}"),
+        many => format!("{} backends ({})", many.len(), many.join(", ")),
+    }
+}
+
 async fn execute(command: Admin, socket: &Path) -> anyhow::Result<()> {
     let client = Client::new(socket);
     let c = &client;
@@ -160,8 +168,23 @@ async fn execute(command: Admin, socket: &Path) -> anyhow::Result<()> {
                 .map(|w| format!(" (weight {w})"))
                 .unwrap_or_default();
             print(&format!(
-                "backend {} added to {}{weight}\n",
-                add.address, add.service
+                "{} added to {}{weight}\n",
+                backends_phrase(&add.addresses),
+                add.service
+            ))
+        }
+        Admin::Backend(BackendCommand::Set(set)) => {
+            let _: Value = c
+                .put(&backends_path(&set.service), &set.to_request())
+                .await?;
+            print(&format!(
+                "{} now has {}\n",
+                set.service,
+                if set.addresses.is_empty() {
+                    "no backends".to_owned()
+                } else {
+                    backends_phrase(&set.addresses)
+                }
             ))
         }
         Admin::Backend(BackendCommand::Rm(b)) => {
@@ -177,6 +200,22 @@ async fn execute(command: Admin, socket: &Path) -> anyhow::Result<()> {
             print(&format!(
                 "backend {} of {} draining: keeps its flows, takes no new ones\n",
                 b.address, b.service
+            ))
+        }
+        Admin::Backend(BackendCommand::Undrain(b)) => {
+            let path = format!("{}/undrain", backend_path(&b.service, &b.address));
+            let _: Value = c.post(&path, &serde_json::json!({})).await?;
+            print(&format!(
+                "backend {} of {} active: takes new flows again\n",
+                b.address, b.service
+            ))
+        }
+        Admin::Backend(BackendCommand::Weight(w)) => {
+            let path = format!("{}/weight", backend_path(&w.service, &w.address));
+            let _: Value = c.put(&path, &Weight { weight: w.weight }).await?;
+            print(&format!(
+                "backend {} of {} weighs {}: new flows follow, established flows stay\n",
+                w.address, w.service, w.weight
             ))
         }
         Admin::Backend(BackendCommand::Ls(l)) => {

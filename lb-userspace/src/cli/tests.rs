@@ -197,12 +197,31 @@ fn backends() {
             assert_eq!(a.service, "api");
             assert_eq!(
                 a.to_request(),
-                NewBackend {
+                [NewBackend {
                     address: "198.18.7.1:8080".into(),
                     weight: Some(3)
-                }
+                }]
             );
         }
+        other => panic!("{other:?}"),
+    }
+    match admin(&["backend", "add", "api", "198.18.7.1:80", "198.18.7.2:80"]) {
+        Admin::Backend(BackendCommand::Add(a)) => {
+            let addrs: Vec<String> = a.to_request().into_iter().map(|b| b.address).collect();
+            assert_eq!(addrs, ["198.18.7.1:80", "198.18.7.2:80"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    match admin(&["backend", "set", "api"]) {
+        Admin::Backend(BackendCommand::Set(s)) => assert!(s.to_request().is_empty()),
+        other => panic!("{other:?}"),
+    }
+    match admin(&["backend", "weight", "api", "198.18.7.1:80", "5"]) {
+        Admin::Backend(BackendCommand::Weight(w)) => assert_eq!(w.weight, 5),
+        other => panic!("{other:?}"),
+    }
+    match admin(&["backend", "undrain", "api", "198.18.7.1:80"]) {
+        Admin::Backend(BackendCommand::Undrain(b)) => assert_eq!(b.address, "198.18.7.1:80"),
         other => panic!("{other:?}"),
     }
     match admin(&["backend", "add", "api", "198.18.7.1:8080"]) {

@@ -1,0 +1,308 @@
+//! Delivery: how packets reach each backend, and what that needs on this
+//! host: the route, the next hop's MAC (a managed neighbour entry keeps it
+//! resolved), the reverse path attached where replies enter, and GRO on a
+//! veth peer so XDP can deliver to it. The only part of reconciling that
+//! talks to the host's network stack.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    time::Duration,
+};
+
+use lb_common::{BACKEND_F_MAC, BACKEND_F_PEER, BACKEND_F_XDP};
+use tracing::{debug, info, warn};
+
+use super::tables::Delivery;
+use crate::{
+    api::types::InterfaceStatus,
+    datapath::{Datapath, DatapathError},
+    host::{self, HostError},
+    model::Via,
+};
+
+/// What delivery set up on this host, to reuse and to undo.
+#[derive(Debug, Default)]
+pub struct Deliveries {
+    /// Backend-facing interfaces set up (TC attached), by ifindex.
+    ready_ifaces: BTreeMap<u32, String>,
+    /// Neighbour entries this daemon asked the kernel to keep resolved.
+    managed_neighbors: BTreeSet<(Ipv4Addr, String)>,
+    /// Whether some external interface forwards with XDP, so backends'
+    /// veth peers need GRO on to take redirected frames.
+    xdp_forward: bool,
+    /// Container interfaces (a bridge, or a veth) this daemon attached to;
+    /// detached when no backend uses them any more.
+    container_ifaces: BTreeSet<u32>,
+    /// veths whose peer was seen with GRO on. A peer keeps it for the
+    /// interface's life, and a new container brings a new ifindex, so the
+    /// periodic refresh does not enter every backend's namespace again.
+    gro_ready: BTreeSet<u32>,
+}
+
+impl Deliveries {
+    /// Whether the forward path runs in XDP anywhere: only then is GRO
+    /// turned on in backends' namespaces.
+    pub fn set_xdp_forward(&mut self, on: bool) {
+        self.xdp_forward = on;
+    }
+
+    /// Backend-facing interfaces the reverse path is attached to.
+    pub fn interfaces(&self) -> Vec<InterfaceStatus> {
+        self.ready_ifaces
+            .iter()
+            .map(|(ifindex, name)| InterfaceStatus {
+                name: name.clone(),
+                ifindex: *ifindex,
+                role: "backend".into(),
+                programs: vec!["tc".into()],
+            })
+            .collect()
+    }
+
+    /// Takes over the reverse path of the interfaces adopted backends use;
+    /// `containers` are those of container backends.
+    pub fn adopt(
+        &mut self,
+        dp: &mut Datapath,
+        used: &BTreeSet<u32>,
+        containers: BTreeSet<u32>,
+    ) -> Result<(), DatapathError> {
+        self.container_ifaces = containers;
+        for &ifindex in used {
+            if let Ok(name) = nix::net::if_::if_indextoname(ifindex) {
+                let name = name.to_string_lossy().into_owned();
+                dp.attach_tc(&name, ifindex)?;
+                self.ready_ifaces.insert(ifindex, name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches the reverse path from container interfaces (a bridge, or a
+    /// veth) no backend uses any more (its containers are gone, or left every
+    /// service). `used`: the interfaces backends are delivered through.
+    pub fn release_unused(&mut self, dp: &mut Datapath, used: &BTreeSet<u32>) {
+        let unused: Vec<u32> = self
+            .container_ifaces
+            .iter()
+            .filter(|i| !used.contains(i))
+            .copied()
+            .collect();
+        for ifindex in unused {
+            self.container_ifaces.remove(&ifindex);
+            if let Some(name) = self.ready_ifaces.remove(&ifindex) {
+                dp.detach_tc(ifindex);
+                info!(
+                    iface = name,
+                    "reverse path detached: no container backend behind it"
+                );
+            }
+        }
+        // A gone container's veth takes its GRO state with it.
+        self.gro_ready.retain(|i| used.contains(i));
+    }
+
+    /// Works out how to reach `addr` and prepares its interface: TC attached
+    /// for the replies, and GRO on the veth peer so XDP can deliver to it.
+    /// `None` (the backend stays out of the table) when it cannot be reached.
+    pub async fn resolve(
+        &mut self,
+        dp: &mut Datapath,
+        addr: SocketAddrV4,
+        via: Option<Via>,
+        service: &str,
+    ) -> Result<Option<Delivery>, DatapathError> {
+        let result = match via {
+            Some(via) => self.resolve_container(dp, via).await,
+            None => self.try_resolve(dp, *addr.ip()).await,
+        };
+        match result {
+            Ok(d) => Ok(Some(d)),
+            Err(ResolveError::Host(e)) => {
+                warn!(service, backend = %addr, error = %e, "backend unreachable; kept out of the table until it is");
+                Ok(None)
+            }
+            Err(ResolveError::Datapath(e)) => Err(e),
+        }
+    }
+
+    /// A container's delivery, from what Docker reported: the host side of
+    /// its veth and its MAC, found through its process without asking the
+    /// routing table (a bridge port is not what a route names).
+    async fn resolve_container(
+        &mut self,
+        dp: &mut Datapath,
+        via: Via,
+    ) -> Result<Delivery, ResolveError> {
+        let inner = host::container_link(via.pid, via.mac)?;
+        let link = host::container_veth(inner.host_ifindex)?;
+        // Replies to clients go to the container's gateway: on a bridge
+        // network, the bridge itself, whose ingress sees them all. One
+        // attachment there serves every container on it; one per veth would
+        // put a TCX attach (an RCU grace period, about 8 ms here) on every
+        // container's way in.
+        let (reply_ifindex, reply_name) = match host::bridge_of(&link.name) {
+            Ok(Some(bridge)) => bridge,
+            _ => (link.ifindex, link.name.clone()),
+        };
+        if !self.ready_ifaces.contains_key(&reply_ifindex) {
+            let started = std::time::Instant::now();
+            dp.attach_tc(&reply_name, reply_ifindex)
+                .map_err(ResolveError::Datapath)?;
+            self.container_ifaces.insert(reply_ifindex);
+            info!(
+                iface = reply_name,
+                us = started.elapsed().as_micros() as u64,
+                "reverse path attached for containers (TC ingress)"
+            );
+        }
+        self.ready_ifaces.insert(reply_ifindex, reply_name);
+        let mut flags = BACKEND_F_MAC | BACKEND_F_PEER;
+        if self.xdp_forward {
+            if !self.gro_ready.contains(&link.ifindex) {
+                let ns = PathBuf::from(format!("/proc/{}/ns/net", via.pid));
+                match host::ensure_gro(&ns, &inner.name).await {
+                    Ok(changed) => {
+                        if changed {
+                            info!(iface = link.name, peer = inner.name, netns = %ns.display(), "turned GRO on in the backend's namespace so XDP can deliver to it");
+                        }
+                        self.gro_ready.insert(link.ifindex);
+                    }
+                    Err(e) => {
+                        warn!(iface = link.name, error = %e, "could not prepare the container for XDP; using the skb path");
+                    }
+                }
+            }
+            if self.gro_ready.contains(&link.ifindex) {
+                flags |= BACKEND_F_XDP;
+            }
+        }
+        Ok(Delivery {
+            ifindex: link.ifindex,
+            src_mac: link.mac,
+            dst_mac: Some(via.mac),
+            flags,
+            reply_ifindex,
+        })
+    }
+
+    async fn try_resolve(
+        &mut self,
+        dp: &mut Datapath,
+        ip: Ipv4Addr,
+    ) -> Result<Delivery, ResolveError> {
+        let route = host::route_get(ip).await?;
+        let link = host::link(&route.dev).await?;
+        let next_hop = route.gateway.unwrap_or(ip);
+        let mut mac = host::neighbor(next_hop, &link.name).await?;
+        if mac.is_none() {
+            host::keep_neighbor_resolved(next_hop, &link.name).await?;
+            self.managed_neighbors.insert((next_hop, link.name.clone()));
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                mac = host::neighbor(next_hop, &link.name).await?;
+                if mac.is_some() {
+                    break;
+                }
+            }
+        }
+        let mut flags = 0;
+        if mac.is_some() {
+            flags |= BACKEND_F_MAC;
+        }
+        // Only a backend on the veth's own link lives in the peer namespace;
+        // behind a gateway the peer is a router this daemon does not own, so
+        // it gets the skb path (`bpf_redirect_neigh`) and its devices are
+        // left alone.
+        let peer = link.veth && link.peer_netnsid.is_some() && route.gateway.is_none();
+        if peer {
+            flags |= BACKEND_F_PEER;
+        }
+        if !self.ready_ifaces.contains_key(&link.ifindex) {
+            dp.attach_tc(&link.name, link.ifindex)
+                .map_err(ResolveError::Datapath)?;
+            info!(iface = link.name, "reverse path attached (TC ingress)");
+        }
+        if peer && mac.is_some() && self.xdp_forward {
+            if !self.gro_ready.contains(&link.ifindex) && self.peer_takes_xdp(&link).await {
+                self.gro_ready.insert(link.ifindex);
+            }
+            if self.gro_ready.contains(&link.ifindex) {
+                flags |= BACKEND_F_XDP;
+            }
+        }
+        self.ready_ifaces.insert(link.ifindex, link.name.clone());
+        Ok(Delivery {
+            ifindex: link.ifindex,
+            src_mac: link.mac,
+            dst_mac: mac,
+            flags,
+            reply_ifindex: link.ifindex,
+        })
+    }
+
+    /// Makes sure the veth peer behind `link` has GRO on; `false` when its
+    /// namespace cannot be found or changed (delivery then takes the skb path).
+    async fn peer_takes_xdp(&self, link: &host::Link) -> bool {
+        let (Some(peer), Some(nsid)) = (link.peer_ifindex, link.peer_netnsid) else {
+            return false;
+        };
+        let result = async {
+            let Some(ns) = host::find_peer_netns(link.ifindex, peer, nsid).await? else {
+                return Ok::<_, HostError>(false);
+            };
+            let Some(peer_link) = host::link_in_netns(&ns, peer).await? else {
+                return Ok(false);
+            };
+            if host::ensure_gro(&ns, &peer_link.name).await? {
+                info!(
+                    iface = link.name,
+                    peer = peer_link.name,
+                    netns = %ns.display(),
+                    "turned GRO on in the backend's namespace so XDP can deliver to it"
+                );
+            }
+            Ok(true)
+        }
+        .await;
+        match result {
+            Ok(ok) => {
+                if !ok {
+                    debug!(
+                        iface = link.name,
+                        "veth peer namespace not found; using the skb path"
+                    );
+                }
+                ok
+            }
+            Err(e) => {
+                warn!(iface = link.name, error = %e, "could not prepare the veth peer for XDP; using the skb path");
+                false
+            }
+        }
+    }
+
+    /// Removes the neighbour entries this daemon made managed.
+    pub async fn release_neighbors(&mut self) {
+        for (addr, dev) in std::mem::take(&mut self.managed_neighbors) {
+            let a = addr.to_string();
+            let _ = tokio::process::Command::new("ip")
+                .args(["neigh", "del", &a, "dev", &dev])
+                .output()
+                .await;
+        }
+    }
+}
+
+enum ResolveError {
+    Host(HostError),
+    Datapath(DatapathError),
+}
+
+impl From<HostError> for ResolveError {
+    fn from(e: HostError) -> Self {
+        Self::Host(e)
+    }
+}

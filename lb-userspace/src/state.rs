@@ -770,6 +770,130 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
         assert_eq!(before[1].origin, Origin::Api);
     }
 
+    fn addrs_of(d: &Desired, name: &str) -> Vec<(String, u32, bool)> {
+        d.services()
+            .into_iter()
+            .find(|s| s.name == name)
+            .unwrap()
+            .backends
+            .iter()
+            .map(|b| (b.addr.to_string(), b.weight, b.drained))
+            .collect()
+    }
+
+    #[test]
+    fn batches_undrain_and_weights_survive_a_reload() {
+        let dir = tmp("batch");
+        let path = dir.0.join("lb.state.json");
+        let mut d = Desired::load(&config(), path.clone()).unwrap();
+        d.add_service(&new_service("api", "198.18.101.2:80"))
+            .unwrap();
+        let many: Vec<NewBackend> = (1..=3)
+            .map(|i| backend(&format!("198.18.105.{i}:80")))
+            .collect();
+        d.add_backends("api", &many).unwrap();
+        d.drain_backend("api", "198.18.105.1:80").unwrap();
+        d.set_weight("api", "198.18.105.2:80", 5).unwrap();
+        // A config service: its own backend reweighted, drained, undrained.
+        d.set_weight("web", "198.18.103.2:8080", 3).unwrap();
+        d.drain_backend("web", "198.18.104.2:8080").unwrap();
+        d.undrain_backend("web", "198.18.104.2:8080").unwrap();
+        assert_eq!(
+            addrs_of(&d, "web"),
+            [
+                ("198.18.103.2:8080".into(), 3, false),
+                ("198.18.104.2:8080".into(), 1, false)
+            ]
+        );
+        // Set: one stays (keeps its drain state), one new, others leave.
+        d.set_backends(
+            "api",
+            &[
+                NewBackend {
+                    address: "198.18.105.1:80".into(),
+                    weight: Some(2),
+                },
+                backend("198.18.105.9:80"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            addrs_of(&d, "api"),
+            [
+                ("198.18.105.1:80".into(), 2, true),
+                ("198.18.105.9:80".into(), 1, false)
+            ]
+        );
+        d.set_backends(
+            "web",
+            &[backend("198.18.104.2:8080"), backend("198.18.106.1:80")],
+        )
+        .unwrap();
+        assert_eq!(
+            addrs_of(&d, "web"),
+            [
+                ("198.18.104.2:8080".into(), 1, false),
+                ("198.18.106.1:80".into(), 1, false)
+            ]
+        );
+        let before = d.services();
+        assert_eq!(Desired::load(&config(), path).unwrap().services(), before);
+    }
+
+    #[test]
+    fn a_refused_batch_changes_nothing() {
+        let dir = tmp("batch-bad");
+        let path = dir.0.join("lb.state.json");
+        let mut d = Desired::load(&config(), path.clone()).unwrap();
+        let before = d.services();
+        let cases: Vec<(Result<(), Refusal>, RefusalKind)> = vec![
+            (
+                d.add_backends(
+                    "web",
+                    &[backend("198.18.105.1:80"), backend("198.18.105.1:80")],
+                ),
+                RefusalKind::Invalid,
+            ),
+            (
+                d.add_backends("web", &[backend("198.18.105.1:80"), backend("bad")]),
+                RefusalKind::Invalid,
+            ),
+            (
+                d.add_backends(
+                    "web",
+                    &[backend("198.18.105.1:80"), backend("198.18.103.2:8080")],
+                ),
+                RefusalKind::Conflict,
+            ),
+            (
+                d.set_backends("web", &[backend("198.18.105.1:80"), backend("x")]),
+                RefusalKind::Invalid,
+            ),
+            (
+                d.set_backends("nope", &[backend("198.18.105.1:80")]),
+                RefusalKind::NotFound,
+            ),
+            (
+                d.set_weight("web", "198.18.103.2:8080", 0),
+                RefusalKind::Invalid,
+            ),
+            (
+                d.set_weight("web", "198.18.109.9:80", 2),
+                RefusalKind::NotFound,
+            ),
+            (
+                d.undrain_backend("web", "198.18.109.9:80"),
+                RefusalKind::NotFound,
+            ),
+        ];
+        for (i, (r, kind)) in cases.into_iter().enumerate() {
+            let e = r.expect_err(&format!("case {i} must be refused"));
+            assert_eq!(e.kind, kind, "case {i}: {}", e.message);
+        }
+        assert_eq!(d.services(), before);
+        assert!(!path.exists(), "nothing was saved");
+    }
+
     #[test]
     fn bad_inputs_change_nothing() {
         let dir = tmp("bad");

@@ -18,9 +18,11 @@ use crate::{
     datapath::ReadMaps,
 };
 
-/// How long one walk of the flow table serves later reads. A walk of a
-/// full table (1M entries) takes about a second of one core.
-pub const FLOW_COUNT_TTL: Duration = Duration::from_secs(2);
+/// One walk of the flow table serves later reads for this many times the
+/// walk's own duration: reads then spend at most a tenth of a core walking,
+/// however often they come. A small table is walked afresh for nearly every
+/// read; a full one (1M entries, about a second a walk) every ten seconds.
+pub const FLOW_COUNT_REUSE: u32 = 10;
 
 /// One service as the controller saw it when a read was asked.
 #[derive(Clone, Debug)]
@@ -45,7 +47,8 @@ struct FlowCount {
 /// Reads counters and flows; shared by the blocking threads that answer.
 pub struct Reader {
     maps: ReadMaps,
-    flows: Mutex<Option<(Instant, FlowCount)>>,
+    /// The last walk: when it ended, how long it took, what it found.
+    flows: Mutex<Option<(Instant, Duration, FlowCount)>>,
 }
 
 impl Reader {
@@ -57,16 +60,17 @@ impl Reader {
         }
     }
 
-    /// The flow table's counts, walked again when older than
-    /// [`FLOW_COUNT_TTL`]. Readers that arrive during a walk wait for it
-    /// rather than start another.
+    /// The flow table's counts, walked again unless the last walk is
+    /// younger than [`FLOW_COUNT_REUSE`] times its duration. Readers that
+    /// arrive during a walk wait for it rather than start another.
     fn flow_count(&self) -> FlowCount {
         let mut cached = self.flows.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, count)) = cached.as_ref() {
-            if at.elapsed() < FLOW_COUNT_TTL {
+        if let Some((at, took, count)) = cached.as_ref() {
+            if at.elapsed() < *took * FLOW_COUNT_REUSE {
                 return count.clone();
             }
         }
+        let started = Instant::now();
         let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
             .map(|t| t.tv_sec() as u32)
             .unwrap_or(0);
@@ -82,7 +86,7 @@ impl Reader {
             active: Arc::new(active),
             entries,
         };
-        *cached = Some((Instant::now(), count.clone()));
+        *cached = Some((Instant::now(), started.elapsed(), count.clone()));
         count
     }
 

@@ -245,7 +245,7 @@ fn xdp_forward(ctx: &XdpContext) -> u32 {
     };
     let len = (end - start) as u64;
     if !nat::rewrite(start, end, &p, Side::Dst, c.backend.addr, c.backend.port) {
-        count(stat::DROP_REDIRECT_ERROR);
+        count(stat::DROP_REWRITE);
         return XDP_DROP;
     }
     let (mut start, mut end) = (start, end);
@@ -254,13 +254,13 @@ fn xdp_forward(ctx: &XdpContext) -> u32 {
         // the frame past it; the MACs are written fresh below.
         // SAFETY: the helper checks the new head against the buffer.
         if unsafe { bpf_xdp_adjust_head(ctx.ctx, 4) } != 0 {
-            count(stat::DROP_REDIRECT_ERROR);
+            count(stat::DROP_ADJUST_HEAD);
             return XDP_DROP;
         }
         (start, end) = (ctx.data(), ctx.data_end());
     }
     if !nat::set_macs(start, end, &c.backend.dst_mac, &c.backend.src_mac) {
-        count(stat::DROP_REDIRECT_ERROR);
+        count(stat::DROP_MAC_WRITE);
         return XDP_DROP;
     }
     if c.new_flow {
@@ -275,7 +275,7 @@ fn xdp_forward(ctx: &XdpContext) -> u32 {
     if action == XDP_REDIRECT {
         count(stat::FWD_XDP);
     } else {
-        count(stat::DROP_REDIRECT_ERROR);
+        count(stat::DROP_REDIRECT);
     }
     action
 }
@@ -437,7 +437,7 @@ fn tc_forward(ctx: &TcContext, p: Parsed, svc: &ServiceValue) -> i32 {
     if p.vlan {
         // SAFETY: plain helper call; removes the in-data or offloaded tag.
         if unsafe { bpf_skb_vlan_pop(ctx.skb.skb) } != 0 {
-            count(stat::DROP_REDIRECT_ERROR);
+            count(stat::DROP_VLAN_POP);
             return TC_ACT_SHOT;
         }
         if !hw_vlan {
@@ -446,7 +446,7 @@ fn tc_forward(ctx: &TcContext, p: Parsed, svc: &ServiceValue) -> i32 {
         }
     }
     if tc_rewrite(ctx, &p, Side::Dst, c.backend.addr, c.backend.port).is_err() {
-        count(stat::DROP_REDIRECT_ERROR);
+        count(stat::DROP_REWRITE);
         return TC_ACT_SHOT;
     }
     let has_mac = c.backend.flags & BACKEND_F_MAC != 0;
@@ -454,7 +454,7 @@ fn tc_forward(ctx: &TcContext, p: Parsed, svc: &ServiceValue) -> i32 {
         && (ctx.store(0, &c.backend.dst_mac, 0).is_err()
             || ctx.store(6, &c.backend.src_mac, 0).is_err())
     {
-        count(stat::DROP_REDIRECT_ERROR);
+        count(stat::DROP_MAC_WRITE);
         return TC_ACT_SHOT;
     }
     if c.new_flow {
@@ -475,7 +475,7 @@ fn tc_forward(ctx: &TcContext, p: Parsed, svc: &ServiceValue) -> i32 {
     if action == TC_ACT_REDIRECT {
         count(stat::FWD_SKB);
     } else {
-        count(stat::DROP_REDIRECT_ERROR);
+        count(stat::DROP_REDIRECT);
     }
     action
 }
@@ -486,14 +486,14 @@ fn tc_reverse(ctx: &TcContext, p: Parsed, vip: u32, vport: u16, flow: Flow) -> i
         || ctx.store(0, &flow.client_mac, 0).is_err()
         || ctx.store(6, &flow.lb_mac, 0).is_err()
     {
-        count(stat::DROP_REDIRECT_ERROR);
+        count(stat::DROP_REVERSE_REWRITE);
         return TC_ACT_SHOT;
     }
     if flow.flags & FLOW_F_VLAN != 0 {
         // SAFETY: plain helper call.
         let r = unsafe { bpf_skb_vlan_push(ctx.skb.skb, ETH_P_8021Q.to_be(), flow.vlan_tci) };
         if r != 0 {
-            count(stat::DROP_REDIRECT_ERROR);
+            count(stat::DROP_VLAN_PUSH);
             return TC_ACT_SHOT;
         }
     }

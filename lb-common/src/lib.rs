@@ -308,7 +308,9 @@ pub mod stat {
     /// Passed by the TC program: from a backend's address and port, but of no
     /// flow in the table (e.g. evicted, or the backend's own connections).
     pub const PASS_NO_FLOW: u32 = 11;
-    /// Flows moved because their backend went down or left the service.
+    /// Flows moved because their backend went down or left the service,
+    /// counted once per packet: by XDP only when XDP itself forwards or drops
+    /// the packet, else by the TC program that forwards it.
     pub const FLOW_REBALANCED: u32 = 12;
     /// Dropped: the DNAT rewrite (address, port, checksums) failed.
     pub const DROP_REWRITE: u32 = 13;

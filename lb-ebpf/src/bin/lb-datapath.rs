@@ -160,7 +160,8 @@ fn record(p: &Parsed, backend_id: u32, ingress_ifindex: u32, macs: ([u8; 6], [u8
     let _ = FLOWS.insert(p.key, flow, 0);
 }
 
-/// Counts a packet the selection moved off a stale flow.
+/// Counts a packet the selection moved off a stale flow. Each packet is
+/// counted by the one program that forwards or drops it.
 #[inline(always)]
 fn count_rebalanced(sel: &Selection) {
     if sel.state == FlowState::Rebalanced {
@@ -220,12 +221,13 @@ fn xdp_forward(ctx: &XdpContext) -> u32 {
         return XDP_PASS;
     };
     let sel = select_backend(&p.key, svc);
-    count_rebalanced(&sel);
     let Some((id, backend)) = sel.backend else {
+        count_rebalanced(&sel);
         count(stat::DROP_NO_BACKEND);
         return XDP_DROP;
     };
-    // Hand the packet, untouched, to the skb path where XDP cannot deliver.
+    // Hand the packet, untouched, to the skb path where XDP cannot deliver:
+    // the TC program selects again and counts the rebalance, if any.
     if !xdp_delivers(&backend) {
         count(stat::PASS_TO_SKB_PATH);
         return XDP_PASS;
@@ -234,6 +236,8 @@ fn xdp_forward(ctx: &XdpContext) -> u32 {
         count(stat::PASS_MALFORMED);
         return XDP_PASS;
     };
+    // From here on XDP forwards or drops the packet: it is the one to count.
+    count_rebalanced(&sel);
     let len = (end - start) as u64;
     if let Err(reason) = xdp_xlate(ctx, &p, &backend) {
         count(reason);
@@ -397,6 +401,8 @@ fn skb_rewrite(ctx: &TcContext, rw: &Rewrite) -> Result<(), i64> {
 #[inline(always)]
 fn tc_forward(ctx: &TcContext, p: Parsed, svc: &ServiceValue) -> i32 {
     let sel = select_backend(&p.key, svc);
+    // Whatever happens next, this program is the packet's last: XDP, if it
+    // saw the packet, passed it here without counting.
     count_rebalanced(&sel);
     let Some((id, backend)) = sel.backend else {
         count(stat::DROP_NO_BACKEND);

@@ -96,7 +96,7 @@ pub mod defaults {
     pub const MAX_SERVICES: u32 = 64;
     /// Backends the maps can hold, over all services.
     pub const MAX_BACKENDS: u32 = 4_096;
-    /// Entries in each flow table (forward and reverse).
+    /// Entries in the flow table ([`maps::FLOWS`](crate::maps::FLOWS)).
     pub const FLOW_TABLE_SIZE: u32 = 1 << 20;
 }
 

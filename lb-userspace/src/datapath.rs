@@ -195,7 +195,7 @@ pub struct MapSizes {
     pub max_backends: u32,
     /// Largest Maglev table a service may use.
     pub max_table_size: u32,
-    /// Entries in each flow table.
+    /// Entries in the flow table.
     pub flow_table_size: u32,
 }
 
@@ -227,7 +227,7 @@ pub struct Maps {
     pub maglev: Array<MapData, u32>,
     /// The same tables, mapped into this process for writing.
     pub maglev_slots: MaglevSlots,
-    /// Forward flow table.
+    /// The flow table, keyed by the client-side 5-tuple.
     pub flows: HashMap<MapData, FlowKey, Flow>,
     /// Services each backend address:port serves, for the reverse path.
     pub rev_nat: HashMap<MapData, ServiceKey, RevNat>,

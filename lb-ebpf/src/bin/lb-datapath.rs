@@ -353,7 +353,7 @@ fn tc_main(ctx: &TcContext) -> i32 {
 fn lookup_reply_flow(p: &Parsed, rev: &RevNat) -> Option<(FlowKey, Flow)> {
     for i in 0..REV_NAT_MAX {
         let key = flow::reply_flow_key(&p.key, rev, i)?;
-        let Some(ptr) = FLOWS.get_ptr_mut(&key) else {
+        let Some(ptr) = FLOWS.get_ptr_mut(key) else {
             continue;
         };
         // SAFETY: a valid map value pointer; `Flow` is plain data.

@@ -96,7 +96,7 @@ pub mod defaults {
     pub const MAX_SERVICES: u32 = 64;
     /// Backends the maps can hold, over all services.
     pub const MAX_BACKENDS: u32 = 4_096;
-    /// Entries in each flow table (forward and reverse).
+    /// Entries in the flow table ([`maps::FLOWS`](crate::maps::FLOWS)).
     pub const FLOW_TABLE_SIZE: u32 = 1 << 20;
 }
 
@@ -300,17 +300,35 @@ pub mod stat {
     pub const FWD_XDP: u32 = 7;
     /// Forwarded to a backend by the TC program (skb path).
     pub const FWD_SKB: u32 = 8;
-    /// Dropped: a redirect or header helper failed.
-    pub const DROP_REDIRECT_ERROR: u32 = 9;
+    /// Dropped: the redirect to the backend's interface failed (XDP
+    /// `bpf_redirect`, TC `bpf_redirect_peer` / `bpf_redirect_neigh`).
+    pub const DROP_REDIRECT: u32 = 9;
     /// Replies from a backend rewritten back to the service and sent on.
     pub const REVERSE_NAT: u32 = 10;
     /// Passed by the TC program: from a backend's address and port, but of no
     /// flow in the table (e.g. evicted, or the backend's own connections).
     pub const PASS_NO_FLOW: u32 = 11;
-    /// Flows moved because their backend went down or left the service.
+    /// Flows moved because their backend went down or left the service,
+    /// counted once per packet: by XDP only when XDP itself forwards or drops
+    /// the packet, else by the TC program that forwards it.
     pub const FLOW_REBALANCED: u32 = 12;
+    /// Dropped: the DNAT rewrite (address, port, checksums) failed.
+    pub const DROP_REWRITE: u32 = 13;
+    /// Dropped: XDP could not move the frame's start past its VLAN tag
+    /// (`bpf_xdp_adjust_head`).
+    pub const DROP_ADJUST_HEAD: u32 = 14;
+    /// Dropped: the TC program could not remove the VLAN tag
+    /// (`bpf_skb_vlan_pop`).
+    pub const DROP_VLAN_POP: u32 = 15;
+    /// Dropped: writing the backend's MACs into the frame failed.
+    pub const DROP_MAC_WRITE: u32 = 16;
+    /// Dropped: a reply's rewrite back to the service (source address, port,
+    /// checksums, the client's MACs) failed.
+    pub const DROP_REVERSE_REWRITE: u32 = 17;
+    /// Dropped: a reply's VLAN tag could not be restored (`bpf_skb_vlan_push`).
+    pub const DROP_VLAN_PUSH: u32 = 18;
     /// Number of counters.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 19;
 
     /// Counter names, by index, as userspace reports them.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -323,10 +341,16 @@ pub mod stat {
         "drop_no_backend",
         "fwd_xdp",
         "fwd_skb",
-        "drop_redirect_error",
+        "drop_redirect",
         "reverse_nat",
         "pass_no_flow",
         "flow_rebalanced",
+        "drop_rewrite",
+        "drop_adjust_head",
+        "drop_vlan_pop",
+        "drop_mac_write",
+        "drop_reverse_rewrite",
+        "drop_vlan_push",
     ];
 }
 
@@ -448,6 +472,33 @@ mod tests {
             256,
             "addresses within a /16 must not share a bit"
         );
+    }
+
+    #[test]
+    fn stat_names_follow_their_indexes() {
+        for (index, name) in [
+            (stat::PASS_NOT_IPV4, "pass_not_ipv4"),
+            (stat::PASS_NOT_L4, "pass_not_l4"),
+            (stat::PASS_NO_SERVICE, "pass_no_service"),
+            (stat::PASS_FRAGMENT, "pass_fragment"),
+            (stat::PASS_MALFORMED, "pass_malformed"),
+            (stat::PASS_TO_SKB_PATH, "pass_to_skb_path"),
+            (stat::DROP_NO_BACKEND, "drop_no_backend"),
+            (stat::FWD_XDP, "fwd_xdp"),
+            (stat::FWD_SKB, "fwd_skb"),
+            (stat::DROP_REDIRECT, "drop_redirect"),
+            (stat::REVERSE_NAT, "reverse_nat"),
+            (stat::PASS_NO_FLOW, "pass_no_flow"),
+            (stat::FLOW_REBALANCED, "flow_rebalanced"),
+            (stat::DROP_REWRITE, "drop_rewrite"),
+            (stat::DROP_ADJUST_HEAD, "drop_adjust_head"),
+            (stat::DROP_VLAN_POP, "drop_vlan_pop"),
+            (stat::DROP_MAC_WRITE, "drop_mac_write"),
+            (stat::DROP_REVERSE_REWRITE, "drop_reverse_rewrite"),
+            (stat::DROP_VLAN_PUSH, "drop_vlan_push"),
+        ] {
+            assert_eq!(stat::NAMES[index as usize], name);
+        }
     }
 
     #[test]

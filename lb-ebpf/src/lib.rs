@@ -1,5 +1,6 @@
-//! Packet logic of the `lb` data path: parsing, checksums, the flow hash and
-//! the in-place address rewrite.
+//! Packet logic of the `lb` data path: parsing, checksums, the flow hash,
+//! backend selection and reply matching, and the address rewrite that both
+//! the XDP and the skb path carry out.
 //!
 //! It works on raw `[start, end)` packet pointers, exactly as the kernel hands
 //! them to XDP and TC programs, and checks every access against `end` itself,
@@ -8,6 +9,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod csum;
+pub mod flow;
 pub mod hash;
 pub mod nat;
 pub mod parse;

@@ -93,6 +93,21 @@ impl Parsed {
             self.l4_off + UDP_CHECK_OFF
         }
     }
+
+    /// The same packet once its in-data 802.1Q tag is removed (the skb path
+    /// pops it before the rewrite): the IPv4 and L4 headers sit
+    /// [`VLAN_HLEN`] bytes nearer the start. Unchanged without such a tag.
+    #[inline(always)]
+    pub fn without_tag(self) -> Self {
+        if self.l3_off != ETH_HLEN + VLAN_HLEN {
+            return self;
+        }
+        Self {
+            l3_off: ETH_HLEN,
+            l4_off: self.l4_off - VLAN_HLEN,
+            ..self
+        }
+    }
 }
 
 /// Reads a `T` at `offset`, or `None` past `end`.
@@ -305,6 +320,19 @@ pub(crate) mod tests {
         assert_eq!(p.vlan_tci & 0x0fff, 42);
         assert_eq!(p.l3_off, 18);
         assert_eq!(p.l4_off, 38);
+
+        // Without the tag, the offsets are those of the untagged frame.
+        let mut untagged = v.clone();
+        untagged.drain(12..16);
+        let q = run(&untagged).unwrap();
+        let moved = p.without_tag();
+        assert_eq!((moved.l3_off, moved.l4_off), (q.l3_off, q.l4_off));
+        assert_eq!(moved.l4_check_off(), q.l4_check_off());
+        assert_eq!(
+            (moved.key, moved.vlan, moved.vlan_tci),
+            (p.key, true, p.vlan_tci)
+        );
+        assert_eq!(q.without_tag(), q, "no tag, nothing moves");
     }
 
     #[test]

@@ -102,7 +102,7 @@ fn pin_err<E: std::error::Error + Send + Sync + 'static>(
 
 /// Version of the map layout in `lb-common`. A pin directory written with
 /// another version (or other map sizes) is never adopted.
-const MAPS_ABI: u32 = 5;
+const MAPS_ABI: u32 = 6;
 
 /// The name of the directory, under the pin path, that holds the pins of a
 /// data path with these sizes. bpffs holds no regular files, so the layout
@@ -204,7 +204,7 @@ pub struct MapSizes {
     pub max_backends: u32,
     /// Largest Maglev table a service may use.
     pub max_table_size: u32,
-    /// Entries in each flow table.
+    /// Entries in the flow table.
     pub flow_table_size: u32,
 }
 
@@ -236,7 +236,7 @@ pub struct Maps {
     pub maglev: Array<MapData, u32>,
     /// The same tables, mapped into this process for writing.
     pub maglev_slots: MaglevSlots,
-    /// Forward flow table.
+    /// The flow table, keyed by the client-side 5-tuple.
     pub flows: HashMap<MapData, FlowKey, Flow>,
     /// Services each backend address:port serves, for the reverse path.
     pub rev_nat: HashMap<MapData, ServiceKey, RevNat>,

@@ -432,6 +432,50 @@ fn down_backend_flows_move_draining_backend_flows_stay() {
 }
 
 #[test]
+fn a_flow_moved_to_the_skb_path_is_rebalanced_once() {
+    // Both backends take XDP frames: the flow starts on backend 0 in XDP.
+    let mut rig = Rig::web(2, BACKEND_F_XDP | BACKEND_F_MAC, FLOWS);
+    let port = (32000..32100u16)
+        .find(|&p| {
+            let run = rig.xdp(&syn(p)).unwrap();
+            run.action == XDP_REDIRECT && backend_of(&run.output) == 0
+        })
+        .expect("some flow lands on backend 0");
+    // Backend 0 goes down; the flow's new backend takes no XDP frames.
+    rig.backend(0, 0, 0, 8080, BACKEND_F_XDP | BACKEND_F_MAC, BACKEND_DOWN);
+    rig.backend(
+        1,
+        0,
+        1,
+        8080,
+        BACKEND_F_MAC | BACKEND_F_PEER,
+        BACKEND_ACTIVE,
+    );
+    rig.service(0, 80, IPPROTO_TCP, &[1]);
+
+    // XDP passes the stale flow's packet to the skb path, where TC moves it.
+    let input = syn(port);
+    let xdp = rig.xdp(&input).unwrap();
+    assert_eq!(xdp.action, XDP_PASS);
+    assert_eq!(xdp.output, input, "passed untouched");
+    let tc = rig.tc(&input).unwrap();
+    assert_eq!(tc.action, TC_ACT_REDIRECT);
+    assert_eq!(tc.output, syn_to_backend(port, 1));
+    assert_eq!(
+        rig.global("flow_rebalanced"),
+        1,
+        "one packet moved once, not once by each program"
+    );
+
+    // The flow is now recorded on backend 1: no further rebalance.
+    assert_eq!(rig.xdp(&input).unwrap().action, XDP_PASS);
+    assert_eq!(rig.tc(&input).unwrap().action, TC_ACT_REDIRECT);
+    assert_eq!(rig.global("flow_rebalanced"), 1);
+    assert_eq!(rig.global("pass_to_skb_path"), 2);
+    assert_eq!(rig.global("fwd_skb"), 2);
+}
+
+#[test]
 fn no_backend_is_a_counted_drop() {
     let mut rig = Rig::new(FLOWS);
     rig.service(0, 80, IPPROTO_TCP, &[]);

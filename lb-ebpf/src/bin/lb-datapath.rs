@@ -1,10 +1,15 @@
 //! The `lb` data path programs: maps, and thin entry points over the packet
 //! logic in the `lb_ebpf` library.
 //!
-//! - `lb_xdp_fwd` (XDP, external interfaces): service lookup, flow table,
-//!   Maglev pick, DNAT, MAC rewrite and `XDP_REDIRECT` to the backend's
-//!   interface, when that interface takes XDP frames. Otherwise it passes the
-//!   packet untouched to
+//! The forward path is a sequence of named steps: [`lookup_service`],
+//! [`select_backend`] (flow table, then Maglev), translate ([`xdp_xlate`] /
+//! [`tc_xlate`]: DNAT, VLAN tag, MACs) and deliver ([`xdp_deliver`] /
+//! [`tc_deliver`]). The reverse path: [`lookup_reply_flow`], then
+//! [`tc_reverse`] (source back to the service, redirect to the client).
+//!
+//! - `lb_xdp_fwd` (XDP, external interfaces): the forward path with
+//!   `XDP_REDIRECT` to the backend's interface, when that interface takes XDP
+//!   frames. Otherwise it passes the packet untouched to
 //! - `lb_tc` (clsact ingress, external and backend-facing interfaces): the
 //!   same forward path on the skb (`bpf_redirect_peer` / `bpf_redirect_neigh`),
 //!   and the reverse path: a backend's reply gets the service address back as
@@ -17,7 +22,7 @@
 use aya_ebpf::{
     bindings::{
         xdp_action::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
-        BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
+        TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{
         bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
@@ -29,13 +34,13 @@ use aya_ebpf::{
 };
 use lb_common::{
     defaults, stat, Backend, Counters, Flow, FlowKey, RevNat, ServiceKey, ServiceValue,
-    BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_F_MAC, BACKEND_F_PEER, BACKEND_F_XDP, FLOW_F_VLAN,
-    IFACE_F_XDP, IPPROTO_UDP, MAGLEV_MAP_FLAGS, NO_BACKEND, REV_NAT_MAX, VIP_FILTER_WORDS,
+    BACKEND_F_MAC, BACKEND_F_PEER, BACKEND_F_XDP, FLOW_F_VLAN, IFACE_F_XDP, MAGLEV_MAP_FLAGS,
+    REV_NAT_MAX, VIP_FILTER_WORDS,
 };
 use lb_ebpf::{
-    hash::flow_hash,
-    nat::{self, Side},
-    parse::{self, load, Parsed, Skip, ETH_P_8021Q, IPV4_CHECK_OFF, IPV4_DST_OFF, IPV4_SRC_OFF},
+    flow::{self, FlowState, Selection},
+    nat::{self, Rewrite, Side},
+    parse::{self, load, Parsed, Skip, ETH_P_8021Q},
 };
 
 // Sizes here are placeholders: userspace sets every map's size at load time.
@@ -65,9 +70,6 @@ static VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 /// `TC_ACT_REDIRECT`, returned by the redirect helpers on success.
 const TC_ACT_REDIRECT: i32 = 7;
-/// `BPF_F_MARK_MANGLED_0`: keep a zero UDP checksum zero, send a computed
-/// zero as all ones.
-const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 
 #[inline(always)]
 fn count(index: u32) {
@@ -112,57 +114,39 @@ fn touch(flow: *mut Flow) {
     }
 }
 
-/// The backend a packet goes to, and whether its flow is new to the table.
-struct Choice {
-    id: u32,
-    backend: Backend,
-    new_flow: bool,
+/// Step 1, service lookup: the service the packet is addressed to.
+#[inline(always)]
+fn lookup_service(p: &Parsed) -> Option<&'static ServiceValue> {
+    // SAFETY: values are plain data, replaced whole by userspace.
+    unsafe { SERVICES.get(flow::service_key(&p.key)) }
 }
 
-/// Finds the flow's backend: the recorded one while it is up and still in the
-/// service, else a fresh pick from the service's Maglev table.
+/// Step 2, backend selection: the flow table, then the service's Maglev
+/// table. Marks an established flow as seen; records nothing.
 #[inline(always)]
-fn choose(key: &FlowKey, svc: &ServiceValue) -> Option<Choice> {
-    if let Some(flow) = FLOWS.get_ptr_mut(key) {
-        // SAFETY: a valid map value pointer; `Flow` is plain data.
-        let id = unsafe { (*flow).backend_id };
-        if let Some(b) = BACKENDS.get(id) {
-            if b.service_id == svc.id && b.state != BACKEND_DOWN {
-                touch(flow);
-                return Some(Choice {
-                    id,
-                    backend: *b,
-                    new_flow: false,
-                });
-            }
-        }
-        count(stat::FLOW_REBALANCED);
+fn select_backend(key: &FlowKey, svc: &ServiceValue) -> Selection {
+    let entry = FLOWS.get_ptr_mut(key);
+    // SAFETY: a valid map value pointer; `Flow` is plain data.
+    let recorded = entry.map(|f| unsafe { (*f).backend_id });
+    let sel = flow::select_backend(
+        key,
+        svc,
+        recorded,
+        |id| BACKENDS.get(id),
+        |slot| MAGLEV.get(slot).copied(),
+    );
+    if let (FlowState::Established, Some(f)) = (sel.state, entry) {
+        touch(f);
     }
-    if svc.table_size == 0 {
-        return None;
-    }
-    let slot = svc.table_base + flow_hash(key) % svc.table_size;
-    let id = *MAGLEV.get(slot)?;
-    if id == NO_BACKEND {
-        return None;
-    }
-    let b = BACKENDS.get(id)?;
-    if b.service_id != svc.id || b.state != BACKEND_ACTIVE {
-        return None;
-    }
-    Some(Choice {
-        id,
-        backend: *b,
-        new_flow: true,
-    })
+    sel
 }
 
 /// Records a new flow: its backend for the client's next packets, and how
 /// to send the backend's replies back the way the client came.
 #[inline(always)]
-fn record(p: &Parsed, c: &Choice, ingress_ifindex: u32, macs: ([u8; 6], [u8; 6])) {
+fn record(p: &Parsed, backend_id: u32, ingress_ifindex: u32, macs: ([u8; 6], [u8; 6])) {
     let flow = Flow {
-        backend_id: c.id,
+        backend_id,
         ifindex: ingress_ifindex,
         client_mac: macs.1,
         lb_mac: macs.0,
@@ -176,22 +160,26 @@ fn record(p: &Parsed, c: &Choice, ingress_ifindex: u32, macs: ([u8; 6], [u8; 6])
     let _ = FLOWS.insert(p.key, flow, 0);
 }
 
+/// Counts a packet the selection moved off a stale flow. Each packet is
+/// counted by the one program that forwards or drops it.
 #[inline(always)]
-fn service_of(p: &Parsed) -> Option<&'static ServiceValue> {
-    let key = ServiceKey {
-        addr: p.key.dst_addr,
-        port: p.key.dst_port,
-        proto: p.key.proto,
-        _pad: 0,
-    };
-    // SAFETY: values are plain data, replaced whole by userspace.
-    unsafe { SERVICES.get(key) }
+fn count_rebalanced(sel: &Selection) {
+    if sel.state == FlowState::Rebalanced {
+        count(stat::FLOW_REBALANCED);
+    }
 }
 
 /// Reads (dst, src) MACs.
 #[inline(always)]
 fn macs(start: usize, end: usize) -> Option<([u8; 6], [u8; 6])> {
     Some((load(start, end, 0)?, load(start, end, 6)?))
+}
+
+/// Whether XDP can deliver to `b`: its egress takes XDP frames and its MACs
+/// are known.
+#[inline(always)]
+fn xdp_delivers(b: &Backend) -> bool {
+    b.flags & (BACKEND_F_XDP | BACKEND_F_MAC) == (BACKEND_F_XDP | BACKEND_F_MAC)
 }
 
 #[xdp]
@@ -209,6 +197,8 @@ fn maybe_vip(addr: u32) -> bool {
         .is_some_and(|w| w & (1u64 << (bit % 64)) != 0)
 }
 
+/// The forward path on XDP: early filter, parse, service lookup, backend
+/// selection, then translate and deliver, or pass to the skb path.
 #[inline(always)]
 fn xdp_forward(ctx: &XdpContext) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());
@@ -226,16 +216,19 @@ fn xdp_forward(ctx: &XdpContext) -> u32 {
             return XDP_PASS;
         }
     };
-    let Some(svc) = service_of(&p) else {
+    let Some(svc) = lookup_service(&p) else {
         count(stat::PASS_NO_SERVICE);
         return XDP_PASS;
     };
-    let Some(c) = choose(&p.key, svc) else {
+    let sel = select_backend(&p.key, svc);
+    let Some((id, backend)) = sel.backend else {
+        count_rebalanced(&sel);
         count(stat::DROP_NO_BACKEND);
         return XDP_DROP;
     };
-    // Hand the packet, untouched, to the skb path where XDP cannot deliver.
-    if c.backend.flags & (BACKEND_F_XDP | BACKEND_F_MAC) != (BACKEND_F_XDP | BACKEND_F_MAC) {
+    // Hand the packet, untouched, to the skb path where XDP cannot deliver:
+    // the TC program selects again and counts the rebalance, if any.
+    if !xdp_delivers(&backend) {
         count(stat::PASS_TO_SKB_PATH);
         return XDP_PASS;
     }
@@ -243,10 +236,30 @@ fn xdp_forward(ctx: &XdpContext) -> u32 {
         count(stat::PASS_MALFORMED);
         return XDP_PASS;
     };
+    // From here on XDP forwards or drops the packet: it is the one to count.
+    count_rebalanced(&sel);
     let len = (end - start) as u64;
-    if !nat::rewrite(start, end, &p, Side::Dst, c.backend.addr, c.backend.port) {
-        count(stat::DROP_REDIRECT_ERROR);
+    if let Err(reason) = xdp_xlate(ctx, &p, &backend) {
+        count(reason);
         return XDP_DROP;
+    }
+    if sel.new_flow() {
+        // SAFETY: reading the context's ingress ifindex.
+        let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+        record(&p, id, ifindex, m);
+    }
+    count_flow(&SVC_STATS, svc.id, len, sel.new_flow());
+    count_flow(&BE_STATS, id, len, sel.new_flow());
+    xdp_deliver(&backend)
+}
+
+/// Step 3 on XDP, translation: DNAT in place, the VLAN tag removed and the
+/// backend's MACs written. `Err` holds the counter of the step that failed.
+#[inline(always)]
+fn xdp_xlate(ctx: &XdpContext, p: &Parsed, b: &Backend) -> Result<(), u32> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if !nat::rewrite(start, end, &Rewrite::new(p, Side::Dst, b.addr, b.port)) {
+        return Err(stat::DROP_REWRITE);
     }
     let (mut start, mut end) = (start, end);
     if p.vlan {
@@ -254,28 +267,25 @@ fn xdp_forward(ctx: &XdpContext) -> u32 {
         // the frame past it; the MACs are written fresh below.
         // SAFETY: the helper checks the new head against the buffer.
         if unsafe { bpf_xdp_adjust_head(ctx.ctx, 4) } != 0 {
-            count(stat::DROP_REDIRECT_ERROR);
-            return XDP_DROP;
+            return Err(stat::DROP_ADJUST_HEAD);
         }
         (start, end) = (ctx.data(), ctx.data_end());
     }
-    if !nat::set_macs(start, end, &c.backend.dst_mac, &c.backend.src_mac) {
-        count(stat::DROP_REDIRECT_ERROR);
-        return XDP_DROP;
+    if !nat::set_macs(start, end, &b.dst_mac, &b.src_mac) {
+        return Err(stat::DROP_MAC_WRITE);
     }
-    if c.new_flow {
-        // SAFETY: reading the context's ingress ifindex.
-        let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-        record(&p, &c, ifindex, m);
-    }
-    count_flow(&SVC_STATS, svc.id, len, c.new_flow);
-    count_flow(&BE_STATS, c.id, len, c.new_flow);
+    Ok(())
+}
+
+/// Step 4 on XDP, delivery: redirect to the backend's interface.
+#[inline(always)]
+fn xdp_deliver(b: &Backend) -> u32 {
     // SAFETY: plain helper call.
-    let action = unsafe { bpf_redirect(c.backend.ifindex, 0) } as u32;
+    let action = unsafe { bpf_redirect(b.ifindex, 0) } as u32;
     if action == XDP_REDIRECT {
         count(stat::FWD_XDP);
     } else {
-        count(stat::DROP_REDIRECT_ERROR);
+        count(stat::DROP_REDIRECT);
     }
     action
 }
@@ -315,104 +325,86 @@ fn tc_pass(ctx: &TcContext, reason: u32) -> i32 {
     TC_ACT_OK
 }
 
+/// The skb path: the forward path for a packet to a service, else the
+/// reverse path for a backend's reply, else pass.
 #[inline(always)]
 fn tc_main(ctx: &TcContext) -> i32 {
     let p = match tc_parse(ctx) {
         Ok(p) => p,
         Err(skip) => return tc_pass(ctx, skip.stat()),
     };
-    if let Some(svc) = service_of(&p) {
+    if let Some(svc) = lookup_service(&p) {
         return tc_forward(ctx, p, svc);
     }
-    let from = ServiceKey {
-        addr: p.key.src_addr,
-        port: p.key.src_port,
-        proto: p.key.proto,
-        _pad: 0,
-    };
     // SAFETY: plain data, values replaced whole.
-    let Some(rev) = (unsafe { REV_NAT.get(from) }) else {
+    let Some(rev) = (unsafe { REV_NAT.get(flow::rev_nat_key(&p.key)) }) else {
         return tc_pass(ctx, stat::PASS_NO_SERVICE);
     };
-    match reply_flow(&p, rev) {
-        Some((vip, vport, flow)) => tc_reverse(ctx, p, vip, vport, flow),
+    match lookup_reply_flow(&p, rev) {
+        Some((key, flow)) => tc_reverse(ctx, &p, &key, &flow),
         None => tc_pass(ctx, stat::PASS_NO_FLOW),
     }
 }
 
-/// Finds the flow a backend's reply belongs to: the client's flow to one of
-/// the services this backend serves, still given to this very backend.
+/// Reverse step 1: the flow a backend's reply belongs to, found by its
+/// client-side key (see [`flow::reply_flow_key`]), and only while the flow
+/// is still given to this very backend. Marks the flow as seen.
 #[inline(always)]
-fn reply_flow(p: &Parsed, rev: &RevNat) -> Option<(u32, u16, Flow)> {
+fn lookup_reply_flow(p: &Parsed, rev: &RevNat) -> Option<(FlowKey, Flow)> {
     for i in 0..REV_NAT_MAX {
-        if i as u32 >= rev.count {
-            break;
-        }
-        let key = FlowKey {
-            src_addr: p.key.dst_addr,
-            dst_addr: rev.vip[i],
-            src_port: p.key.dst_port,
-            dst_port: rev.vport[i],
-            proto: p.key.proto,
-            _pad1: 0,
-            _pad2: 0,
-        };
+        let key = flow::reply_flow_key(&p.key, rev, i)?;
         let Some(ptr) = FLOWS.get_ptr_mut(key) else {
             continue;
         };
         // SAFETY: a valid map value pointer; `Flow` is plain data.
         let flow = unsafe { *ptr };
-        let Some(b) = BACKENDS.get(flow.backend_id) else {
-            continue;
-        };
-        if b.addr == p.key.src_addr && b.port == p.key.src_port {
+        if BACKENDS
+            .get(flow.backend_id)
+            .is_some_and(|b| flow::is_reply_from(b, &p.key))
+        {
             touch(ptr);
-            return Some((rev.vip[i], rev.vport[i], flow));
+            return Some((key, flow));
         }
     }
     None
 }
 
-/// Rewrites one side's address and port of the skb with the kernel's checksum
-/// helpers, which keep `CHECKSUM_PARTIAL` skbs (from a local veth peer) right.
+/// Carries out `rw` on the skb with the kernel's checksum helpers, which
+/// keep `CHECKSUM_PARTIAL` skbs (from a local veth peer) right.
 #[inline(always)]
-fn tc_rewrite(ctx: &TcContext, p: &Parsed, side: Side, addr: u32, port: u16) -> Result<(), i64> {
-    let (addr_off, port_off, old_addr, old_port) = match side {
-        Side::Dst => (
-            p.l3_off + IPV4_DST_OFF,
-            p.l4_off + 2,
-            p.key.dst_addr,
-            p.key.dst_port,
-        ),
-        Side::Src => (
-            p.l3_off + IPV4_SRC_OFF,
-            p.l4_off,
-            p.key.src_addr,
-            p.key.src_port,
-        ),
-    };
-    let l4_check = p.l4_check_off();
-    let udp = if p.key.proto == IPPROTO_UDP {
-        BPF_F_MARK_MANGLED_0
-    } else {
-        0
-    };
+fn skb_rewrite(ctx: &TcContext, rw: &Rewrite) -> Result<(), i64> {
     ctx.l4_csum_replace(
-        l4_check,
-        old_addr as u64,
-        addr as u64,
-        BPF_F_PSEUDO_HDR as u64 | udp | 4,
+        rw.l4_check_off,
+        u64::from(rw.old_addr),
+        u64::from(rw.addr),
+        rw.l4_addr_flags(),
     )?;
-    ctx.l4_csum_replace(l4_check, old_port as u64, port as u64, udp | 2)?;
-    ctx.l3_csum_replace(p.l3_off + IPV4_CHECK_OFF, old_addr as u64, addr as u64, 4)?;
-    ctx.store(addr_off, &addr, 0)?;
-    ctx.store(port_off, &port, 0)?;
+    ctx.l4_csum_replace(
+        rw.l4_check_off,
+        u64::from(rw.old_port),
+        u64::from(rw.port),
+        rw.l4_port_flags(),
+    )?;
+    ctx.l3_csum_replace(
+        rw.ip_check_off,
+        u64::from(rw.old_addr),
+        u64::from(rw.addr),
+        nat::L3_ADDR_FLAGS,
+    )?;
+    ctx.store(rw.addr_off, &rw.addr, 0)?;
+    ctx.store(rw.port_off, &rw.port, 0)?;
     Ok(())
 }
 
+/// The forward path on the skb: backend selection, then translate and
+/// deliver.
 #[inline(always)]
 fn tc_forward(ctx: &TcContext, p: Parsed, svc: &ServiceValue) -> i32 {
-    let Some(c) = choose(&p.key, svc) else {
+    let sel = select_backend(&p.key, svc);
+    // Whatever happens next, this program is the packet's last: XDP, if it
+    // saw the packet, passed it here without counting.
+    count_rebalanced(&sel);
+    let Some((id, backend)) = sel.backend else {
         count(stat::DROP_NO_BACKEND);
         return TC_ACT_SHOT;
     };
@@ -420,14 +412,33 @@ fn tc_forward(ctx: &TcContext, p: Parsed, svc: &ServiceValue) -> i32 {
         return tc_pass(ctx, stat::PASS_MALFORMED);
     };
     let len = u64::from(ctx.len());
+    // SAFETY: reading an skb field.
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let p = match tc_xlate(ctx, p, &backend) {
+        Ok(p) => p,
+        Err(reason) => {
+            count(reason);
+            return TC_ACT_SHOT;
+        }
+    };
+    if sel.new_flow() {
+        record(&p, id, ifindex, m);
+    }
+    count_flow(&SVC_STATS, svc.id, len, sel.new_flow());
+    count_flow(&BE_STATS, id, len, sel.new_flow());
+    tc_deliver(&backend)
+}
+
+/// Step 3 on the skb, translation: the VLAN tag (in the data or offloaded)
+/// removed, DNAT, the backend's MACs written when known. Returns the packet
+/// as parsed, with the tag the flow records; `Err` holds the counter of the
+/// step that failed.
+#[inline(always)]
+fn tc_xlate(ctx: &TcContext, p: Parsed, b: &Backend) -> Result<Parsed, u32> {
     // SAFETY: reading skb fields.
-    let (ifindex, hw_vlan, hw_tci) = unsafe {
+    let (hw_vlan, hw_tci) = unsafe {
         let skb = &*ctx.skb.skb;
-        (
-            skb.ingress_ifindex,
-            skb.vlan_present != 0,
-            skb.vlan_tci as u16,
-        )
+        (skb.vlan_present != 0, skb.vlan_tci as u16)
     };
     let mut p = p;
     if hw_vlan && !p.vlan {
@@ -437,63 +448,62 @@ fn tc_forward(ctx: &TcContext, p: Parsed, svc: &ServiceValue) -> i32 {
     if p.vlan {
         // SAFETY: plain helper call; removes the in-data or offloaded tag.
         if unsafe { bpf_skb_vlan_pop(ctx.skb.skb) } != 0 {
-            count(stat::DROP_REDIRECT_ERROR);
-            return TC_ACT_SHOT;
+            return Err(stat::DROP_VLAN_POP);
         }
         if !hw_vlan {
-            p.l3_off -= parse::VLAN_HLEN;
-            p.l4_off -= parse::VLAN_HLEN;
+            p = p.without_tag();
         }
     }
-    if tc_rewrite(ctx, &p, Side::Dst, c.backend.addr, c.backend.port).is_err() {
-        count(stat::DROP_REDIRECT_ERROR);
-        return TC_ACT_SHOT;
+    if skb_rewrite(ctx, &Rewrite::new(&p, Side::Dst, b.addr, b.port)).is_err() {
+        return Err(stat::DROP_REWRITE);
     }
-    let has_mac = c.backend.flags & BACKEND_F_MAC != 0;
-    if has_mac
-        && (ctx.store(0, &c.backend.dst_mac, 0).is_err()
-            || ctx.store(6, &c.backend.src_mac, 0).is_err())
+    if b.flags & BACKEND_F_MAC != 0
+        && (ctx.store(0, &b.dst_mac, 0).is_err() || ctx.store(6, &b.src_mac, 0).is_err())
     {
-        count(stat::DROP_REDIRECT_ERROR);
-        return TC_ACT_SHOT;
+        return Err(stat::DROP_MAC_WRITE);
     }
-    if c.new_flow {
-        record(&p, &c, ifindex, m);
-    }
-    count_flow(&SVC_STATS, svc.id, len, c.new_flow);
-    count_flow(&BE_STATS, c.id, len, c.new_flow);
+    Ok(p)
+}
+
+/// Step 4 on the skb, delivery.
+#[inline(always)]
+fn tc_deliver(b: &Backend) -> i32 {
     // SAFETY: plain helper calls.
     let action = unsafe {
-        if has_mac && c.backend.flags & BACKEND_F_PEER != 0 {
+        if b.flags & (BACKEND_F_MAC | BACKEND_F_PEER) == (BACKEND_F_MAC | BACKEND_F_PEER) {
             // Straight into the backend's namespace, past the host veth.
-            bpf_redirect_peer(c.backend.ifindex, 0)
+            bpf_redirect_peer(b.ifindex, 0)
         } else {
             // The kernel fills in the next hop's MAC from its neighbour table.
-            bpf_redirect_neigh(c.backend.ifindex, core::ptr::null_mut(), 0, 0)
+            bpf_redirect_neigh(b.ifindex, core::ptr::null_mut(), 0, 0)
         }
     } as i32;
     if action == TC_ACT_REDIRECT {
         count(stat::FWD_SKB);
     } else {
-        count(stat::DROP_REDIRECT_ERROR);
+        count(stat::DROP_REDIRECT);
     }
     action
 }
 
+/// Reverse steps 2 and 3: the reply's source becomes the service again, the
+/// client's MACs and VLAN tag are restored, and the reply leaves through the
+/// interface its client came in on. `key` is the client's flow key.
 #[inline(always)]
-fn tc_reverse(ctx: &TcContext, p: Parsed, vip: u32, vport: u16, flow: Flow) -> i32 {
-    if tc_rewrite(ctx, &p, Side::Src, vip, vport).is_err()
+fn tc_reverse(ctx: &TcContext, p: &Parsed, key: &FlowKey, flow: &Flow) -> i32 {
+    let rw = Rewrite::new(p, Side::Src, key.dst_addr, key.dst_port);
+    if skb_rewrite(ctx, &rw).is_err()
         || ctx.store(0, &flow.client_mac, 0).is_err()
         || ctx.store(6, &flow.lb_mac, 0).is_err()
     {
-        count(stat::DROP_REDIRECT_ERROR);
+        count(stat::DROP_REVERSE_REWRITE);
         return TC_ACT_SHOT;
     }
     if flow.flags & FLOW_F_VLAN != 0 {
         // SAFETY: plain helper call.
         let r = unsafe { bpf_skb_vlan_push(ctx.skb.skb, ETH_P_8021Q.to_be(), flow.vlan_tci) };
         if r != 0 {
-            count(stat::DROP_REDIRECT_ERROR);
+            count(stat::DROP_VLAN_PUSH);
             return TC_ACT_SHOT;
         }
     }

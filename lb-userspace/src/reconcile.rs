@@ -33,7 +33,7 @@ use crate::{
     },
     config::{BackendSpec, Protocol, ServiceSpec, Via},
     datapath::{Datapath, DatapathError, MapSizes, Maps},
-    host::{self, HostError},
+    host::{self, Host, HostError},
     maglev::{self, MaglevBackend, MaglevError},
 };
 
@@ -236,8 +236,11 @@ pub struct Reconciler {
     backend_ids: Ids,
     /// Backend-facing interfaces already set up (TC attached), by ifindex.
     ready_ifaces: BTreeMap<u32, String>,
-    /// Neighbour entries this daemon asked the kernel to keep resolved.
-    managed_neighbors: BTreeSet<(Ipv4Addr, String)>,
+    /// This host's network, over netlink.
+    host: Host,
+    /// Neighbour entries (address, ifindex) this daemon asked the kernel to
+    /// keep resolved.
+    managed_neighbors: BTreeSet<(Ipv4Addr, u32)>,
     /// What `REV_NAT` holds: the services (VIPs) each backend serves.
     rev_nat: BTreeMap<(SocketAddrV4, Protocol), Vec<SocketAddrV4>>,
     /// What `VIP_FILTER` holds, by word; `None` until first written.
@@ -257,11 +260,13 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    /// Takes over a loaded data path.
-    pub fn new(dp: Datapath, sizes: MapSizes) -> Self {
+    /// Takes over a loaded data path; `host` answers its questions about
+    /// interfaces, routes and neighbours.
+    pub fn new(dp: Datapath, sizes: MapSizes, host: Host) -> Self {
         Self {
             dp,
             sizes,
+            host,
             services: BTreeMap::new(),
             service_ids: Ids::new(sizes.max_services),
             backend_ids: Ids::new(sizes.max_backends),
@@ -975,7 +980,7 @@ impl Reconciler {
         if self.xdp_forward {
             if !self.gro_ready.contains(&link.ifindex) {
                 let ns = PathBuf::from(format!("/proc/{}/ns/net", via.pid));
-                match host::ensure_gro(&ns, &inner.name).await {
+                match self.host.ensure_gro(&ns, &inner.name).await {
                     Ok(changed) => {
                         if changed {
                             info!(iface = link.name, peer = inner.name, netns = %ns.display(), "turned GRO on in the backend's namespace so XDP can deliver to it");
@@ -1001,16 +1006,18 @@ impl Reconciler {
     }
 
     async fn try_resolve(&mut self, ip: Ipv4Addr) -> Result<Delivery, ResolveError> {
-        let route = host::route_get(ip).await?;
-        let link = host::link(&route.dev).await?;
+        let route = self.host.route_get(ip).await?;
+        let link = self.host.link_by_index(route.ifindex).await?;
         let next_hop = route.gateway.unwrap_or(ip);
-        let mut mac = host::neighbor(next_hop, &link.name).await?;
+        let mut mac = self.host.neighbor(next_hop, link.ifindex).await?;
         if mac.is_none() {
-            host::keep_neighbor_resolved(next_hop, &link.name).await?;
-            self.managed_neighbors.insert((next_hop, link.name.clone()));
+            self.host
+                .keep_neighbor_resolved(next_hop, link.ifindex)
+                .await?;
+            self.managed_neighbors.insert((next_hop, link.ifindex));
             for _ in 0..20 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                mac = host::neighbor(next_hop, &link.name).await?;
+                mac = self.host.neighbor(next_hop, link.ifindex).await?;
                 if mac.is_some() {
                     break;
                 }
@@ -1059,13 +1066,13 @@ impl Reconciler {
             return false;
         };
         let result = async {
-            let Some(ns) = host::find_peer_netns(link.ifindex, peer, nsid).await? else {
+            let Some(ns) = self.host.find_peer_netns(nsid).await? else {
                 return Ok::<_, HostError>(false);
             };
-            let Some(peer_link) = host::link_in_netns(&ns, peer).await? else {
+            let Some(peer_link) = self.host.link_in_netns(&ns, peer).await? else {
                 return Ok(false);
             };
-            if host::ensure_gro(&ns, &peer_link.name).await? {
+            if self.host.ensure_gro(&ns, &peer_link.name).await? {
                 info!(
                     iface = link.name,
                     peer = peer_link.name,
@@ -1238,12 +1245,10 @@ impl Reconciler {
 
     /// Removes the neighbour entries this daemon made managed.
     pub async fn release_neighbors(&mut self) {
-        for (addr, dev) in std::mem::take(&mut self.managed_neighbors) {
-            let a = addr.to_string();
-            let _ = tokio::process::Command::new("ip")
-                .args(["neigh", "del", &a, "dev", &dev])
-                .output()
-                .await;
+        for (addr, ifindex) in std::mem::take(&mut self.managed_neighbors) {
+            if let Err(e) = self.host.remove_neighbor(addr, ifindex).await {
+                warn!(neighbor = %addr, ifindex, error = %e, "could not remove a managed neighbour entry");
+            }
         }
     }
 }

@@ -18,7 +18,9 @@ use crate::{
     control::{Controller, DaemonInfo, Handle},
     datapath::{Datapath, MapSizes},
     docker::{self, DockerUpdate, Tracker},
-    health, host, metrics,
+    health,
+    host::Host,
+    metrics,
     reconcile::Reconciler,
     state::{default_state_path, Desired},
 };
@@ -74,9 +76,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     // Every external interface must exist before anything is loaded, so a
     // typo leaves the host exactly as it was.
+    let host = Host::new()?;
     let mut externals = Vec::new();
     for name in &config.datapath.external {
-        let link = host::link(name)
+        let link = host
+            .link(name)
             .await
             .with_context(|| format!("{}: datapath.external", args.config.display()))?;
         externals.push(link);
@@ -179,7 +183,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracker.assign(&mut desired);
     }
 
-    let mut rec = Reconciler::new(dp, sizes);
+    let mut rec = Reconciler::new(dp, sizes, host);
     rec.set_xdp_forward(
         attached
             .iter()

@@ -47,6 +47,13 @@ pub fn lb_binary() -> PathBuf {
     );
 }
 
+/// An empty directory, for a `PATH` under which no program can be found.
+pub fn no_tools_path() -> PathBuf {
+    let dir = std::env::temp_dir().join("lb-tests-no-tools");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    dir
+}
+
 /// Prints a warning if a source file of the daemon is newer than `binary`:
 /// `cargo test -p lb-tests` does not rebuild the `lb` binary.
 fn warn_if_stale(binary: &Path, workspace: &Path) {
@@ -111,13 +118,23 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with extra environment variables (e.g.
     /// `("RUST_LOG", "debug")`).
+    ///
+    /// `lb` runs with `PATH` set to an empty directory ([`no_tools_path`]),
+    /// so every test that starts it also shows it needs no `ip`, `ethtool`
+    /// or `nsenter` (`env` may still set another `PATH`).
     pub fn start_with_env(
         args: &[&str],
         env: &[(&str, &str)],
         ready_marker: &str,
         timeout: Duration,
     ) -> Daemon {
-        Daemon::start_program(&lb_binary(), args, env, ready_marker, timeout)
+        let path = no_tools_path();
+        let path = path.to_str().expect("the temporary directory is UTF-8");
+        let env: Vec<(&str, &str)> = [("PATH", path)]
+            .into_iter()
+            .chain(env.iter().copied())
+            .collect();
+        Daemon::start_program(&lb_binary(), args, &env, ready_marker, timeout)
     }
 
     /// Like [`Daemon::start_with_env`] for any `program` (not only `lb`).

@@ -237,6 +237,16 @@ fn xdp_forward_path_delivers_frames_with_complete_checksums() {
             gro_lines.iter().any(|l| l.contains(&host_if)),
             "no {GRO_MARKER:?} line for {host_if}: {gro_lines:#?}"
         );
+        // The daemon has no ethtool (see `Daemon::start`): it set GRO through
+        // the ethtool netlink family; the harness checks with the tool.
+        let features = topo.backends[i].exec_ok(&["ethtool", "-k", "eth0"]);
+        assert!(
+            features
+                .lines()
+                .any(|l| l.trim() == "generic-receive-offload: on"),
+            "GRO is still off in {}'s eth0:\n{features}",
+            topo.backends[i].name()
+        );
     }
     let attached = attachments(&ext);
     assert!(

@@ -18,17 +18,20 @@ use super::tables::Delivery;
 use crate::{
     api::types::InterfaceStatus,
     datapath::{Datapath, DatapathError},
-    host::{self, HostError},
+    host::{self, Host, HostError},
     model::Via,
 };
 
 /// What delivery set up on this host, to reuse and to undo.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Deliveries {
+    /// This host's network, over netlink.
+    host: Host,
     /// Backend-facing interfaces set up (TC attached), by ifindex.
     ready_ifaces: BTreeMap<u32, String>,
-    /// Neighbour entries this daemon asked the kernel to keep resolved.
-    managed_neighbors: BTreeSet<(Ipv4Addr, String)>,
+    /// Neighbour entries (address, ifindex) this daemon asked the kernel to
+    /// keep resolved.
+    managed_neighbors: BTreeSet<(Ipv4Addr, u32)>,
     /// Whether some external interface forwards with XDP, so backends'
     /// veth peers need GRO on to take redirected frames.
     xdp_forward: bool,
@@ -42,6 +45,19 @@ pub struct Deliveries {
 }
 
 impl Deliveries {
+    /// Nothing set up yet; `host` answers questions about interfaces,
+    /// routes and neighbours.
+    pub fn new(host: Host) -> Self {
+        Self {
+            host,
+            ready_ifaces: BTreeMap::new(),
+            managed_neighbors: BTreeSet::new(),
+            xdp_forward: false,
+            container_ifaces: BTreeSet::new(),
+            gro_ready: BTreeSet::new(),
+        }
+    }
+
     /// Whether the forward path runs in XDP anywhere: only then is GRO
     /// turned on in backends' namespaces.
     pub fn set_xdp_forward(&mut self, on: bool) {
@@ -163,7 +179,7 @@ impl Deliveries {
         if self.xdp_forward {
             if !self.gro_ready.contains(&link.ifindex) {
                 let ns = PathBuf::from(format!("/proc/{}/ns/net", via.pid));
-                match host::ensure_gro(&ns, &inner.name).await {
+                match self.host.ensure_gro(&ns, &inner.name).await {
                     Ok(changed) => {
                         if changed {
                             info!(iface = link.name, peer = inner.name, netns = %ns.display(), "turned GRO on in the backend's namespace so XDP can deliver to it");
@@ -193,16 +209,18 @@ impl Deliveries {
         dp: &mut Datapath,
         ip: Ipv4Addr,
     ) -> Result<Delivery, ResolveError> {
-        let route = host::route_get(ip).await?;
-        let link = host::link(&route.dev).await?;
+        let route = self.host.route_get(ip).await?;
+        let link = self.host.link_by_index(route.ifindex).await?;
         let next_hop = route.gateway.unwrap_or(ip);
-        let mut mac = host::neighbor(next_hop, &link.name).await?;
+        let mut mac = self.host.neighbor(next_hop, link.ifindex).await?;
         if mac.is_none() {
-            host::keep_neighbor_resolved(next_hop, &link.name).await?;
-            self.managed_neighbors.insert((next_hop, link.name.clone()));
+            self.host
+                .keep_neighbor_resolved(next_hop, link.ifindex)
+                .await?;
+            self.managed_neighbors.insert((next_hop, link.ifindex));
             for _ in 0..20 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                mac = host::neighbor(next_hop, &link.name).await?;
+                mac = self.host.neighbor(next_hop, link.ifindex).await?;
                 if mac.is_some() {
                     break;
                 }
@@ -250,13 +268,13 @@ impl Deliveries {
             return false;
         };
         let result = async {
-            let Some(ns) = host::find_peer_netns(link.ifindex, peer, nsid).await? else {
+            let Some(ns) = self.host.find_peer_netns(nsid).await? else {
                 return Ok::<_, HostError>(false);
             };
-            let Some(peer_link) = host::link_in_netns(&ns, peer).await? else {
+            let Some(peer_link) = self.host.link_in_netns(&ns, peer).await? else {
                 return Ok(false);
             };
-            if host::ensure_gro(&ns, &peer_link.name).await? {
+            if self.host.ensure_gro(&ns, &peer_link.name).await? {
                 info!(
                     iface = link.name,
                     peer = peer_link.name,
@@ -286,12 +304,10 @@ impl Deliveries {
 
     /// Removes the neighbour entries this daemon made managed.
     pub async fn release_neighbors(&mut self) {
-        for (addr, dev) in std::mem::take(&mut self.managed_neighbors) {
-            let a = addr.to_string();
-            let _ = tokio::process::Command::new("ip")
-                .args(["neigh", "del", &a, "dev", &dev])
-                .output()
-                .await;
+        for (addr, ifindex) in std::mem::take(&mut self.managed_neighbors) {
+            if let Err(e) = self.host.remove_neighbor(addr, ifindex).await {
+                warn!(neighbor = %addr, ifindex, error = %e, "could not remove a managed neighbour entry");
+            }
         }
     }
 }

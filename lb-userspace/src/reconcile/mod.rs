@@ -28,6 +28,7 @@ pub use self::{
 use crate::{
     api::types::{InterfaceStatus, MapStatus, ServiceInfo},
     datapath::{Datapath, DatapathError, MapSizes},
+    host::Host,
     maglev::MaglevError,
     model::ServiceSpec,
 };
@@ -89,12 +90,13 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    /// Takes over a loaded data path.
-    pub fn new(dp: Datapath, sizes: MapSizes) -> Self {
+    /// Takes over a loaded data path; `host` answers questions about
+    /// interfaces, routes and neighbours.
+    pub fn new(dp: Datapath, sizes: MapSizes, host: Host) -> Self {
         Self {
             dp,
             tables: Tables::new(sizes),
-            delivery: delivery::Deliveries::default(),
+            delivery: delivery::Deliveries::new(host),
             refresh_cursor: None,
         }
     }

@@ -227,27 +227,27 @@ impl Controller {
         self.rec
     }
 
-    /// Handles messages in arrival order; a run of Docker updates is
-    /// folded in and applied once.
+    /// Handles messages in arrival order. Docker updates and changes that
+    /// arrive together are committed together: each change checked and
+    /// staged on its own (a refused one changes nothing), the state file
+    /// written once, the maps applied once, then every caller answered.
+    /// Reads and health results keep their place in the order.
     async fn handle_batch(&mut self, batch: Vec<Input>) {
         let mut docker_changed = false;
+        let mut changes: Vec<(Request, Reply)> = Vec::new();
         for input in batch {
             match input {
-                Input::Docker(update) => {
-                    docker_changed |= self.docker.update(update);
-                    continue;
-                }
+                Input::Docker(update) => docker_changed |= self.docker.update(update),
+                Input::Call(req, reply) if req.is_change() => changes.push((req, reply)),
                 other => {
-                    if std::mem::take(&mut docker_changed) {
-                        self.apply_docker().await;
-                    }
+                    let pending = std::mem::take(&mut changes);
+                    self.commit(pending, std::mem::take(&mut docker_changed))
+                        .await;
                     self.handle(other).await;
                 }
             }
         }
-        if docker_changed {
-            self.apply_docker().await;
-        }
+        self.commit(changes, docker_changed).await;
         if let Some(h) = &self.health {
             // Cheap when nothing changed: only a different set of checks
             // wakes the checker.
@@ -255,13 +255,49 @@ impl Controller {
         }
     }
 
-    async fn apply_docker(&mut self) {
-        self.docker.assign(&mut self.desired);
-        if let Err(e) = self.apply().await {
+    /// Carries out `changes` and the Docker news with one save and one apply.
+    async fn commit(&mut self, changes: Vec<(Request, Reply)>, docker_changed: bool) {
+        if changes.is_empty() && !docker_changed {
+            return;
+        }
+        self.desired.hold();
+        let mut membership = docker_changed;
+        let staged: Vec<(Result<Staged, Refusal>, Reply)> = changes
+            .into_iter()
+            .map(|(req, reply)| {
+                let r = self.stage(req);
+                membership |= r.as_ref().is_ok_and(|s| s.membership);
+                (r, reply)
+            })
+            .collect();
+        let saved = self.desired.flush();
+        if membership {
+            // Image rules and labels may name a service added or removed.
+            self.docker.assign(&mut self.desired);
+        }
+        let changed = docker_changed || staged.iter().any(|(r, _)| r.is_ok());
+        let applied = if changed { self.apply().await } else { Ok(()) };
+        if let Err(e) = &applied {
             warn!(
                 error = e.message,
-                "applying Docker's changes failed; retrying at the next change"
+                "applying changes failed; retrying at the next change"
             );
+        }
+        for (r, reply) in staged {
+            let answer = match (r, &saved, &applied) {
+                (Err(e), _, _) => Err(e),
+                (Ok(_), Err(e), _) | (Ok(_), _, Err(e)) => Err(e.clone()),
+                (
+                    Ok(Staged {
+                        created: Some(name),
+                        ..
+                    }),
+                    _,
+                    _,
+                ) => self.service_info(&name).map(Response::Service),
+                (Ok(_), _, _) => Ok(Response::Done),
+            };
+            let _ = reply.send(answer);
         }
     }
 
@@ -274,9 +310,8 @@ impl Controller {
                 }
             }
             Input::Docker(update) => {
-                if self.docker.update(update) {
-                    self.apply_docker().await;
-                }
+                let changed = self.docker.update(update);
+                self.commit(Vec::new(), changed).await;
             }
         }
     }
@@ -350,26 +385,24 @@ impl Controller {
                     Ok(Response::Status(Box::new(Status { maps, ..status })))
                 });
             }
-            other => self.change(other).await,
+            Request::ListServices => Ok(Response::Services(self.rec.services_info())),
+            change => return self.commit(vec![(change, reply)], false).await,
         };
         let _ = reply.send(r);
     }
 
-    /// A request that changes the desired state: checked and saved first,
-    /// then applied.
-    async fn change(&mut self, req: Request) -> Result<Response, Refusal> {
+    /// Checks a change against the desired state and keeps it (saved by
+    /// the commit).
+    fn stage(&mut self, req: Request) -> Result<Staged, Refusal> {
+        let mut staged = Staged::default();
         match req {
-            Request::ListServices => return Ok(Response::Services(self.rec.services_info())),
             Request::AddService(new) => {
-                let spec = self.desired.add_service(&new)?;
-                // Its image rule or containers' labels may name it already.
-                self.docker.assign(&mut self.desired);
-                self.apply().await?;
-                return Ok(Response::Service(self.service_info(&spec.name)?));
+                staged.created = Some(self.desired.add_service(&new)?.name);
+                staged.membership = true;
             }
             Request::RemoveService(name) => {
                 self.desired.remove_service(&name)?;
-                self.docker.assign(&mut self.desired);
+                staged.membership = true;
             }
             Request::AddBackends(name, new) => self.desired.add_backends(&name, &new)?,
             Request::SetBackends(name, new) => self.desired.set_backends(&name, &new)?,
@@ -380,11 +413,32 @@ impl Controller {
                 self.desired.set_weight(&name, &addr, weight)?;
                 info!(service = name, backend = addr, weight, "weight changed");
             }
-            Request::ListBackends(_) | Request::Stats(_) | Request::Status => {
+            Request::ListServices
+            | Request::ListBackends(_)
+            | Request::Stats(_)
+            | Request::Status => {
                 return Err(Refusal::failed("a read reached the write path".into()))
             }
         }
-        self.apply().await?;
-        Ok(Response::Done)
+        Ok(staged)
+    }
+}
+
+/// What staging a change left to do after the commit.
+#[derive(Debug, Default)]
+struct Staged {
+    /// A service was created: its info is the answer.
+    created: Option<String>,
+    /// Services came or went: Docker's membership is worked out again.
+    membership: bool,
+}
+
+impl Request {
+    /// Whether it changes the desired state (else it only reads).
+    fn is_change(&self) -> bool {
+        !matches!(
+            self,
+            Request::ListServices | Request::ListBackends(_) | Request::Stats(_) | Request::Status
+        )
     }
 }

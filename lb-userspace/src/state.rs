@@ -147,6 +147,8 @@ pub struct Desired {
     path: PathBuf,
     limits: Limits,
     docker: BTreeMap<String, Vec<BackendSpec>>,
+    /// While saves are held ([`Desired::hold`]): the state as last saved.
+    saved: Option<Overlay>,
 }
 
 /// Where the state file of config file `config` lives.
@@ -193,6 +195,7 @@ impl Desired {
                 max_table_size: d.max_table_size,
             },
             docker: BTreeMap::new(),
+            saved: None,
         };
         // A state file that no longer fits the config (the config now
         // declares a service of the same name or VIP) is not fatal: the
@@ -587,16 +590,50 @@ impl Desired {
             self.overlay = before;
             return Err(Refusal::conflict(e));
         }
+        if self.saved.is_some() {
+            return Ok(());
+        }
         if let Err(e) = self.save() {
             self.overlay = before;
-            return Err(Refusal::failed(format!("{e:#}")));
+            return Err(e);
         }
         Ok(())
     }
 
+    /// Holds saves: changes from now on are checked and kept, but written
+    /// to disk only by [`Desired::flush`], once for all of them (a group
+    /// commit: a burst of API calls pays for one write and one fsync).
+    pub fn hold(&mut self) {
+        if self.saved.is_none() {
+            self.saved = Some(self.overlay.clone());
+        }
+    }
+
+    /// Writes what changed since [`Desired::hold`]. On failure every held
+    /// change is undone: nothing that was not saved stays.
+    pub fn flush(&mut self) -> Result<(), Refusal> {
+        let Some(saved) = self.saved.take() else {
+            return Ok(());
+        };
+        if saved == self.overlay {
+            return Ok(());
+        }
+        self.save().inspect_err(|_| self.overlay = saved)
+    }
+
+    fn save(&self) -> Result<(), Refusal> {
+        let started = std::time::Instant::now();
+        let saved = self.write();
+        tracing::debug!(
+            save_us = started.elapsed().as_micros() as u64,
+            "state saved"
+        );
+        saved.map_err(|e| Refusal::failed(format!("{e:#}")))
+    }
+
     /// Writes the state file atomically (write a temporary file, then rename)
     /// with mode 0600.
-    pub fn save(&self) -> Result<(), StateError> {
+    pub fn write(&self) -> Result<(), StateError> {
         let io = |source| StateError::Io {
             path: self.path.clone(),
             source,
@@ -838,6 +875,37 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
         );
         let before = d.services();
         assert_eq!(Desired::load(&config(), path).unwrap().services(), before);
+    }
+
+    #[test]
+    fn held_changes_are_saved_once_or_not_at_all() {
+        let dir = tmp("hold");
+        let path = dir.0.join("lb.state.json");
+        let mut d = Desired::load(&config(), path.clone()).unwrap();
+        d.hold();
+        d.add_backend("web", &backend("198.18.105.1:80")).unwrap();
+        // A refused change in the group changes nothing, the others stay.
+        assert!(d.add_backend("web", &backend("198.18.105.1:80")).is_err());
+        d.drain_backend("web", "198.18.103.2:8080").unwrap();
+        assert!(!path.exists(), "nothing is written while held");
+        d.flush().unwrap();
+        let again = Desired::load(&config(), path.clone()).unwrap();
+        assert_eq!(again.services(), d.services());
+        assert_eq!(addrs_of(&again, "web").len(), 3);
+
+        // A commit whose write fails undoes every held change.
+        let before = d.services();
+        let mut gone = Desired::load(&config(), dir.0.join("missing/lb.state.json")).unwrap();
+        gone.hold();
+        gone.add_backend("web", &backend("198.18.105.7:80"))
+            .unwrap();
+        assert_eq!(gone.flush().unwrap_err().kind, RefusalKind::Failed);
+        assert_eq!(
+            addrs_of(&gone, "web").len(),
+            2,
+            "the held change was undone"
+        );
+        assert_eq!(d.services(), before);
     }
 
     #[test]

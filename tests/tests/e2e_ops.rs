@@ -1009,6 +1009,113 @@ fn drain_keeps_flows_and_takes_no_new_ones() {
     drop(held);
 }
 
+/// Opens `n` connections to `vip` and counts where each landed (each echoes
+/// once, so it was really served).
+fn spread(topo: &Topology, vip: SocketAddrV4, n: usize) -> BTreeMap<String, usize> {
+    let mut landed: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..n {
+        let mut c = StreamConn::connect(&topo.client, vip)
+            .unwrap_or_else(|e| panic!("new connection {i}: {e}"));
+        c.echo(b"new\n")
+            .unwrap_or_else(|e| panic!("new connection {i} on {}: {e}", c.backend()));
+        *landed.entry(c.backend().to_owned()).or_default() += 1;
+    }
+    landed
+}
+
+fn echo_all(held: &mut [StreamConn], when: &str) {
+    for (i, c) in held.iter_mut().enumerate() {
+        c.echo(format!("held {i} {when}\n").as_bytes())
+            .unwrap_or_else(|e| {
+                panic!("held connection {i} (on {}) broke {when}: {e}", c.backend())
+            });
+    }
+}
+
+/// The verbs an operator expects, against live traffic: a batch replaces
+/// the set, a batch adds several, a weight changes in place and a drained
+/// backend comes back, and no established connection moves through any of
+/// them.
+#[test]
+fn batches_weights_and_undrain_keep_established_flows() {
+    require_root();
+    let topo = Topology::new("lbo8", 3);
+    let _streams = stream_servers(&topo);
+    let _forward = ForwardDrop::new();
+    let files = Files::new(&topo, &[stream_service(&topo)]);
+    let _daemon = files.start(&[]);
+    let lb = files.cli();
+    let vip = SocketAddrV4::new(topo.vip(), STREAM_PORT);
+    let ep = |i: usize| endpoint(&topo, i, STREAM_PORT);
+
+    // One call replaces the set: b1 and b2 leave, b0 stays with its flows.
+    let mut held: Vec<StreamConn> = (0..6)
+        .map(|i| StreamConn::connect(&topo.client, vip).unwrap_or_else(|e| panic!("held {i}: {e}")))
+        .collect();
+    held.retain(|c| c.backend() == "b0");
+    assert!(!held.is_empty(), "no connection of six landed on b0");
+    lb.ok(&["backend", "set", "stream", &ep(0)]);
+    echo_all(&mut held, "after backend set");
+    let landed = spread(&topo, vip, 10);
+    assert_eq!(landed.get("b0"), Some(&10), "only b0 is left: {landed:?}");
+
+    // One call adds two.
+    lb.ok(&["backend", "add", "stream", &ep(1), &ep(2)]);
+    let backends: Vec<BackendInfo> = lb.json(&["backend", "ls", "stream", "--json"]);
+    assert_eq!(backends.len(), 3, "{backends:#?}");
+    let landed = spread(&topo, vip, 45);
+    for b in ["b0", "b1", "b2"] {
+        assert!(
+            landed.get(b).copied().unwrap_or(0) >= 5,
+            "{b} after the batch add: {landed:?}"
+        );
+    }
+    echo_all(&mut held, "after backend add");
+
+    // A weight changed in place: listed, followed by new flows, and the
+    // held connections stay where they are.
+    lb.ok(&["backend", "weight", "stream", &ep(0), "6"]);
+    let backends: Vec<BackendInfo> = lb.json(&["backend", "ls", "stream", "--json"]);
+    assert_eq!(find_backend(&backends, &ep(0)).weight, 6, "{backends:#?}");
+    echo_all(&mut held, "after the weight change");
+    let landed = spread(&topo, vip, 40);
+    let b0 = landed.get("b0").copied().unwrap_or(0);
+    assert!(b0 >= 20, "b0 at weight 6 of 8 took {b0} of 40: {landed:?}");
+
+    // Drain b0, then put it back: its connections never move.
+    lb.ok(&["backend", "drain", "stream", &ep(0)]);
+    let landed = spread(&topo, vip, 10);
+    assert_eq!(
+        landed.get("b0"),
+        None,
+        "drained b0 took new flows: {landed:?}"
+    );
+    echo_all(&mut held, "while drained");
+    lb.ok(&["backend", "undrain", "stream", &ep(0)]);
+    let backends: Vec<BackendInfo> = lb.json(&["backend", "ls", "stream", "--json"]);
+    let b = find_backend(&backends, &ep(0));
+    assert_eq!(
+        (b.state, b.weight),
+        (BackendState::Active, 6),
+        "{backends:#?}"
+    );
+    let landed = spread(&topo, vip, 20);
+    assert!(
+        landed.get("b0").copied().unwrap_or(0) >= 5,
+        "b0 after undrain: {landed:?}"
+    );
+    echo_all(&mut held, "after undrain");
+
+    // All of it survives a restart of the daemon, from the state file.
+    drop(_daemon);
+    let _daemon = files.start(&[]);
+    let backends: Vec<BackendInfo> = lb.json(&["backend", "ls", "stream", "--json"]);
+    let mut want = vec![(ep(0), 6), (ep(1), 1), (ep(2), 1)];
+    want.sort();
+    assert_eq!(addresses_and_weights(&backends), want, "{backends:#?}");
+    drop(held);
+}
+
 /// Polls `backend ls SERVICE --json` every 100 ms for up to `limit` until
 /// backend `address` has `health` and `state`; panics with the last answer
 /// otherwise.

@@ -179,6 +179,7 @@ impl Reconciler {
     /// Makes the maps hold exactly `desired`: resolves the new backends,
     /// plans the writes and applies them.
     pub async fn apply(&mut self, desired: &[ServiceSpec]) -> Result<(), ReconcileError> {
+        let started = Instant::now();
         let mut resolved = Resolved::new();
         for (service, b) in self.tables.to_resolve(desired) {
             let d = self
@@ -187,14 +188,24 @@ impl Reconciler {
                 .await?;
             resolved.insert((service, b.addr), d);
         }
+        let resolving = started.elapsed();
         let mut ops = Vec::new();
         let planned = self
             .tables
             .plan(desired, &resolved, Instant::now(), &mut ops);
+        let planning = started.elapsed() - resolving;
         // A refused step still leaves a consistent prefix to apply.
         self.write(&ops)?;
         self.delivery
             .release_unused(&mut self.dp, &self.tables.used_ifindexes());
+        debug!(
+            resolved = resolved.len(),
+            ops = ops.len(),
+            resolve_us = resolving.as_micros() as u64,
+            plan_us = planning.as_micros() as u64,
+            total_us = started.elapsed().as_micros() as u64,
+            "applied"
+        );
         planned
     }
 

@@ -196,6 +196,10 @@ pub(super) struct ServiceState {
     /// at M = 65,537, paid by every service on every change otherwise).
     built_from: Option<(u32, Vec<MaglevBackend>)>,
     pub(super) backends: BTreeMap<SocketAddrV4, Member>,
+    /// The maps hold what `spec` and the members say: an apply whose spec
+    /// for it is unchanged has nothing to do for it (with a thousand
+    /// services, every change would otherwise visit every backend).
+    synced: bool,
 }
 
 fn service_key(s: &ServiceSpec) -> ServiceKey {
@@ -279,6 +283,7 @@ impl Tables {
                 .map(|v| ((v.table_base / max_table) % 2) as usize);
             st.copies = [Vec::new(), Vec::new()];
             st.built_from = None;
+            st.synced = false;
             for m in st.backends.values_mut() {
                 m.written = None;
             }
@@ -300,6 +305,10 @@ impl Tables {
         if std::mem::take(&mut self.rewrite_rev_nat) {
             ops.extend(self.rev_nat.keys().map(|(a, p)| self.rev_nat_op(*a, *p)));
         }
+        // The filter lets new VIPs' packets in before their service entries
+        // exist; bits of removed VIPs go last, after their services are gone.
+        let vips: Vec<Ipv4Addr> = desired.iter().map(|s| *s.vip.ip()).collect();
+        self.write_vip_filter(&vips, ops);
         let wanted: HashMap<&str, &ServiceSpec> =
             desired.iter().map(|s| (s.name.as_str(), s)).collect();
         let gone: Vec<String> = self
@@ -318,8 +327,7 @@ impl Tables {
         for spec in desired {
             self.upsert_service(spec, resolved, now, ops)?;
         }
-        // Bits of removed VIPs go last, after their services are gone.
-        self.write_vip_filter(None, ops);
+        self.write_vip_filter(&[], ops);
         Ok(())
     }
 
@@ -360,13 +368,18 @@ impl Tables {
                     copies: [Vec::new(), Vec::new()],
                     built_from: None,
                     backends: BTreeMap::new(),
+                    synced: false,
                 },
             );
             info!(service = spec.name, vip = %spec.vip, protocol = %spec.protocol, "service added");
         }
+        let st = self.services.get_mut(&spec.name).expect("inserted above");
+        if st.synced && st.spec == *spec {
+            return Ok(());
+        }
+        st.synced = false;
         let wanted: BTreeMap<SocketAddrV4, &BackendSpec> =
             spec.backends.iter().map(|b| (b.addr, b)).collect();
-        let st = self.services.get_mut(&spec.name).expect("inserted above");
         st.spec = spec.clone();
         let removed: Vec<SocketAddrV4> = st
             .backends
@@ -413,8 +426,6 @@ impl Tables {
             .filter_map(|a| st.backends.remove(a).map(|m| (*a, m)))
             .collect();
         let service_id = st.id;
-        // The filter lets the VIP's packets in before its service entry exists.
-        self.write_vip_filter(Some(*spec.vip.ip()), ops);
         self.sync(&spec.name, ops)?;
         for (addr, m) in leaving {
             ops.push(backend_down(&m, service_id, addr));
@@ -445,6 +456,9 @@ impl Tables {
             return Ok(());
         }
         b.healthy = healthy;
+        if let Some(st) = self.services.get_mut(service) {
+            st.synced = false;
+        }
         if healthy {
             info!(service, backend = %addr, "health check passes: backend back in");
         } else {
@@ -468,6 +482,9 @@ impl Tables {
         {
             Some(b) if b.delivery != delivery => {
                 b.delivery = delivery;
+                if let Some(st) = self.services.get_mut(service) {
+                    st.synced = false;
+                }
                 true
             }
             _ => false,
@@ -482,6 +499,9 @@ impl Tables {
         self.write_backends(name, true, ops);
         self.write_table(name, ops)?;
         self.write_backends(name, false, ops);
+        if let Some(st) = self.services.get_mut(name) {
+            st.synced = true;
+        }
         Ok(())
     }
 
@@ -567,15 +587,15 @@ impl Tables {
     }
 
     /// Makes `VIP_FILTER` have a bit for every service's VIP and no other,
-    /// writing only the words that change. `extra` is set too: a VIP about
-    /// to get its service entry.
-    fn write_vip_filter(&mut self, extra: Option<Ipv4Addr>, ops: &mut Vec<MapOp>) {
+    /// writing only the words that change. `extra` are set too: VIPs about
+    /// to get their service entries.
+    fn write_vip_filter(&mut self, extra: &[Ipv4Addr], ops: &mut Vec<MapOp>) {
         let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
         let vips = self
             .services
             .values()
             .map(|s| *s.spec.vip.ip())
-            .chain(extra);
+            .chain(extra.iter().copied());
         for ip in vips {
             let bit = lb_common::vip_filter_bit(u32::from_ne_bytes(ip.octets()));
             words[(bit / 64) as usize] |= 1 << (bit % 64);
@@ -719,6 +739,7 @@ impl Tables {
                     copies,
                     built_from: None,
                     backends: members,
+                    synced: false,
                 },
             );
             adopted += 1;

@@ -267,7 +267,7 @@ mod write_order {
         kinds.dedup();
         assert_eq!(
             kinds,
-            ["rev_nat", "vip_filter", "backend", "slots", "service"]
+            ["vip_filter", "rev_nat", "backend", "slots", "service"]
         );
         assert!(store.broken.is_none(), "{:?}", store.broken);
     }

@@ -17,9 +17,9 @@ use crate::{
     config::{self, Config, ForwardMode},
     control::{Controller, DaemonInfo, Handle},
     datapath::{Datapath, MapSizes},
-    docker::{self, DockerUpdate, Tracker},
+    docker::{self, DockerUpdate, Session, Tracker},
     health,
-    host::Host,
+    host::{Host, Link},
     metrics,
     reconcile::Reconciler,
     state::{default_state_path, Desired},
@@ -63,33 +63,107 @@ fn parse_docker_host(s: &str) -> Result<String, String> {
 /// without it (the watcher keeps trying).
 const DOCKER_FIRST_LIST: Duration = Duration::from_secs(5);
 
-/// Runs the daemon in the foreground.
+/// Runs the daemon in the foreground: every check that can fail comes
+/// before anything is attached, so a bad config or a busy socket leaves the
+/// host as it was.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
+    let desired = load_desired(&args, &config)?;
+    let host = Host::new()?;
+    let externals = find_externals(&host, &config, &args.config).await?;
+    let listeners = bind_listeners(&args).await?;
+    let sizes = MapSizes::from(&config.datapath);
+    let mut dp = Datapath::open(&sizes, &config.datapath.pin_path)
+        .context("loading the data path (needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")?;
+    let adopted = dp.adopted();
+    if adopted {
+        info!(pin_path = %config.datapath.pin_path.display(), "taking over the running data path");
+    }
+    let attached = attach_externals(&mut dp, &externals, config.datapath.mode)?;
+    let docker = DockerStart::new(&args, &config);
+    // Containers are known before the maps are touched, so a restart that
+    // takes over a running data path keeps their backends and flows.
+    let (tracker, desired, first) = docker.first_list(desired).await;
+
+    let mut rec = Reconciler::new(dp, sizes, host);
+    rec.set_xdp_forward(attached.iter().any(|a| a.xdp));
+    let services = desired.services();
+    if adopted {
+        let n = rec.adopt(&services)?;
+        info!(services = n, "services taken over with their flows");
+    }
+    rec.apply(&services).await?;
+    rec.finish_adoption()?;
+    let info = DaemonInfo {
+        started: std::time::Instant::now(),
+        adopted,
+        pin_path: config.datapath.pin_path.display().to_string(),
+        externals: attached.into_iter().map(|a| a.status).collect(),
+    };
+    let running = serve(rec, desired, tracker, info, listeners, &docker, first)?;
+    info!(services = services.len(), socket = %args.socket.display(), "data path ready");
+
+    wait_for_signal().await?;
+    if args.keep_datapath {
+        info!("shutting down: the data path keeps forwarding (--keep-datapath)");
+    } else {
+        info!("shutting down: detaching the data path");
+    }
+    let mut rec = running.stop().await?;
+    if args.keep_datapath {
+        rec.into_datapath().close(true);
+        info!("left running; the next `lb run` takes it over");
+    } else {
+        rec.release_neighbors().await;
+        rec.into_datapath().close(false);
+        info!("detached");
+    }
+    Ok(())
+}
+
+fn load_desired(args: &RunArgs, config: &Config) -> anyhow::Result<Desired> {
     let state_path = args
         .state
         .clone()
         .unwrap_or_else(|| default_state_path(&args.config));
-    let desired = Desired::load(&config, state_path)?;
+    let desired = Desired::load(config, state_path)?;
     for name in desired.shadowed() {
         warn!(service = name, state = %desired.path().display(), "service from the state file ignored: the config now declares its name or address");
     }
-    // Every external interface must exist before anything is loaded, so a
-    // typo leaves the host exactly as it was.
-    let host = Host::new()?;
+    Ok(desired)
+}
+
+/// Every external interface must exist before anything is loaded, so a
+/// typo leaves the host exactly as it was.
+async fn find_externals(
+    host: &Host,
+    config: &Config,
+    path: &std::path::Path,
+) -> anyhow::Result<Vec<Link>> {
     let mut externals = Vec::new();
     for name in &config.datapath.external {
         let link = host
             .link(name)
             .await
-            .with_context(|| format!("{}: datapath.external", args.config.display()))?;
+            .with_context(|| format!("{}: datapath.external", path.display()))?;
         externals.push(link);
     }
-    // Bound before anything is attached: a second daemon stops here.
-    let listener = server::bind(&args.socket).await?;
-    let _socket = RemoveOnDrop(args.socket.clone());
-    // Bound before anything is attached too: a busy port stops here.
-    let metrics_listener = match args.metrics {
+    Ok(externals)
+}
+
+/// The admin socket and the metrics port, bound before anything is
+/// attached: a second daemon, or a busy port, stops here.
+struct Listeners {
+    api: tokio::net::UnixListener,
+    /// Removes the socket when the daemon exits.
+    _socket: RemoveOnDrop,
+    metrics: Option<tokio::net::TcpListener>,
+}
+
+async fn bind_listeners(args: &RunArgs) -> anyhow::Result<Listeners> {
+    let api = server::bind(&args.socket).await?;
+    let socket = RemoveOnDrop(args.socket.clone());
+    let metrics = match args.metrics {
         Some(addr) => Some(
             metrics::bind(addr)
                 .await
@@ -97,23 +171,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    Ok(Listeners {
+        api,
+        _socket: socket,
+        metrics,
+    })
+}
 
-    let d = &config.datapath;
-    let sizes = MapSizes {
-        max_services: d.max_services,
-        max_backends: d.max_backends,
-        max_table_size: d.max_table_size,
-        flow_table_size: d.flow_table_size,
-    };
-    let mut dp = Datapath::open(&sizes, &d.pin_path)
-        .context("loading the data path (needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")?;
-    let adopted = dp.adopted();
-    if adopted {
-        info!(pin_path = %d.pin_path.display(), "taking over the running data path");
-    }
+/// An external interface as attached.
+struct Attached {
+    status: InterfaceStatus,
+    /// The forward path runs in XDP there.
+    xdp: bool,
+}
+
+fn attach_externals(
+    dp: &mut Datapath,
+    externals: &[Link],
+    mode: ForwardMode,
+) -> anyhow::Result<Vec<Attached>> {
     let mut attached = Vec::new();
-    for link in &externals {
-        let xdp = match d.mode {
+    for link in externals {
+        let xdp = match mode {
             ForwardMode::Xdp => true,
             ForwardMode::Tc => false,
             // A veth hands XDP the peer's CHECKSUM_PARTIAL packets, whose
@@ -131,41 +210,55 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             forward = if xdp { "xdp" } else { "tc" },
             "external interface attached"
         );
-        attached.push(InterfaceStatus {
-            name: link.name.clone(),
-            ifindex: link.ifindex,
-            role: "external".into(),
-            programs: if xdp {
-                vec!["xdp".into(), "tc".into()]
-            } else {
-                vec!["tc".into()]
+        let programs = if xdp { vec!["xdp", "tc"] } else { vec!["tc"] };
+        attached.push(Attached {
+            status: InterfaceStatus {
+                name: link.name.clone(),
+                ifindex: link.ifindex,
+                role: "external".into(),
+                programs: programs.into_iter().map(String::from).collect(),
             },
+            xdp,
         });
     }
+    Ok(attached)
+}
 
-    // Containers are known before the maps are touched, so a restart that
-    // takes over a running data path keeps their backends and flows.
-    let docker_host = args
-        .docker_host
-        .clone()
-        .unwrap_or(config.docker.host.clone());
-    let docker_on = match config.docker.enabled {
-        Some(on) => on,
-        None if args.docker_host.is_some() => true,
-        None => docker_host
-            .strip_prefix("unix://")
-            .is_none_or(|p| std::path::Path::new(p).exists()),
-    };
-    let mut tracker = Tracker::new(if docker_on { "connecting" } else { "disabled" });
-    let mut desired = desired;
-    // The first session's list is both what the maps start with and what
-    // the watcher reports first; its events follow on from that list.
-    let mut first = None;
-    if docker_on {
-        match tokio::time::timeout(DOCKER_FIRST_LIST, docker::open(&docker_host)).await {
+/// Where the Docker engine is, and whether to follow it.
+struct DockerStart {
+    host: String,
+    on: bool,
+}
+
+impl DockerStart {
+    fn new(args: &RunArgs, config: &Config) -> Self {
+        let host = args
+            .docker_host
+            .clone()
+            .unwrap_or(config.docker.host.clone());
+        let on = match config.docker.enabled {
+            Some(on) => on,
+            None if args.docker_host.is_some() => true,
+            None => host
+                .strip_prefix("unix://")
+                .is_none_or(|p| std::path::Path::new(p).exists()),
+        };
+        Self { host, on }
+    }
+
+    /// Opens the engine client's first session: its list is both what the
+    /// maps start with and what the client reports first, and its events
+    /// follow on from that list. Waits [`DOCKER_FIRST_LIST`] at most.
+    async fn first_list(&self, mut desired: Desired) -> (Tracker, Desired, Option<Session>) {
+        let mut tracker = Tracker::new(if self.on { "connecting" } else { "disabled" });
+        if !self.on {
+            return (tracker, desired, None);
+        }
+        let mut first = None;
+        match tokio::time::timeout(DOCKER_FIRST_LIST, docker::open(&self.host)).await {
             Ok(Ok(session)) => {
                 info!(
-                    host = docker_host,
+                    host = self.host,
                     containers = session.containers.len(),
                     "docker: first list"
                 );
@@ -176,52 +269,50 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 warn!(error = %e, "docker: engine not reachable; starting without its containers and retrying")
             }
             Err(_) => warn!(
-                host = docker_host,
+                host = self.host,
                 "docker: no answer in 5 s; starting without its containers and retrying"
             ),
         }
         tracker.assign(&mut desired);
+        (tracker, desired, first)
     }
+}
 
-    let mut rec = Reconciler::new(dp, sizes, host);
-    rec.set_xdp_forward(
-        attached
-            .iter()
-            .any(|i| i.programs.iter().any(|p| p == "xdp")),
-    );
-    let services = desired.services();
-    if adopted {
-        let n = rec.adopt(&services)?;
-        info!(services = n, "services taken over with their flows");
-    }
-    rec.apply(&services).await?;
-    rec.finish_adoption()?;
+/// The daemon's tasks while it serves.
+struct Running {
+    stop: watch::Sender<bool>,
+    control: tokio::task::JoinHandle<Reconciler>,
+    api: tokio::task::JoinHandle<std::io::Result<()>>,
+    metrics: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    watcher: Option<tokio::task::JoinHandle<()>>,
+    _listeners: RemoveOnDrop,
+}
+
+/// Starts the controller, the admin API, metrics, the Docker engine client
+/// and the health checker.
+fn serve(
+    rec: Reconciler,
+    desired: Desired,
+    tracker: Tracker,
+    info: DaemonInfo,
+    listeners: Listeners,
+    docker: &DockerStart,
+    first: Option<Session>,
+) -> anyhow::Result<Running> {
     let reader = rec.reader()?;
     let (handle, inbox) = Handle::new();
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (stop, stop_rx) = watch::channel(false);
     // Backends start healthy (as the reconciler assumes); checks can only
     // take them out. The controller keeps them in step with the services.
-    let control = Controller::new(
-        rec,
-        desired,
-        tracker,
-        DaemonInfo {
-            started: std::time::Instant::now(),
-            adopted,
-            pin_path: d.pin_path.display().to_string(),
-            externals: attached,
-        },
-        reader,
-    )
-    .with_health(health::spawn(handle.clone()));
+    let control = Controller::new(rec, desired, tracker, info, reader)
+        .with_health(health::spawn(handle.clone()));
     let control = tokio::spawn(control.run(inbox, wait_for(stop_rx.clone())));
-
     let api = tokio::spawn(server::serve(
-        listener,
+        listeners.api,
         handle.clone(),
         wait_for(stop_rx.clone()),
     ));
-    let metrics_task = metrics_listener.map(|listener| {
+    let metrics = listeners.metrics.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "serving Prometheus metrics at /metrics");
         }
@@ -231,35 +322,36 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             wait_for(stop_rx.clone()),
         ))
     });
-    let watcher =
-        docker_on.then(|| tokio::spawn(docker::watch(docker_host.clone(), handle.clone(), first)));
-    drop(handle);
-    info!(services = services.len(), socket = %args.socket.display(), "data path ready");
+    let watcher = docker
+        .on
+        .then(|| tokio::spawn(docker::watch(docker.host.clone(), handle.clone(), first)));
+    Ok(Running {
+        stop,
+        control,
+        api,
+        metrics,
+        watcher,
+        _listeners: listeners._socket,
+    })
+}
 
-    wait_for_signal().await?;
-    if args.keep_datapath {
-        info!("shutting down: the data path keeps forwarding (--keep-datapath)");
-    } else {
-        info!("shutting down: detaching the data path");
+impl Running {
+    /// Stops serving: the engine client goes, the API and metrics finish
+    /// what they accepted (5 s at most), the controller answers what is in
+    /// its inbox and hands the reconciler back.
+    async fn stop(self) -> anyhow::Result<Reconciler> {
+        let _ = self.stop.send(true);
+        if let Some(w) = self.watcher {
+            w.abort();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.api).await;
+        if let Some(task) = self.metrics {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+        self.control
+            .await
+            .context("the controller stopped abnormally")
     }
-    let _ = stop_tx.send(true);
-    if let Some(w) = watcher {
-        w.abort();
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
-    if let Some(task) = metrics_task {
-        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-    }
-    let mut rec = control.await.context("the controller stopped abnormally")?;
-    if args.keep_datapath {
-        rec.into_datapath().close(true);
-        info!("left running; the next `lb run` takes it over");
-    } else {
-        rec.release_neighbors().await;
-        rec.into_datapath().close(false);
-        info!("detached");
-    }
-    Ok(())
 }
 
 /// Waits for SIGINT or SIGTERM.

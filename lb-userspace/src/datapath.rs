@@ -219,6 +219,17 @@ impl Default for MapSizes {
     }
 }
 
+impl From<&crate::config::DatapathSpec> for MapSizes {
+    fn from(d: &crate::config::DatapathSpec) -> Self {
+        Self {
+            max_services: d.max_services,
+            max_backends: d.max_backends,
+            max_table_size: d.max_table_size,
+            flow_table_size: d.flow_table_size,
+        }
+    }
+}
+
 impl MapSizes {
     /// Slots of the Maglev array: two tables per service.
     pub fn maglev_slots(&self) -> u32 {

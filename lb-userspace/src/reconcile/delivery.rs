@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use futures_util::{stream, StreamExt as _};
 use lb_common::{BACKEND_F_MAC, BACKEND_F_PEER, BACKEND_F_XDP};
 use tracing::{debug, info, warn};
 
@@ -18,7 +19,7 @@ use super::tables::Delivery;
 use crate::{
     api::types::InterfaceStatus,
     datapath::{Datapath, DatapathError},
-    host::{self, Host, HostError},
+    host::{self, Host, HostError, Link},
     model::Via,
 };
 
@@ -120,28 +121,51 @@ impl Deliveries {
         self.gro_ready.retain(|i| used.contains(i));
     }
 
-    /// Works out how to reach `addr` and prepares its interface: TC attached
-    /// for the replies, and GRO on the veth peer so XDP can deliver to it.
-    /// `None` (the backend stays out of the table) when it cannot be reached.
-    pub async fn resolve(
+    /// Works out how to reach each of `backends` (service, address,
+    /// container interface) and prepares its interface: TC attached for
+    /// the replies, GRO on the veth peer so XDP can deliver to it. `None`
+    /// (the backend stays out of the table) for one that cannot be
+    /// reached. The netlink questions of routed backends are asked
+    /// [`LOOKUPS_IN_FLIGHT`] at a time, so a batch of new backends waits
+    /// for their neighbours once, not once each.
+    pub async fn resolve_all(
         &mut self,
         dp: &mut Datapath,
-        addr: SocketAddrV4,
-        via: Option<Via>,
-        service: &str,
-    ) -> Result<Option<Delivery>, DatapathError> {
-        let result = match via {
-            Some(via) => self.resolve_container(dp, via).await,
-            None => self.try_resolve(dp, *addr.ip()).await,
-        };
-        match result {
-            Ok(d) => Ok(Some(d)),
-            Err(ResolveError::Host(e)) => {
-                warn!(service, backend = %addr, error = %e, "backend unreachable; kept out of the table until it is");
-                Ok(None)
-            }
-            Err(ResolveError::Datapath(e)) => Err(e),
+        backends: Vec<(String, SocketAddrV4, Option<Via>)>,
+    ) -> Result<Vec<(String, SocketAddrV4, Option<Delivery>)>, DatapathError> {
+        let host = self.host.clone();
+        let found: Vec<(String, SocketAddrV4, Found)> = stream::iter(backends)
+            .map(|(service, addr, via)| {
+                let host = host.clone();
+                async move {
+                    let found = match via {
+                        Some(via) => Found::Container(via),
+                        None => Found::Routed(locate(&host, *addr.ip()).await),
+                    };
+                    (service, addr, found)
+                }
+            })
+            .buffered(LOOKUPS_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut out = Vec::with_capacity(found.len());
+        for (service, addr, found) in found {
+            let result = match found {
+                Found::Container(via) => self.resolve_container(dp, via).await,
+                Found::Routed(Ok(l)) => self.prepare(dp, l).await,
+                Found::Routed(Err(e)) => Err(ResolveError::Host(e)),
+            };
+            let delivery = match result {
+                Ok(d) => Some(d),
+                Err(ResolveError::Host(e)) => {
+                    warn!(service, backend = %addr, error = %e, "backend unreachable; kept out of the table until it is");
+                    None
+                }
+                Err(ResolveError::Datapath(e)) => return Err(e),
+            };
+            out.push((service, addr, delivery));
         }
+        Ok(out)
     }
 
     /// A container's delivery, from what Docker reported: the host side of
@@ -204,27 +228,17 @@ impl Deliveries {
         })
     }
 
-    async fn try_resolve(
-        &mut self,
-        dp: &mut Datapath,
-        ip: Ipv4Addr,
-    ) -> Result<Delivery, ResolveError> {
-        let route = self.host.route_get(ip).await?;
-        let link = self.host.link_by_index(route.ifindex).await?;
-        let next_hop = route.gateway.unwrap_or(ip);
-        let mut mac = self.host.neighbor(next_hop, link.ifindex).await?;
-        if mac.is_none() {
-            self.host
-                .keep_neighbor_resolved(next_hop, link.ifindex)
-                .await?;
-            self.managed_neighbors.insert((next_hop, link.ifindex));
-            for _ in 0..20 {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                mac = self.host.neighbor(next_hop, link.ifindex).await?;
-                if mac.is_some() {
-                    break;
-                }
-            }
+    /// Sets up what [`locate`] found: the reverse path attached, GRO on a
+    /// veth peer for XDP.
+    async fn prepare(&mut self, dp: &mut Datapath, l: Located) -> Result<Delivery, ResolveError> {
+        let Located {
+            link,
+            mac,
+            gateway,
+            managed,
+        } = l;
+        if let Some(m) = managed {
+            self.managed_neighbors.insert(m);
         }
         let mut flags = 0;
         if mac.is_some() {
@@ -234,7 +248,7 @@ impl Deliveries {
         // behind a gateway the peer is a router this daemon does not own, so
         // it gets the skb path (`bpf_redirect_neigh`) and its devices are
         // left alone.
-        let peer = link.veth && link.peer_netnsid.is_some() && route.gateway.is_none();
+        let peer = link.veth && link.peer_netnsid.is_some() && !gateway;
         if peer {
             flags |= BACKEND_F_PEER;
         }
@@ -310,6 +324,58 @@ impl Deliveries {
             }
         }
     }
+}
+
+/// Netlink questions of routed backends asked at once.
+pub const LOOKUPS_IN_FLIGHT: usize = 64;
+
+/// A backend's first step of resolution.
+enum Found {
+    /// A container: its interface is found through its process.
+    Container(Via),
+    /// A routed backend, as the kernel answered.
+    Routed(Result<Located, HostError>),
+}
+
+/// What the kernel says about reaching a routed backend.
+struct Located {
+    /// The egress interface.
+    link: Link,
+    /// The next hop's MAC, once resolved.
+    mac: Option<[u8; 6]>,
+    /// Whether the next hop is a gateway rather than the backend.
+    gateway: bool,
+    /// A neighbour entry made managed for it, to remove at shutdown.
+    managed: Option<(Ipv4Addr, u32)>,
+}
+
+/// Route, egress interface and next hop MAC of `ip`. A next hop the
+/// kernel has no MAC for gets a managed neighbour entry (Linux 5.16: the
+/// kernel keeps it resolved, so XDP always has a fresh MAC), waited for 1 s
+/// at most.
+async fn locate(host: &Host, ip: Ipv4Addr) -> Result<Located, HostError> {
+    let route = host.route_get(ip).await?;
+    let link = host.link_by_index(route.ifindex).await?;
+    let next_hop = route.gateway.unwrap_or(ip);
+    let mut mac = host.neighbor(next_hop, link.ifindex).await?;
+    let mut managed = None;
+    if mac.is_none() {
+        host.keep_neighbor_resolved(next_hop, link.ifindex).await?;
+        managed = Some((next_hop, link.ifindex));
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            mac = host.neighbor(next_hop, link.ifindex).await?;
+            if mac.is_some() {
+                break;
+            }
+        }
+    }
+    Ok(Located {
+        link,
+        mac,
+        gateway: route.gateway.is_some(),
+        managed,
+    })
 }
 
 enum ResolveError {

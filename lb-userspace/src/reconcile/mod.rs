@@ -180,14 +180,19 @@ impl Reconciler {
     /// plans the writes and applies them.
     pub async fn apply(&mut self, desired: &[ServiceSpec]) -> Result<(), ReconcileError> {
         let started = Instant::now();
-        let mut resolved = Resolved::new();
-        for (service, b) in self.tables.to_resolve(desired) {
-            let d = self
-                .delivery
-                .resolve(&mut self.dp, b.addr, b.via, &service)
-                .await?;
-            resolved.insert((service, b.addr), d);
-        }
+        let wanted = self
+            .tables
+            .to_resolve(desired)
+            .into_iter()
+            .map(|(service, b)| (service, b.addr, b.via))
+            .collect();
+        let resolved: Resolved = self
+            .delivery
+            .resolve_all(&mut self.dp, wanted)
+            .await?
+            .into_iter()
+            .map(|(service, addr, d)| ((service, addr), d))
+            .collect();
         let resolving = started.elapsed();
         let mut ops = Vec::new();
         let planned = self
@@ -238,16 +243,18 @@ impl Reconciler {
             all.iter().map(|(n, a, _)| (n.clone(), *a)).collect();
         let batch = next_batch(&keys, self.refresh_cursor.as_ref(), REFRESH_BATCH);
         self.refresh_cursor = batch.last().cloned();
+        let wanted = batch
+            .into_iter()
+            .map(|(name, addr)| {
+                let via = all
+                    .iter()
+                    .find(|(n, a, _)| *n == name && *a == addr)
+                    .and_then(|(_, _, v)| *v);
+                (name, addr, via)
+            })
+            .collect();
         let mut changed: BTreeSet<String> = BTreeSet::new();
-        for (name, addr) in batch {
-            let via = all
-                .iter()
-                .find(|(n, a, _)| *n == name && *a == addr)
-                .and_then(|(_, _, v)| *v);
-            let new = self
-                .delivery
-                .resolve(&mut self.dp, addr, via, &name)
-                .await?;
+        for (name, addr, new) in self.delivery.resolve_all(&mut self.dp, wanted).await? {
             if self.tables.set_delivery(&name, addr, new) {
                 debug!(service = name, backend = %addr, ?new, "backend delivery updated");
                 changed.insert(name);

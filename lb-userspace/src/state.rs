@@ -214,10 +214,14 @@ impl Desired {
     pub fn services(&self) -> Vec<ServiceSpec> {
         let mut out = self.declared();
         for s in &mut out {
-            for b in self.docker.get(&s.name).into_iter().flatten() {
+            let Some(containers) = self.docker.get(&s.name) else {
+                continue;
+            };
+            let mut have: HashSet<SocketAddrV4> = s.backends.iter().map(|b| b.addr).collect();
+            for b in containers {
                 // A backend declared by hand wins over a container at the
                 // same address (the membership check already warned).
-                if !s.backends.iter().any(|x| x.addr == b.addr) {
+                if have.insert(b.addr) {
                     s.backends.push(*b);
                 }
             }
@@ -244,14 +248,20 @@ impl Desired {
             .map(|s| {
                 let mut s = s.clone();
                 if let Some(c) = self.overlay.changes.get(&s.name) {
-                    s.backends.retain(|b| !c.removed.contains(&b.addr));
+                    // Sets, not list scans: a service with thousands of
+                    // backends is rebuilt on every change.
+                    let removed: HashSet<&SocketAddrV4> = c.removed.iter().collect();
+                    let drained: HashSet<&SocketAddrV4> = c.drained.iter().collect();
+                    s.backends.retain(|b| !removed.contains(&b.addr));
+                    let mut have: HashSet<SocketAddrV4> =
+                        s.backends.iter().map(|b| b.addr).collect();
                     for b in &c.added {
-                        if !s.backends.iter().any(|x| x.addr == b.address) {
+                        if have.insert(b.address) {
                             s.backends.push(b.into());
                         }
                     }
                     for b in &mut s.backends {
-                        b.drained |= c.drained.contains(&b.addr);
+                        b.drained |= drained.contains(&b.addr);
                         if let Some(w) = c.weights.get(&b.addr) {
                             b.weight = *w;
                         }
@@ -375,10 +385,8 @@ impl Desired {
     pub fn add_backends(&mut self, service: &str, new: &[NewBackend]) -> Result<(), Refusal> {
         let current = self.service(service)?;
         let stored = parse_backends(new)?;
-        if let Some(b) = stored
-            .iter()
-            .find(|b| current.backends.iter().any(|c| c.addr == b.address))
-        {
+        let have: HashSet<SocketAddrV4> = current.backends.iter().map(|b| b.addr).collect();
+        if let Some(b) = stored.iter().find(|b| have.contains(&b.address)) {
             return Err(Refusal::conflict(format!(
                 "{} is already a backend of {service}",
                 b.address
@@ -409,24 +417,31 @@ impl Desired {
     pub fn set_backends(&mut self, service: &str, new: &[NewBackend]) -> Result<(), Refusal> {
         self.service(service)?;
         let mut stored = parse_backends(new)?;
-        let declared = self
+        let drained: HashSet<SocketAddrV4> = self
             .declared()
             .into_iter()
             .find(|s| s.name == service)
             .map(|s| s.backends)
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|b| b.drained)
+            .map(|b| b.addr)
+            .collect();
         for b in &mut stored {
-            b.drained = declared.iter().any(|d| d.addr == b.address && d.drained);
+            b.drained = drained.contains(&b.address);
         }
         if let Some(config) = self.config_service(service).cloned() {
+            let kept: HashSet<SocketAddrV4> = stored.iter().map(|s| s.address).collect();
+            let config_weights: HashMap<SocketAddrV4, u32> =
+                config.backends.iter().map(|b| (b.addr, b.weight)).collect();
             self.change(|o| {
                 let c = o.changes.entry(service.to_owned()).or_default();
-                let own = |a: &SocketAddrV4| config.backends.iter().find(|b| b.addr == *a);
+                let own = |a: &SocketAddrV4| config_weights.get(a);
                 c.removed = config
                     .backends
                     .iter()
                     .map(|b| b.addr)
-                    .filter(|a| !stored.iter().any(|s| s.address == *a))
+                    .filter(|a| !kept.contains(a))
                     .collect();
                 c.drained = stored
                     .iter()
@@ -435,7 +450,7 @@ impl Desired {
                     .collect();
                 c.weights = stored
                     .iter()
-                    .filter(|s| own(&s.address).is_some_and(|b| b.weight != s.weight))
+                    .filter(|s| own(&s.address).is_some_and(|w| *w != s.weight))
                     .map(|s| (s.address, s.weight))
                     .collect();
                 c.added = stored
@@ -667,12 +682,13 @@ fn check_weight(weight: u32) -> Result<(), Refusal> {
 /// least 1, no address twice. The error names the backend at fault.
 fn parse_backends(new: &[NewBackend]) -> Result<Vec<StoredBackend>, Refusal> {
     let mut out: Vec<StoredBackend> = Vec::with_capacity(new.len());
+    let mut seen = HashSet::with_capacity(new.len());
     for b in new {
         let address =
             parse_socket_addr(&b.address).map_err(|r| Refusal::invalid(format!("address: {r}")))?;
         let weight = b.weight.unwrap_or(1);
         check_weight(weight).map_err(|e| Refusal::invalid(format!("{address}: {e}")))?;
-        if out.iter().any(|o| o.address == address) {
+        if !seen.insert(address) {
             return Err(Refusal::invalid(format!("{address} is listed twice")));
         }
         out.push(StoredBackend {

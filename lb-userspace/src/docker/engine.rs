@@ -1,7 +1,9 @@
-//! Follows the Docker engine: one full list, then the event stream. On a
-//! lost connection it backs off, reconnects and lists again, so an event
-//! missed in between never leaves a stale or missing backend: the list
-//! replaces everything the control task knew.
+//! The Docker engine client: subscribes to container and network events
+//! from just before it lists the running containers, so no event falls
+//! between the list and the stream; reports the list, then each event. On a
+//! lost connection it backs off, reconnects and does the same again, so an
+//! event missed in between never leaves a stale or missing backend: the
+//! list replaces everything the controller knew.
 
 use std::{
     collections::{HashMap, HashSet},

@@ -259,6 +259,9 @@ impl Tables {
                 .services
                 .get(&spec.name)
                 .filter(|st| service_key(&st.spec) == service_key(spec));
+            if st.is_some_and(|st| st.spec == *spec) {
+                continue;
+            }
             for b in &spec.backends {
                 let known = st.and_then(|st| st.backends.get(&b.addr));
                 if known.is_none_or(|m| m.via != b.via) {

@@ -987,14 +987,7 @@ fn drain_keeps_flows_and_takes_no_new_ones() {
         });
     }
 
-    let mut landed: BTreeMap<String, usize> = BTreeMap::new();
-    for i in 0..20 {
-        let mut c = StreamConn::connect(&topo.client, vip)
-            .unwrap_or_else(|e| panic!("new connection {i} after the drain: {e}"));
-        c.echo(b"new\n")
-            .unwrap_or_else(|e| panic!("new connection {i} on {}: {e}", c.backend()));
-        *landed.entry(c.backend().to_owned()).or_default() += 1;
-    }
+    let landed = spread(&topo, vip, 20);
     assert_eq!(
         landed.get(other_name).copied().unwrap_or(0),
         20,

@@ -293,17 +293,24 @@ pub struct Host {
     handle: rtnetlink::Handle,
 }
 
+/// A new rtnetlink connection in the calling thread's namespace, its task
+/// spawned on the current runtime.
+fn rtnetlink_connection() -> Result<rtnetlink::Handle, HostError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| HostError::Socket {
+        family: "rtnetlink",
+        source,
+    })?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
 impl Host {
     /// Opens the rtnetlink connection in the daemon's namespace; its task
     /// runs on the current tokio runtime until the last clone is dropped.
     pub fn new() -> Result<Self, HostError> {
-        let (conn, handle, _) =
-            rtnetlink::new_connection().map_err(|source| HostError::Socket {
-                family: "rtnetlink",
-                source,
-            })?;
-        tokio::spawn(conn);
-        Ok(Self { handle })
+        Ok(Self {
+            handle: rtnetlink_connection()?,
+        })
     }
 
     /// Looks an interface up by name.
@@ -501,16 +508,7 @@ impl Host {
         netns: &Path,
         ifindex: u32,
     ) -> Result<Option<Link>, HostError> {
-        let handle = netns::in_netns(netns, || {
-            let (conn, handle, _) =
-                rtnetlink::new_connection().map_err(|source| HostError::Socket {
-                    family: "rtnetlink",
-                    source,
-                })?;
-            tokio::spawn(conn);
-            Ok(handle)
-        })
-        .await?;
+        let handle = netns::in_netns(netns, rtnetlink_connection).await?;
         get_link(&handle, link_index_message(ifindex), || {
             format!("with index {ifindex} in {}", netns.display())
         })

@@ -965,11 +965,20 @@ fn fill_flows(dir: &Path, vip: Ipv4Addr, n: usize, backend_id: u32) -> usize {
     flows.keys().filter(Result::is_ok).count()
 }
 
+/// One API change every this long in the scrape run, so that the changes
+/// span many scrapes.
+const CHANGE_PACE: Duration = Duration::from_millis(20);
+
 /// `calls` API changes to `web` (a backend added, then removed, and so
-/// on), one at a time; their latencies in ms.
+/// on), one at a time, one begun every [`CHANGE_PACE`] at most; their
+/// latencies in ms.
 fn changes(socket: &Path, topo: &Topology, calls: usize, first_port: u16) -> Vec<f64> {
     let mut out = Vec::with_capacity(calls);
+    let begun = Instant::now();
     for i in 0..calls {
+        if let Some(d) = (begun + CHANGE_PACE * i as u32).checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
         let addr = topo.backend_addr(0);
         let port = first_port + (i / 2) as u16;
         let t = Instant::now();
@@ -1228,10 +1237,11 @@ pub fn add_scrape(s: &mut Section, o: &ScrapeOutcome) {
          wrote {flows} flows (clients 198.19.x.y, last seen now, on one of `web`'s backends) \
          into the pinned `LB_FLOWS` from every CPU it may use ({} entries then), then sent \
          {} API changes to `web` (a backend added, then removed, alternately), one at a \
-         time, first with nothing else asking, then while a thread sent `GET /metrics` \
+         time and one every {} ms at most, first with nothing else asking, then while a thread sent `GET /metrics` \
          every 100 ms ({} scrapes, {} bytes each, begun {} s before the changes).",
         thousands(o.flows_in_table as u64),
         o.idle_ms.len(),
+        CHANGE_PACE.as_millis(),
         o.scrape_ms.len(),
         thousands(o.metrics_bytes as u64),
         SCRAPE_WARMUP.as_secs()

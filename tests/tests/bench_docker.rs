@@ -32,7 +32,10 @@ fn alive(pid: u32) -> bool {
 #[test]
 fn docker_section_sees_every_start_and_death_and_cleans_up() {
     lb_tests::require_root();
-    let o = docker::measure(&Params { rounds: 2 });
+    let o = docker::measure(&Params {
+        rounds: 2,
+        burst: 3,
+    });
 
     assert_eq!(o.asked, 2);
     assert_eq!(o.rounds.len(), 2, "every round ran");
@@ -85,9 +88,21 @@ fn docker_section_sees_every_start_and_death_and_cleans_up() {
     assert!(left.is_empty(), "containers left behind: {left:?}");
     assert_eq!(
         o.names.len(),
-        2 + 2,
-        "two long-lived containers and two rounds'"
+        2 + 2 + 3,
+        "two long-lived containers, two rounds' and three of the burst"
     );
+    let b = o.burst.as_ref().expect("the burst ran");
+    assert!(b.problems.is_empty(), "{:?}", b.problems);
+    assert_eq!((b.asked, b.started, b.in_map_at_end), (3, 3, 3), "{b:?}");
+    assert!(
+        b.last_start_to_all_in_map_ms.is_some_and(f64::is_finite),
+        "{b:?}"
+    );
+    assert!(
+        b.last_return_to_all_in_map_ms.is_some_and(f64::is_finite),
+        "{b:?}"
+    );
+    assert_eq!(b.left_behind, 0, "burst containers left behind");
     assert!(!alive(o.daemon_pid), "the daemon still runs");
     assert!(
         o.daemon_clean_exit,
@@ -128,7 +143,16 @@ fn docker_section_sees_every_start_and_death_and_cleans_up() {
         assert_eq!(r.get("count"), Some(2.0), "{name}: {r:?}");
         assert_eq!(r.rounds.len(), 2, "{name}: one figure per round");
     }
-    assert_eq!(s.targets.len(), 3, "{:?}", s.targets);
+    assert_eq!(s.targets.len(), 4, "{:?}", s.targets);
+    let r = s.row("3 containers started at once: last `start` event → all in the map");
+    assert!(r.get("max").is_some_and(f64::is_finite), "{r:?}");
+    assert!(
+        s.targets
+            .iter()
+            .any(|t| t.bar.starts_with("3 containers started at once")),
+        "{:?}",
+        s.targets
+    );
     for bar in [
         "`die` event → out of the map",
         "SIGKILL → first request",

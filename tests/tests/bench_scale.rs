@@ -168,3 +168,91 @@ fn control_section_changes_are_in_the_map() {
         .get("mib")
         .is_some_and(|v| v > 0.0));
 }
+
+#[test]
+fn control_section_batch_calls_are_in_the_map_and_clean_up() {
+    lb_tests::require_root();
+    let b = control::measure_batch(5, 10);
+    assert_eq!(b.failed, None, "every batch call answered");
+    assert_eq!(b.latencies_ms.len(), 5, "one call per service");
+    assert_eq!(
+        b.active_in_map, 50,
+        "active entries in the pinned LB_BACKENDS"
+    );
+    assert_eq!(
+        b.in_table, 50,
+        "slots in each service's active Maglev table"
+    );
+    assert!(b.total.as_secs_f64() > 0.0 && b.create.as_secs_f64() > 0.0);
+    assert!(b.rss_ready_kib > 0 && b.rss_after_kib > 0 && b.vm_rss_after_kib > 0);
+    assert!(
+        b.daemon_clean_exit,
+        "the daemon did not exit cleanly on SIGTERM"
+    );
+    assert!(!b.pin_path.exists(), "{} left behind", b.pin_path.display());
+    let o = control::measure(3, Duration::from_secs(60), Duration::from_millis(200));
+    let mut s = control::section(&o);
+    control::add_batch(&mut s, &b);
+    let r = s.row(
+        "50 backends over 5 services by batch calls (10 per `PUT …/backends`), until the last is in the map",
+    );
+    assert!(r.get("s").is_some_and(|v| v > 0.0), "{r:?}");
+    assert_eq!(r.get("count"), Some(50.0));
+    assert!(s
+        .row("daemon's own memory (RssAnon), at 53 backends in 6 services")
+        .get("mib")
+        .is_some_and(|v| v > 0.0));
+    for bar in [
+        "3 single backend additions",
+        "50 backends over 5 services by batch calls",
+        "daemon RssAnon under 30 MiB at 50 backends",
+    ] {
+        assert!(
+            s.targets.iter().any(|t| t.bar.starts_with(bar)),
+            "no target {bar:?}: {:?}",
+            s.targets
+        );
+    }
+}
+
+#[test]
+fn control_section_scrape_run_measures_both_and_cleans_up() {
+    lb_tests::require_root();
+    let o = control::measure_scrape(5_000, 10);
+    assert_eq!(o.flows_in_table, 5_000, "every flow in LB_FLOWS");
+    assert_eq!((o.idle_ms.len(), o.scraped_ms.len()), (10, 10));
+    assert!(!o.scrape_ms.is_empty(), "the scraper ran");
+    assert_eq!(o.scrape_failed, 0, "every scrape answered");
+    assert!(o.metrics_bytes > 0);
+    assert!(
+        o.daemon_clean_exit,
+        "the daemon did not exit cleanly on SIGTERM"
+    );
+    assert!(!o.pin_path.exists(), "{} left behind", o.pin_path.display());
+    let mut s = lb_tests::bench::report::Section {
+        key: "control".into(),
+        title: "Control plane".into(),
+        method: String::new(),
+        rounds: 1,
+        columns: Vec::new(),
+        rows: Vec::new(),
+        targets: Vec::new(),
+        chart: None,
+        notes: Vec::new(),
+    };
+    control::add_scrape(&mut s, &o);
+    for name in [
+        "API change with 5,000 flows, no scraper, p99",
+        "API change with 5,000 flows, `/metrics` scraped every 100 ms, p99",
+        "API change p99, scraped minus idle",
+    ] {
+        assert!(s.row(name).get("ms").is_some_and(f64::is_finite), "{name}");
+    }
+    assert!(
+        s.targets
+            .iter()
+            .any(|t| t.bar.contains("within 2 ms of the idle p99")),
+        "{:?}",
+        s.targets
+    );
+}

@@ -25,7 +25,7 @@ use lb_common::{maps, Backend, ServiceKey, ServiceValue, BACKEND_ACTIVE, IPPROTO
 
 use super::{
     open_pinned,
-    report::{percentile, Column, Row, Section},
+    report::{percentile, Column, Row, Section, Target},
     scale::thousands,
     PinDir,
 };
@@ -371,14 +371,24 @@ pub fn measure(changes: usize, budget: Duration, probe: Duration) -> Outcome {
 }
 
 /// Runs the section: 1,000 changes sent within 120 s, then 12 s of idle
-/// API calls (`quick`: 500 within 20 s, then 3 s: with more backends the
-/// daemon's periodic refresh alone can outlast a quick run).
+/// API calls; 10,000 backends over 1,000 services by batch calls; 200 API
+/// changes with 1,000,000 flows in the table, without and with a `/metrics`
+/// scraper (`quick`: 500 changes within 20 s and 3 s idle; 1,000 backends
+/// over 100 services; 100 changes with 100,000 flows).
 pub fn run(quick: bool) -> Section {
-    if quick {
-        run_with(500, Duration::from_secs(20), Duration::from_secs(3))
+    let (changes, budget, probe, services, flows, calls) = if quick {
+        (500, 20, 3, 100, 100_000, 100)
     } else {
-        run_with(1_000, Duration::from_secs(120), Duration::from_secs(12))
-    }
+        (1_000, 120, 12, 1_000, 1_000_000, 200)
+    };
+    let mut s = run_with(
+        changes,
+        Duration::from_secs(budget),
+        Duration::from_secs(probe),
+    );
+    add_batch(&mut s, &measure_batch(services, 10));
+    add_scrape(&mut s, &measure_scrape(flows, calls));
+    s
 }
 
 /// Runs the section with up to `changes` changes sent within `budget`, then
@@ -567,10 +577,675 @@ pub fn section(o: &Outcome) -> Section {
             Column::new("count", "count", 0),
         ],
         rows,
-        targets: Vec::new(),
+        targets: vec![Target {
+            bar: format!("{n} single backend additions through the API, one call each, in the map within 1 s"),
+            actual: match o.milestones.last() {
+                Some(&(_, Some(s))) if o.applied == o.changes => format!(
+                    "{s:.2} s; pinned maps: {} active, {} in the table",
+                    thousands(o.active_in_map as u64),
+                    thousands(o.in_table as u64)
+                ),
+                _ => format!("only {applied} of {n} applied before {stopped}"),
+            },
+            met: o.applied == o.changes
+                && o.active_in_map == o.applied
+                && o.in_table == o.applied
+                && o.milestones.last().and_then(|m| m.1).is_some_and(|s| s < 1.0),
+        }],
         chart: Some("ms".into()),
         notes,
     }
+}
+
+// ---------------------------------------------------------------------------
+// Many services, their backends set by batch calls.
+
+/// Slots of each batch service's Maglev table (prime, small: 1,000 of them
+/// must fit the Maglev map twice over).
+const BATCH_TABLE_SIZE: u32 = 251;
+/// First port of the batch services on the VIP.
+const BATCH_FIRST_VIP_PORT: u16 = 20_000;
+
+/// The daemon, its topology, pins and files, for one measurement (dropped
+/// daemon first, topology last).
+struct Rig {
+    daemon: Option<Daemon>,
+    socket: std::path::PathBuf,
+    _dir: TempDir,
+    pins: PinDir,
+    topo: Topology,
+}
+
+impl Rig {
+    /// A daemon over a three-backend topology, its `web` service (VIP:80,
+    /// the three backends on 8080) with `table_size`; `datapath` is added to
+    /// the `[datapath]` section and `args` to `lb run`'s.
+    fn start(tag: &str, datapath: &str, table_size: Option<u32>, args: &[&str]) -> Self {
+        let topo = Topology::new("lbbc", 3);
+        let pins = PinDir::new(tag);
+        let dir = TempDir::new(&format!("bench-{tag}"));
+        let web = ServiceConfig::new(
+            "web",
+            &format!("{}:80", topo.vip()),
+            "tcp",
+            &topo.backend_endpoints(8080),
+        );
+        let mut config = render_config(&[&topo.client_host_if()], &[web]).replacen(
+            "[datapath]\n",
+            &format!(
+                "[datapath]\npin_path = \"{}\"\n{datapath}",
+                pins.path().display()
+            ),
+            1,
+        );
+        if let Some(t) = table_size {
+            config = config.replacen(
+                "protocol = \"tcp\"\n",
+                &format!("protocol = \"tcp\"\ntable_size = {t}\n"),
+                1,
+            );
+        }
+        let config_path = dir.write("lb.toml", &config);
+        let socket = dir.path().join("lb.sock");
+        let config_arg = config_path.to_str().expect("UTF-8 path");
+        let socket_arg = socket.to_str().expect("UTF-8 path");
+        let mut all = vec!["run", "--config", config_arg, "--socket", socket_arg];
+        all.extend_from_slice(args);
+        let daemon = Daemon::start(&all, READY_MARKER, Duration::from_secs(60));
+        Self {
+            daemon: Some(daemon),
+            socket,
+            _dir: dir,
+            pins,
+            topo,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.daemon
+            .as_ref()
+            .and_then(Daemon::pid)
+            .expect("the daemon runs")
+    }
+
+    /// Stops the daemon (the rest goes when dropped); `true` if it exited
+    /// successfully.
+    fn stop_daemon(&mut self) -> bool {
+        self.daemon
+            .take()
+            .is_some_and(|mut d| d.is_running() && d.stop().success())
+    }
+}
+
+/// Reads the pinned maps once: for each of `services` (VIP port, backends
+/// wanted), how many of its backends have an active entry and how many have
+/// slots in its active Maglev table.
+fn read_pinned_many(dir: &Path, vip: Ipv4Addr, services: &[(u16, Vec<(Ipv4Addr, u16)>)]) -> InMaps {
+    let open = |name: &str| open_pinned(dir, name);
+    let backends: Array<MapData, Backend> =
+        Array::try_from(open(maps::BACKENDS)).expect("LB_BACKENDS is an array");
+    let svcs: HashMap<MapData, ServiceKey, ServiceValue> =
+        HashMap::try_from(open(maps::SERVICES)).expect("LB_SERVICES is a hash");
+    let maglev: Array<MapData, u32> =
+        Array::try_from(open(maps::MAGLEV)).expect("LB_MAGLEV is an array");
+    let mut ids: StdHashMap<(u32, u16), (u32, u32)> = StdHashMap::new();
+    for id in 0..backends.len() {
+        if let Ok(b) = backends.get(&id, 0) {
+            if b.addr != 0 {
+                ids.insert((b.addr, b.port), (id, b.state));
+            }
+        }
+    }
+    let mut found = InMaps {
+        active: 0,
+        in_table: 0,
+    };
+    for (port, wanted) in services {
+        let Ok(svc) = svcs.get(&ServiceKey::new(vip.octets(), *port, IPPROTO_TCP), 0) else {
+            continue;
+        };
+        let slots: HashSet<u32> = (svc.table_base..svc.table_base + svc.table_size)
+            .filter_map(|i| maglev.get(&i, 0).ok())
+            .collect();
+        for (addr, p) in wanted {
+            let key = (
+                u32::from_ne_bytes(addr.octets()),
+                u16::from_ne_bytes(p.to_be_bytes()),
+            );
+            if let Some(&(id, state)) = ids.get(&key) {
+                if state == BACKEND_ACTIVE {
+                    found.active += 1;
+                }
+                if slots.contains(&id) {
+                    found.in_table += 1;
+                }
+            }
+        }
+    }
+    found
+}
+
+/// What the batch run measured.
+#[derive(Clone, Debug)]
+pub struct BatchOutcome {
+    /// Services created through the API (besides `web`).
+    pub services: usize,
+    /// Backends set per service.
+    pub per_service: usize,
+    /// Time to create the services, one `POST /v1/services` each.
+    pub create: Duration,
+    /// From the first `PUT …/backends` sent to the last answered.
+    pub total: Duration,
+    /// Each batch call's latency, in ms.
+    pub latencies_ms: Vec<f64>,
+    /// Batch calls that failed or went unanswered (the run stops at the
+    /// first).
+    pub failed: Option<String>,
+    /// Backends with an active entry in the pinned `LB_BACKENDS`.
+    pub active_in_map: usize,
+    /// Backends with slots in their service's active Maglev table.
+    pub in_table: usize,
+    /// Daemon `RssAnon` once ready, KiB.
+    pub rss_ready_kib: u64,
+    /// Daemon `RssAnon` with every backend in, KiB.
+    pub rss_after_kib: u64,
+    /// Daemon `VmRSS` with every backend in, KiB.
+    pub vm_rss_after_kib: u64,
+    /// Whether the daemon exited successfully on SIGTERM.
+    pub daemon_clean_exit: bool,
+    /// The pin path (removed by the time `measure_batch` returns).
+    pub pin_path: std::path::PathBuf,
+}
+
+/// Starts a daemon sized for `services` more services of `per_service`
+/// backends each (table size 251), creates the services through the API
+/// one call each, then sets each one's backends with one
+/// `PUT /v1/services/{name}/backends`, and reads the pinned maps.
+pub fn measure_batch(services: usize, per_service: usize) -> BatchOutcome {
+    crate::require_root();
+    let total_backends = services * per_service;
+    assert!(
+        total_backends <= 3 * usize::from(u16::MAX - FIRST_PORT),
+        "too many backends"
+    );
+    assert!(services <= usize::from(u16::MAX - BATCH_FIRST_VIP_PORT));
+    let datapath = format!(
+        "max_services = {}\nmax_backends = {}\nmax_table_size = {BATCH_TABLE_SIZE}\n",
+        services + 1,
+        total_backends + 10
+    );
+    let mut rig = Rig::start("control-batch", &datapath, Some(BATCH_TABLE_SIZE), &[]);
+    let pid = rig.pid();
+    let (rss_ready_kib, _) = rss_kib(pid);
+    let vip = rig.topo.vip();
+    let socket = rig.socket.clone();
+
+    let t = Instant::now();
+    for s in 0..services {
+        let body = format!(
+            "{{\"name\":\"s{s}\",\"vip\":\"{vip}:{}\",\"table_size\":{BATCH_TABLE_SIZE}}}",
+            BATCH_FIRST_VIP_PORT + s as u16
+        );
+        let a = call(&socket, "POST", "/v1/services", Some(&body), CHANGE_TIMEOUT)
+            .unwrap_or_else(|| panic!("creating service s{s}: unanswered"));
+        assert_eq!(a.status, 201, "creating service s{s}: {}", a.body);
+    }
+    let create = t.elapsed();
+    eprintln!(
+        "control: {services} services created in {:.2} s",
+        create.as_secs_f64()
+    );
+
+    let plan: Vec<(u16, Vec<(Ipv4Addr, u16)>)> = (0..services)
+        .map(|s| {
+            let backends = (0..per_service)
+                .map(|j| {
+                    let i = s * per_service + j;
+                    (rig.topo.backend_addr(i % 3), FIRST_PORT + (i / 3) as u16)
+                })
+                .collect();
+            (BATCH_FIRST_VIP_PORT + s as u16, backends)
+        })
+        .collect();
+    let bodies: Vec<String> = plan
+        .iter()
+        .map(|(_, b)| {
+            let items: Vec<String> = b
+                .iter()
+                .map(|(a, p)| format!("{{\"address\":\"{a}:{p}\",\"weight\":1}}"))
+                .collect();
+            format!("[{}]", items.join(","))
+        })
+        .collect();
+    let mut latencies_ms = Vec::with_capacity(services);
+    let mut failed = None;
+    let start = Instant::now();
+    for (s, body) in bodies.iter().enumerate() {
+        let path = format!("/v1/services/s{s}/backends");
+        let t = Instant::now();
+        match call(&socket, "PUT", &path, Some(body), CHANGE_TIMEOUT) {
+            Some(a) if a.status == 200 => latencies_ms.push(t.elapsed().as_secs_f64() * 1e3),
+            Some(a) => {
+                failed = Some(format!("PUT {path}: {} {}", a.status, a.body));
+                break;
+            }
+            None => {
+                failed = Some(format!(
+                    "PUT {path}: unanswered after {} s",
+                    CHANGE_TIMEOUT.as_secs()
+                ));
+                break;
+            }
+        }
+    }
+    let total = start.elapsed();
+    if let Some(f) = &failed {
+        eprintln!("control: batch run stopped: {f}");
+    }
+    eprintln!(
+        "control: {} backends over {} services set in {:.2} s",
+        latencies_ms.len() * per_service,
+        latencies_ms.len(),
+        total.as_secs_f64()
+    );
+    let found = read_pinned_many(&rig.pins.datapath_dir(), vip, &plan);
+    let (rss_after_kib, vm_rss_after_kib) = rss_kib(pid);
+    let daemon_clean_exit = rig.stop_daemon();
+    let pin_path = rig.pins.path().to_path_buf();
+    drop(rig);
+    BatchOutcome {
+        services,
+        per_service,
+        create,
+        total,
+        latencies_ms,
+        failed,
+        active_in_map: found.active,
+        in_table: found.in_table,
+        rss_ready_kib,
+        rss_after_kib,
+        vm_rss_after_kib,
+        daemon_clean_exit,
+        pin_path,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// API changes while /metrics is scraped, with the flow table full.
+
+/// How often the scraper asks for `/metrics`.
+const SCRAPE_EVERY: Duration = Duration::from_millis(100);
+/// Scraping before the measured calls begin.
+const SCRAPE_WARMUP: Duration = Duration::from_secs(2);
+
+/// What the scrape run measured.
+#[derive(Clone, Debug)]
+pub struct ScrapeOutcome {
+    /// Flows written into `LB_FLOWS`.
+    pub flows: usize,
+    /// Entries the table then held.
+    pub flows_in_table: usize,
+    /// Seconds spent writing them.
+    pub fill_secs: f64,
+    /// API change latencies (ms) with no scraper.
+    pub idle_ms: Vec<f64>,
+    /// API change latencies (ms) while `/metrics` is scraped.
+    pub scraped_ms: Vec<f64>,
+    /// `GET /metrics` latencies (ms).
+    pub scrape_ms: Vec<f64>,
+    /// Scrapes that failed.
+    pub scrape_failed: usize,
+    /// Bytes of the last `/metrics` answer.
+    pub metrics_bytes: usize,
+    /// Whether the daemon exited successfully on SIGTERM.
+    pub daemon_clean_exit: bool,
+    /// The pin path (removed by the time `measure_scrape` returns).
+    pub pin_path: std::path::PathBuf,
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
+}
+
+/// `GET /metrics` from `addr`: the body's length, or why not.
+fn scrape(addr: std::net::SocketAddr) -> Result<usize, String> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, READ_TIMEOUT)
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(READ_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("send: {e}"))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    if !text.starts_with("HTTP/1.1 200") {
+        return Err(text.lines().next().unwrap_or_default().to_owned());
+    }
+    Ok(text.split_once("\r\n\r\n").map_or(0, |(_, b)| b.len()))
+}
+
+/// Writes `n` flows to the VIP's port 80 into the pinned `LB_FLOWS`,
+/// spread over the CPUs this thread may use (an LRU with per-CPU lists
+/// takes an entry from the inserting CPU's list), all on `backend_id`, last
+/// seen now. Returns how many entries the table then holds.
+fn fill_flows(dir: &Path, vip: Ipv4Addr, n: usize, backend_id: u32) -> usize {
+    use lb_common::{Flow, FlowKey};
+    let mut flows: HashMap<MapData, FlowKey, Flow> =
+        HashMap::try_from(open_pinned(dir, maps::FLOWS)).expect("LB_FLOWS is a hash");
+    let now = super::scale::now_secs();
+    let cpus = super::scale::allowed_cpus();
+    for (k, &cpu) in cpus.iter().enumerate() {
+        super::scale::on_cpu(cpu, || {
+            for i in (k..n).step_by(cpus.len()) {
+                // Clients 198.19.x.y, 50,000 source ports each.
+                let src = u32::from(Ipv4Addr::new(198, 19, 0, 1)) + (i / 50_000) as u32;
+                let key = FlowKey {
+                    src_addr: u32::from_ne_bytes(Ipv4Addr::from(src).octets()),
+                    dst_addr: u32::from_ne_bytes(vip.octets()),
+                    src_port: u16::from_ne_bytes((10_000 + (i % 50_000) as u16).to_be_bytes()),
+                    dst_port: u16::from_ne_bytes(80u16.to_be_bytes()),
+                    proto: IPPROTO_TCP,
+                    _pad1: 0,
+                    _pad2: 0,
+                };
+                let value = Flow {
+                    backend_id,
+                    ifindex: 1,
+                    last_seen: now,
+                    ..Flow::default()
+                };
+                flows.insert(key, value, 0).expect("flow written");
+            }
+        });
+    }
+    flows.keys().filter(Result::is_ok).count()
+}
+
+/// One API change every this long in the scrape run, so that the changes
+/// span many scrapes.
+const CHANGE_PACE: Duration = Duration::from_millis(20);
+
+/// `calls` API changes to `web` (a backend added, then removed, and so
+/// on), one at a time, one begun every [`CHANGE_PACE`] at most; their
+/// latencies in ms.
+fn changes(socket: &Path, topo: &Topology, calls: usize, first_port: u16) -> Vec<f64> {
+    let mut out = Vec::with_capacity(calls);
+    let begun = Instant::now();
+    for i in 0..calls {
+        if let Some(d) = (begun + CHANGE_PACE * i as u32).checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+        let addr = topo.backend_addr(0);
+        let port = first_port + (i / 2) as u16;
+        let t = Instant::now();
+        let a = if i % 2 == 0 {
+            let body = format!("{{\"address\":\"{addr}:{port}\"}}");
+            call(
+                socket,
+                "POST",
+                "/v1/services/web/backends",
+                Some(&body),
+                CHANGE_TIMEOUT,
+            )
+        } else {
+            let path = format!("/v1/services/web/backends/{addr}:{port}");
+            call(socket, "DELETE", &path, None, CHANGE_TIMEOUT)
+        };
+        let a = a.unwrap_or_else(|| panic!("change {i} unanswered"));
+        out.push(t.elapsed().as_secs_f64() * 1e3);
+        assert!(
+            a.status == 200 || a.status == 201,
+            "change {i}: {} {}",
+            a.status,
+            a.body
+        );
+    }
+    out
+}
+
+/// Starts a daemon with `--metrics`, fills its flow table with `flows`
+/// flows, then times `calls` API changes with no scraper and again while a
+/// thread scrapes `/metrics` every 100 ms.
+pub fn measure_scrape(flows: usize, calls: usize) -> ScrapeOutcome {
+    crate::require_root();
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut rig = Rig::start("control-scrape", "", None, &["--metrics", &metrics]);
+    let addr: std::net::SocketAddr = metrics.parse().expect("an address");
+    let dir = rig.pins.datapath_dir();
+    // A backend id of `web`: an active entry of LB_BACKENDS.
+    let backends: Array<MapData, Backend> =
+        Array::try_from(open_pinned(&dir, maps::BACKENDS)).expect("LB_BACKENDS is an array");
+    let backend_id = (0..backends.len())
+        .find(|&id| {
+            backends
+                .get(&id, 0)
+                .is_ok_and(|b| b.addr != 0 && b.state == BACKEND_ACTIVE)
+        })
+        .expect("an active backend");
+    let t = Instant::now();
+    let flows_in_table = fill_flows(&dir, rig.topo.vip(), flows, backend_id);
+    let fill_secs = t.elapsed().as_secs_f64();
+    eprintln!("control: {flows_in_table} flows in the table ({fill_secs:.1} s to write {flows})");
+    let socket = rig.socket.clone();
+
+    // A scrape first, so that the daemon's first walk is behind us.
+    let first = scrape(addr);
+    assert!(first.is_ok(), "GET /metrics: {first:?}");
+    let idle_ms = changes(&socket, &rig.topo, calls, 30_000);
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (scraped_ms, (scrape_ms, scrape_failed, metrics_bytes)) = std::thread::scope(|s| {
+        let scraper = s.spawn(|| {
+            let mut lat = Vec::new();
+            let (mut failed, mut bytes) = (0, 0);
+            let mut next = Instant::now();
+            // Bounded by `stop`, set when the calls are done (or fail).
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                match scrape(addr) {
+                    Ok(n) => bytes = n,
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("control: GET /metrics: {e}");
+                    }
+                }
+                lat.push(t.elapsed().as_secs_f64() * 1e3);
+                next += SCRAPE_EVERY;
+                if let Some(d) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+            }
+            (lat, failed, bytes)
+        });
+        std::thread::sleep(SCRAPE_WARMUP);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            changes(&socket, &rig.topo, calls, 40_000)
+        }));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let scraped = scraper
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (r.unwrap_or_else(|p| std::panic::resume_unwind(p)), scraped)
+    });
+    let daemon_clean_exit = rig.stop_daemon();
+    let pin_path = rig.pins.path().to_path_buf();
+    drop(rig);
+    ScrapeOutcome {
+        flows,
+        flows_in_table,
+        fill_secs,
+        idle_ms,
+        scraped_ms,
+        scrape_ms,
+        scrape_failed,
+        metrics_bytes,
+        daemon_clean_exit,
+        pin_path,
+    }
+}
+
+/// Adds the batch run's rows, targets and note to `s`.
+pub fn add_batch(s: &mut Section, b: &BatchOutcome) {
+    let n = b.services * b.per_service;
+    let done = b.latencies_ms.len() * b.per_service;
+    let secs = b.total.as_secs_f64();
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let what = format!(
+        "{} backends over {} services by batch calls ({} per `PUT …/backends`), until the last is in the map",
+        thousands(n as u64),
+        thousands(b.services as u64),
+        b.per_service
+    );
+    s.rows.extend([
+        Row::new(&format!(
+            "{} services created, one `POST /v1/services` each",
+            thousands(b.services as u64)
+        ))
+        .with("s", b.create.as_secs_f64())
+        .with(
+            "per_s",
+            b.services as f64 / b.create.as_secs_f64().max(f64::MIN_POSITIVE),
+        ),
+        Row::new(&what)
+            .with("s", secs)
+            .with("per_s", done as f64 / secs.max(f64::MIN_POSITIVE))
+            .with("count", done as f64),
+        Row::new("per batch call, median").with("ms", percentile(&b.latencies_ms, 50.0)),
+        Row::new("per batch call, p99").with("ms", percentile(&b.latencies_ms, 99.0)),
+        Row::new(&format!(
+            "batch backends active in the pinned map (of {})",
+            thousands(n as u64)
+        ))
+        .with("count", b.active_in_map as f64),
+        Row::new(&format!(
+            "batch backends in their service's active Maglev table (of {})",
+            thousands(n as u64)
+        ))
+        .with("count", b.in_table as f64),
+        Row::new(&format!(
+            "daemon's own memory (RssAnon), ready (1 service, 3 backends, sized for {})",
+            thousands(n as u64)
+        ))
+        .with("mib", mib(b.rss_ready_kib)),
+        Row::new(&format!(
+            "daemon's own memory (RssAnon), at {} backends in {} services",
+            thousands(done as u64 + 3),
+            thousands(b.latencies_ms.len() as u64 + 1)
+        ))
+        .with("mib", mib(b.rss_after_kib))
+        .with("count", (done + 3) as f64),
+        Row::new("daemon VmRSS then").with("mib", mib(b.vm_rss_after_kib)),
+    ]);
+    let all_in = b.failed.is_none() && b.active_in_map == n && b.in_table == n;
+    s.targets.push(Target {
+        bar: format!(
+            "{} backends over {} services by batch calls in the map within 1 s",
+            thousands(n as u64),
+            thousands(b.services as u64)
+        ),
+        actual: match &b.failed {
+            Some(f) => format!("stopped after {done} backends in {secs:.2} s: {f}"),
+            None => format!(
+                "{secs:.2} s; pinned maps: {} active, {} in their tables",
+                thousands(b.active_in_map as u64),
+                thousands(b.in_table as u64)
+            ),
+        },
+        met: all_in && secs < 1.0,
+    });
+    s.targets.push(Target {
+        bar: format!(
+            "daemon RssAnon under 30 MiB at {} backends",
+            thousands(n as u64)
+        ),
+        actual: format!("{:.1} MiB", mib(b.rss_after_kib)),
+        met: b.failed.is_none() && mib(b.rss_after_kib) < 30.0,
+    });
+    s.notes.push(format!(
+        "Batch run: another `lb run` sized with `max_services = {}`, `max_backends = {}`, \
+         `max_table_size = {BATCH_TABLE_SIZE}` (its `web` service too uses {BATCH_TABLE_SIZE} \
+         slots); {} services created through the API (VIPs 198.18.101.1:{BATCH_FIRST_VIP_PORT} \
+         and up, table size {BATCH_TABLE_SIZE}), then one `PUT /v1/services/{{name}}/backends` \
+         per service, one after the other, each naming {} backends (all distinct \
+         address:port on the three backend namespaces); the time is from the first of those \
+         calls sent to the last answered (the daemon answers once its maps hold the batch); \
+         the pinned maps were then read for every backend.",
+        b.services + 1,
+        n + 10,
+        thousands(b.services as u64),
+        b.per_service
+    ));
+}
+
+/// Adds the scrape run's rows, target and note to `s`.
+pub fn add_scrape(s: &mut Section, o: &ScrapeOutcome) {
+    let p = |v: &[f64], q: f64| percentile(v, q);
+    let flows = thousands(o.flows as u64);
+    let diff = p(&o.scraped_ms, 99.0) - p(&o.idle_ms, 99.0);
+    s.rows.extend([
+        Row::new(&format!(
+            "API change with {flows} flows, no scraper, median"
+        ))
+        .with("ms", p(&o.idle_ms, 50.0))
+        .with("count", o.idle_ms.len() as f64),
+        Row::new(&format!("API change with {flows} flows, no scraper, p99"))
+            .with("ms", p(&o.idle_ms, 99.0)),
+        Row::new(&format!(
+            "API change with {flows} flows, `/metrics` scraped every 100 ms, median"
+        ))
+        .with("ms", p(&o.scraped_ms, 50.0))
+        .with("count", o.scraped_ms.len() as f64),
+        Row::new(&format!(
+            "API change with {flows} flows, `/metrics` scraped every 100 ms, p99"
+        ))
+        .with("ms", p(&o.scraped_ms, 99.0)),
+        Row::new("API change p99, scraped minus idle").with("ms", diff),
+        Row::new(&format!("`GET /metrics` with {flows} flows, median"))
+            .with("ms", p(&o.scrape_ms, 50.0))
+            .with("count", o.scrape_ms.len() as f64),
+        Row::new(&format!("`GET /metrics` with {flows} flows, slowest"))
+            .with("ms", p(&o.scrape_ms, 100.0)),
+        Row::new("flows in the table (written by the benchmark)")
+            .with("s", o.fill_secs)
+            .with("count", o.flows_in_table as f64),
+    ]);
+    s.targets.push(Target {
+        bar: format!(
+            "API change p99 while `/metrics` is scraped every 100 ms ({flows} flows) within 2 ms of the idle p99"
+        ),
+        actual: format!(
+            "{:.2} ms vs {:.2} ms idle ({diff:+.2} ms) over {} and {} changes{}",
+            p(&o.scraped_ms, 99.0),
+            p(&o.idle_ms, 99.0),
+            o.scraped_ms.len(),
+            o.idle_ms.len(),
+            if o.scrape_failed > 0 {
+                format!("; {} scrapes failed", o.scrape_failed)
+            } else {
+                String::new()
+            }
+        ),
+        met: diff <= 2.0 && o.scrape_failed == 0 && o.flows_in_table >= o.flows,
+    });
+    s.notes.push(format!(
+        "Scrape run: another `lb run` (default map sizes) with `--metrics`; the benchmark \
+         wrote {flows} flows (clients 198.19.x.y, last seen now, on one of `web`'s backends) \
+         into the pinned `LB_FLOWS` from every CPU it may use ({} entries then), then sent \
+         {} API changes to `web` (a backend added, then removed, alternately), one at a \
+         time and one every {} ms at most, first with nothing else asking, then while a thread sent `GET /metrics` \
+         every 100 ms ({} scrapes, {} bytes each, begun {} s before the changes).",
+        thousands(o.flows_in_table as u64),
+        o.idle_ms.len(),
+        CHANGE_PACE.as_millis(),
+        o.scrape_ms.len(),
+        thousands(o.metrics_bytes as u64),
+        SCRAPE_WARMUP.as_secs()
+    ));
 }
 
 #[cfg(test)]

@@ -818,6 +818,8 @@ fn kill_probe(pid: u32, victim: &str, vip: SocketAddrV4, ports: &[u16]) -> KillP
 pub struct Params {
     /// Containers started and then killed, one per round.
     pub rounds: usize,
+    /// Containers then started at once (none: no burst).
+    pub burst: usize,
 }
 
 /// One round: a container started, then killed. Times in ms; `None` when
@@ -887,6 +889,8 @@ pub struct Outcome {
     pub poll_secs: f64,
     /// Source ports used.
     pub ports_used: u32,
+    /// The burst, if one was asked for.
+    pub burst: Option<Burst>,
 }
 
 /// Waits (up to `timeout`) until `f` returns `Some`.
@@ -1046,6 +1050,11 @@ pub fn measure(p: &Params) -> Outcome {
     let polls = watch.polls.load(Ordering::Relaxed);
     let poll_secs = poll_start.elapsed().as_secs_f64();
     drop(watch);
+    let burst =
+        (p.burst > 0).then(|| burst(&engine, &events, &pinned, key, p.burst, &opts, &mut names));
+    if let Some(b) = &burst {
+        eprintln!("docker: burst: {b:?}");
+    }
     let events_pid = events.pid();
     drop(events);
     let daemon_clean_exit = daemon.is_running() && daemon.stop().success();
@@ -1067,6 +1076,7 @@ pub fn measure(p: &Params) -> Outcome {
         polls,
         poll_secs,
         ports_used: ports.used(),
+        burst,
     }
 }
 
@@ -1198,10 +1208,233 @@ fn round(
 // ---------------------------------------------------------------------------
 // The report.
 
-/// Runs the section: 50 containers started and killed (`quick`: 10).
+// ---------------------------------------------------------------------------
+// A burst: many containers started at once.
+
+/// `docker run`s in flight at once during a burst.
+const BURST_WORKERS: usize = 16;
+/// No new `docker run` of a burst is sent after this long.
+const BURST_RUN_BUDGET: Duration = Duration::from_secs(180);
+/// How long after the last start the burst waits for the maps.
+const BURST_MAP_WAIT: Duration = Duration::from_secs(30);
+
+/// What a burst measured.
+#[derive(Clone, Debug, Default)]
+pub struct Burst {
+    /// Containers asked for.
+    pub asked: usize,
+    /// Containers whose `docker run` succeeded.
+    pub started: usize,
+    /// From the first `docker run` sent to the last returned, ms.
+    pub runs_ms: f64,
+    /// Last `start` event to the first map read holding every started
+    /// container (active entry, slots in the active table), ms.
+    pub last_start_to_all_in_map_ms: Option<f64>,
+    /// Last `docker run` returning to that read, ms (negative when the
+    /// maps held them all before the last command returned).
+    pub last_return_to_all_in_map_ms: Option<f64>,
+    /// Started containers in the map at the last read.
+    pub in_map_at_end: usize,
+    /// Burst containers left after their removal (should be 0).
+    pub left_behind: usize,
+    /// What went wrong, if anything.
+    pub problems: Vec<String>,
+}
+
+/// Removes every container named in `names` (one `docker rm -f`), also
+/// when the burst panics.
+struct BurstCleanup(Vec<String>);
+
+impl Drop for BurstCleanup {
+    fn drop(&mut self) {
+        for chunk in self.0.chunks(50) {
+            let mut args = vec!["rm", "-f"];
+            args.extend(chunk.iter().map(String::as_str));
+            let _ = std::panic::catch_unwind(|| crate::docker::docker(&args));
+        }
+    }
+}
+
+/// Starts `n` containers of the service at once (`BURST_WORKERS` `docker
+/// run`s in flight), and times until the pinned maps hold them all; removes
+/// them.
+fn burst(
+    engine: &Engine,
+    events: &EventStream,
+    pinned: &Path,
+    key: ServiceKey,
+    n: usize,
+    opts: &(dyn Fn() -> RunOpts + Sync),
+    names: &mut Vec<String>,
+) -> Burst {
+    let mut b = Burst {
+        asked: n,
+        ..Default::default()
+    };
+    let burst_names: Vec<String> = (0..n).map(|i| format!("{NAME_PREFIX}burst{i}")).collect();
+    names.extend(burst_names.iter().cloned());
+    let cleanup = BurstCleanup(burst_names.clone());
+    let stop = AtomicBool::new(false);
+    // First time each (address, port) was seen active and in the table.
+    let seen: Mutex<StdHashMap<(u32, u16), i128>> = Mutex::new(StdHashMap::new());
+    let next = AtomicU32::new(0);
+    let done: Mutex<Vec<(Container, i128)>> = Mutex::new(Vec::new());
+    let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let first_run_ns = now_ns();
+    let begun = Instant::now();
+    thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            let maps_ = PinnedMaps::open(pinned);
+            // Bounded by `stop`, set below on every path.
+            while !stop.load(Ordering::Relaxed) {
+                let v = maps_.services.get(&key, 0).ok();
+                let (table, active) = maps_.snapshot(v);
+                let t = now_ns();
+                let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                for (k, id) in active {
+                    if table.contains(&id) {
+                        seen.entry(k).or_insert(t);
+                    }
+                }
+                drop(seen);
+                thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let workers: Vec<_> = (0..BURST_WORKERS)
+            .map(|_| {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= n || begun.elapsed() > BURST_RUN_BUDGET {
+                        break;
+                    }
+                    let name = &burst_names[i];
+                    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        engine.run(name, opts())
+                    })) {
+                        Ok(c) => done
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((c, now_ns())),
+                        Err(p) => failures
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(format!(
+                                "docker run {name}: {}",
+                                p.downcast_ref::<String>()
+                                    .cloned()
+                                    .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                                    .unwrap_or_default()
+                            )),
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            let _ = w.join();
+        }
+        let done = done.lock().unwrap_or_else(|p| p.into_inner());
+        b.started = done.len();
+        let last_return_ns = done.iter().map(|(_, t)| *t).max().unwrap_or(first_run_ns);
+        b.runs_ms = ms(first_run_ns, last_return_ns);
+        eprintln!(
+            "docker: burst: {} of {n} `docker run` returned in {:.0} ms",
+            b.started, b.runs_ms
+        );
+        // Addresses, in one `docker inspect`.
+        let mut want: Vec<(u32, u16)> = Vec::new();
+        if !done.is_empty() {
+            let mut args = vec![
+                "inspect",
+                "--format",
+                "{{with index .NetworkSettings.Networks \"bridge\"}}{{.IPAddress}}{{end}}",
+            ];
+            args.extend(done.iter().map(|(c, _)| c.id()));
+            let out = std::panic::catch_unwind(|| crate::docker::docker_ok(&args));
+            match out {
+                Ok(out) => {
+                    want = out
+                        .lines()
+                        .filter_map(|l| l.trim().parse::<Ipv4Addr>().ok())
+                        .map(|ip| stored(ip, HTTP_PORT))
+                        .collect()
+                }
+                Err(_) => b.problems.push("docker inspect of the burst failed".into()),
+            }
+            if want.len() != done.len() {
+                b.problems.push(format!(
+                    "{} addresses for {} containers",
+                    want.len(),
+                    done.len()
+                ));
+            }
+        }
+        // The engine's `start` events of them all.
+        let ids: HashSet<String> = done.iter().map(|(c, _)| c.id().to_owned()).collect();
+        let last_start_ns = wait_some(PHASE_WAIT, || {
+            let starts: Vec<i128> = ids
+                .iter()
+                .filter_map(|id| events.find(|e| &e.id == id && e.action == "start"))
+                .map(|e| e.at_ns)
+                .collect();
+            (starts.len() == ids.len()).then(|| starts.into_iter().max().unwrap_or(0))
+        });
+        if last_start_ns.is_none() {
+            b.problems.push("not every `start` event seen".into());
+        }
+        // Every started container in the map.
+        let all_in_ns = wait_some(BURST_MAP_WAIT, || {
+            let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+            let times: Vec<i128> = want.iter().filter_map(|k| seen.get(k).copied()).collect();
+            (!want.is_empty() && times.len() == want.len())
+                .then(|| times.into_iter().max().unwrap_or(0))
+        });
+        stop.store(true, Ordering::Relaxed);
+        let _ = watcher.join();
+        // The last read (the watcher has stopped): who is in now.
+        let maps_ = PinnedMaps::open(pinned);
+        let (table, active) = maps_.snapshot(maps_.services.get(&key, 0).ok());
+        b.in_map_at_end = want
+            .iter()
+            .filter(|k| active.get(k).is_some_and(|id| table.contains(id)))
+            .count();
+        match all_in_ns {
+            Some(t) => {
+                b.last_start_to_all_in_map_ms = last_start_ns.map(|s| ms(s, t));
+                b.last_return_to_all_in_map_ms = Some(ms(last_return_ns, t));
+            }
+            None => b.problems.push(format!(
+                "not all {} started containers in the map within {BURST_MAP_WAIT:?}",
+                want.len()
+            )),
+        }
+    });
+    b.problems
+        .extend(failures.into_inner().unwrap_or_else(|p| p.into_inner()));
+    // One `docker rm -f` for them all, then the guards (whose own removal
+    // then finds nothing).
+    drop(cleanup);
+    let containers = done.into_inner().unwrap_or_else(|p| p.into_inner());
+    let chunk = containers.len().div_ceil(BURST_WORKERS).max(1);
+    let mut containers = containers;
+    thread::scope(|s| {
+        while !containers.is_empty() {
+            let part: Vec<_> = containers.drain(..chunk.min(containers.len())).collect();
+            s.spawn(move || drop(part));
+        }
+    });
+    b.left_behind = crate::docker::docker_ok(&["ps", "-a", "--format", "{{.Names}}"])
+        .lines()
+        .filter(|l| l.starts_with(&format!("{NAME_PREFIX}burst")))
+        .count();
+    b
+}
+
+/// Runs the section: 50 containers started and killed, then 100 started
+/// at once (`quick`: 10, then 20).
 pub fn run(quick: bool) -> Section {
     run_with(&Params {
         rounds: if quick { 10 } else { 50 },
+        burst: if quick { 20 } else { 100 },
     })
 }
 
@@ -1418,6 +1651,64 @@ pub fn section(o: &Outcome) -> Section {
     );
     if !problems.is_empty() {
         notes.push(format!("Rounds with problems: {}.", problems.join(" | ")));
+    }
+    let mut rows = rows;
+    let mut targets = targets;
+    if let Some(b) = &o.burst {
+        let one = |name: &str, v: Option<f64>| {
+            let mut r = Row::new(name);
+            if let Some(v) = v {
+                r = r
+                    .with("p50", v)
+                    .with("p99", v)
+                    .with("max", v)
+                    .with("count", 1.0);
+                r.rounds = vec![v];
+            }
+            r
+        };
+        let m = b.asked;
+        rows.extend([
+            one(
+                &format!("{m} containers started at once: last `start` event → all in the map"),
+                b.last_start_to_all_in_map_ms,
+            ),
+            one(
+                &format!(
+                    "{m} containers started at once: last `docker run` returned → all in the map"
+                ),
+                b.last_return_to_all_in_map_ms,
+            ),
+            one(
+                &format!("{m} containers started at once: first `docker run` sent → last returned"),
+                Some(b.runs_ms),
+            ),
+        ]);
+        targets.push(Target {
+            bar: format!(
+                "{m} containers started at once: last `start` event → all in the map within 1 s"
+            ),
+            actual: match b.last_start_to_all_in_map_ms {
+                Some(v) => format!(
+                    "{v:.1} ms ({} of {m} started, {} in the map at the end{})",
+                    b.started,
+                    b.in_map_at_end,
+                    if b.problems.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {}", b.problems.join("; "))
+                    }
+                ),
+                None => format!("not measured: {}", b.problems.join("; ")),
+            },
+            met: b.started == m
+                && b.in_map_at_end == m
+                && b.last_start_to_all_in_map_ms.is_some_and(|v| v < 1_000.0),
+        });
+        notes.push(format!(
+            "Burst: after the rounds, {m} more containers of the service were started at once              ({BURST_WORKERS} `docker run -d` in flight at a time), while a thread read the              pinned maps every millisecond (the service's active table and `LB_BACKENDS`,              whole); the figure is from the last of their `start` events (the engine's clock)              to the first read that held all of them, each with an active entry and slots in              the active table. The first `docker run` to the last returning took {:.1} s.",
+            b.runs_ms / 1e3
+        ));
     }
     Section {
         key: "docker".into(),

@@ -195,14 +195,14 @@ fn backend_addr(b: u32) -> [u8; 4] {
 }
 
 /// The coarse monotonic clock in seconds, as the data path stamps flows.
-fn now_secs() -> u32 {
+pub(crate) fn now_secs() -> u32 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
         .map(|t| t.tv_sec() as u32)
         .unwrap_or(0)
 }
 
 /// The CPUs this thread may run on.
-fn allowed_cpus() -> Vec<usize> {
+pub(crate) fn allowed_cpus() -> Vec<usize> {
     let set = sched_getaffinity(Pid::from_raw(0)).expect("sched_getaffinity");
     (0..CpuSet::count())
         .filter(|&c| set.is_set(c).unwrap_or(false))
@@ -212,7 +212,7 @@ fn allowed_cpus() -> Vec<usize> {
 /// Runs `f` with this thread pinned to `cpu`, then restores its affinity.
 /// An LRU map with per-CPU lists takes an insert's entry from the list of
 /// the CPU the insert runs on, so this decides which list a flow lands in.
-fn on_cpu<R>(cpu: usize, f: impl FnOnce() -> R) -> R {
+pub(crate) fn on_cpu<R>(cpu: usize, f: impl FnOnce() -> R) -> R {
     let old = sched_getaffinity(Pid::from_raw(0)).expect("sched_getaffinity");
     let mut set = CpuSet::new();
     set.set(cpu).expect("CPU in range");

@@ -172,7 +172,7 @@ fn control_section_changes_are_in_the_map() {
 #[test]
 fn control_section_batch_calls_are_in_the_map_and_clean_up() {
     lb_tests::require_root();
-    let b = control::measure_batch(5, 10);
+    let b = control::measure_batch(5, 10, 2);
     assert_eq!(b.failed, None, "every batch call answered");
     assert_eq!(b.latencies_ms.len(), 5, "one call per service");
     assert_eq!(

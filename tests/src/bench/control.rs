@@ -16,6 +16,10 @@ use std::{
     net::Ipv4Addr,
     os::unix::net::UnixStream,
     path::Path,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -386,7 +390,10 @@ pub fn run(quick: bool) -> Section {
         Duration::from_secs(budget),
         Duration::from_secs(probe),
     );
-    add_batch(&mut s, &measure_batch(services, 10));
+    // One after the other, as a script would; then 16 at a time, as a
+    // deploy tool would (the daemon commits what arrives together once).
+    add_batch(&mut s, &measure_batch(services, 10, 1));
+    add_batch(&mut s, &measure_batch(services, 10, 16));
     add_scrape(&mut s, &measure_scrape(flows, calls));
     s
 }
@@ -725,6 +732,50 @@ fn read_pinned_many(dir: &Path, vip: Ipv4Addr, services: &[(u16, Vec<(Ipv4Addr, 
     found
 }
 
+/// What [`in_parallel`] saw.
+struct Sent {
+    /// Each call's latency, in ms, of those answered well.
+    latencies_ms: Vec<f64>,
+    /// The first failure; no call is sent after it.
+    failed: Option<String>,
+}
+
+/// Makes calls `0..n` with `call`, at most `in_flight` at a time, each from
+/// one of `in_flight` threads taking the next index; stops at the first
+/// failure.
+fn in_parallel(
+    n: usize,
+    in_flight: usize,
+    call: impl Fn(usize) -> Result<(), String> + Sync,
+) -> Sent {
+    let next = AtomicUsize::new(0);
+    let out = Mutex::new(Sent {
+        latencies_ms: Vec::with_capacity(n),
+        failed: None,
+    });
+    std::thread::scope(|scope| {
+        for _ in 0..in_flight.max(1) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n || out.lock().expect("not poisoned").failed.is_some() {
+                    return;
+                }
+                let t = Instant::now();
+                let r = call(i);
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                let mut o = out.lock().expect("not poisoned");
+                match r {
+                    Ok(()) => o.latencies_ms.push(ms),
+                    Err(e) => {
+                        o.failed.get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    out.into_inner().expect("not poisoned")
+}
+
 /// What the batch run measured.
 #[derive(Clone, Debug)]
 pub struct BatchOutcome {
@@ -732,6 +783,8 @@ pub struct BatchOutcome {
     pub services: usize,
     /// Backends set per service.
     pub per_service: usize,
+    /// API calls in flight at once (1: one after the other).
+    pub in_flight: usize,
     /// Time to create the services, one `POST /v1/services` each.
     pub create: Duration,
     /// From the first `PUT …/backends` sent to the last answered.
@@ -761,7 +814,7 @@ pub struct BatchOutcome {
 /// backends each (table size 251), creates the services through the API
 /// one call each, then sets each one's backends with one
 /// `PUT /v1/services/{name}/backends`, and reads the pinned maps.
-pub fn measure_batch(services: usize, per_service: usize) -> BatchOutcome {
+pub fn measure_batch(services: usize, per_service: usize, in_flight: usize) -> BatchOutcome {
     crate::require_root();
     let total_backends = services * per_service;
     assert!(
@@ -781,14 +834,19 @@ pub fn measure_batch(services: usize, per_service: usize) -> BatchOutcome {
     let socket = rig.socket.clone();
 
     let t = Instant::now();
-    for s in 0..services {
+    let created = in_parallel(services, in_flight, |s| {
         let body = format!(
             "{{\"name\":\"s{s}\",\"vip\":\"{vip}:{}\",\"table_size\":{BATCH_TABLE_SIZE}}}",
             BATCH_FIRST_VIP_PORT + s as u16
         );
-        let a = call(&socket, "POST", "/v1/services", Some(&body), CHANGE_TIMEOUT)
-            .unwrap_or_else(|| panic!("creating service s{s}: unanswered"));
-        assert_eq!(a.status, 201, "creating service s{s}: {}", a.body);
+        match call(&socket, "POST", "/v1/services", Some(&body), CHANGE_TIMEOUT) {
+            Some(a) if a.status == 201 => Ok(()),
+            Some(a) => Err(format!("creating service s{s}: {} {}", a.status, a.body)),
+            None => Err(format!("creating service s{s}: unanswered")),
+        }
+    });
+    if let Err(e) = created.failed.map_or(Ok(()), Err) {
+        panic!("{e}");
     }
     let create = t.elapsed();
     eprintln!(
@@ -817,27 +875,19 @@ pub fn measure_batch(services: usize, per_service: usize) -> BatchOutcome {
             format!("[{}]", items.join(","))
         })
         .collect();
-    let mut latencies_ms = Vec::with_capacity(services);
-    let mut failed = None;
     let start = Instant::now();
-    for (s, body) in bodies.iter().enumerate() {
+    let sent = in_parallel(services, in_flight, |s| {
         let path = format!("/v1/services/s{s}/backends");
-        let t = Instant::now();
-        match call(&socket, "PUT", &path, Some(body), CHANGE_TIMEOUT) {
-            Some(a) if a.status == 200 => latencies_ms.push(t.elapsed().as_secs_f64() * 1e3),
-            Some(a) => {
-                failed = Some(format!("PUT {path}: {} {}", a.status, a.body));
-                break;
-            }
-            None => {
-                failed = Some(format!(
-                    "PUT {path}: unanswered after {} s",
-                    CHANGE_TIMEOUT.as_secs()
-                ));
-                break;
-            }
+        match call(&socket, "PUT", &path, Some(&bodies[s]), CHANGE_TIMEOUT) {
+            Some(a) if a.status == 200 => Ok(()),
+            Some(a) => Err(format!("PUT {path}: {} {}", a.status, a.body)),
+            None => Err(format!(
+                "PUT {path}: unanswered after {} s",
+                CHANGE_TIMEOUT.as_secs()
+            )),
         }
-    }
+    });
+    let (latencies_ms, failed) = (sent.latencies_ms, sent.failed);
     let total = start.elapsed();
     if let Some(f) = &failed {
         eprintln!("control: batch run stopped: {f}");
@@ -856,6 +906,7 @@ pub fn measure_batch(services: usize, per_service: usize) -> BatchOutcome {
     BatchOutcome {
         services,
         per_service,
+        in_flight,
         create,
         total,
         latencies_ms,
@@ -1095,15 +1146,19 @@ pub fn add_batch(s: &mut Section, b: &BatchOutcome) {
     let done = b.latencies_ms.len() * b.per_service;
     let secs = b.total.as_secs_f64();
     let mib = |kib: u64| kib as f64 / 1024.0;
+    let how = match b.in_flight {
+        1 => "one call at a time".to_owned(),
+        k => format!("{k} calls in flight"),
+    };
     let what = format!(
-        "{} backends over {} services by batch calls ({} per `PUT …/backends`), until the last is in the map",
+        "{} backends over {} services by batch calls ({} per `PUT …/backends`, {how}), until the last is in the map",
         thousands(n as u64),
         thousands(b.services as u64),
         b.per_service
     );
     s.rows.extend([
         Row::new(&format!(
-            "{} services created, one `POST /v1/services` each",
+            "{} services created, one `POST /v1/services` each, {how}",
             thousands(b.services as u64)
         ))
         .with("s", b.create.as_secs_f64())
@@ -1115,8 +1170,10 @@ pub fn add_batch(s: &mut Section, b: &BatchOutcome) {
             .with("s", secs)
             .with("per_s", done as f64 / secs.max(f64::MIN_POSITIVE))
             .with("count", done as f64),
-        Row::new("per batch call, median").with("ms", percentile(&b.latencies_ms, 50.0)),
-        Row::new("per batch call, p99").with("ms", percentile(&b.latencies_ms, 99.0)),
+        Row::new(&format!("per batch call, median ({how})"))
+            .with("ms", percentile(&b.latencies_ms, 50.0)),
+        Row::new(&format!("per batch call, p99 ({how})"))
+            .with("ms", percentile(&b.latencies_ms, 99.0)),
         Row::new(&format!(
             "batch backends active in the pinned map (of {})",
             thousands(n as u64)
@@ -1144,7 +1201,7 @@ pub fn add_batch(s: &mut Section, b: &BatchOutcome) {
     let all_in = b.failed.is_none() && b.active_in_map == n && b.in_table == n;
     s.targets.push(Target {
         bar: format!(
-            "{} backends over {} services by batch calls in the map within 1 s",
+            "{} backends over {} services by batch calls ({how}) in the map within 1 s",
             thousands(n as u64),
             thousands(b.services as u64)
         ),
@@ -1160,7 +1217,7 @@ pub fn add_batch(s: &mut Section, b: &BatchOutcome) {
     });
     s.targets.push(Target {
         bar: format!(
-            "daemon RssAnon under 30 MiB at {} backends",
+            "daemon RssAnon under 30 MiB at {} backends ({how})",
             thousands(n as u64)
         ),
         actual: format!("{:.1} MiB", mib(b.rss_after_kib)),
@@ -1171,7 +1228,7 @@ pub fn add_batch(s: &mut Section, b: &BatchOutcome) {
          `max_table_size = {BATCH_TABLE_SIZE}` (its `web` service too uses {BATCH_TABLE_SIZE} \
          slots); {} services created through the API (VIPs 198.18.101.1:{BATCH_FIRST_VIP_PORT} \
          and up, table size {BATCH_TABLE_SIZE}), then one `PUT /v1/services/{{name}}/backends` \
-         per service, one after the other, each naming {} backends (all distinct \
+         per service ({how}), each naming {} backends (all distinct \
          address:port on the three backend namespaces); the time is from the first of those \
          calls sent to the last answered (the daemon answers once its maps hold the batch); \
          the pinned maps were then read for every backend.",

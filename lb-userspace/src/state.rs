@@ -270,11 +270,13 @@ impl Desired {
                 s
             })
             .collect();
+        // Sets, not a scan of `out` per service: with a thousand services
+        // that scan was most of every change's time.
+        let names: HashSet<&str> = self.config.iter().map(|c| c.name.as_str()).collect();
+        let vips: HashSet<(SocketAddrV4, Protocol)> =
+            self.config.iter().map(|c| (c.vip, c.protocol)).collect();
         for s in &self.overlay.services {
-            let clash = out
-                .iter()
-                .any(|c| c.name == s.name || (c.vip == s.vip && c.protocol == s.protocol));
-            if clash {
+            if names.contains(s.name.as_str()) || vips.contains(&(s.vip, s.protocol)) {
                 continue;
             }
             out.push(ServiceSpec {

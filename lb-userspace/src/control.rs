@@ -23,7 +23,7 @@ use crate::{
     },
     docker::{DockerSink, DockerUpdate, Tracker},
     health::{HealthSink, HealthUpdater},
-    model::Refusal,
+    model::{Refusal, RefusalKind},
     reconcile::{Reader, Reconciler},
     state::Desired,
 };
@@ -262,15 +262,25 @@ impl Controller {
         }
         self.desired.hold();
         let mut membership = docker_changed;
-        let staged: Vec<(Result<Staged, Refusal>, Reply)> = changes
-            .into_iter()
-            .map(|(req, reply)| {
-                let r = self.stage(req);
+        let mut staged: Vec<(Result<Staged, Refusal>, Reply)> = Vec::with_capacity(changes.len());
+        let mut requests = Vec::with_capacity(changes.len());
+        for (req, reply) in changes {
+            requests.push(req.clone());
+            let r = self.stage(req);
+            membership |= r.as_ref().is_ok_and(|s| s.membership);
+            staged.push((r, reply));
+        }
+        let mut saved = self.desired.flush();
+        if matches!(&saved, Err(e) if e.kind == RefusalKind::Conflict) && staged.len() > 1 {
+            // Together they break a limit, and every change was undone:
+            // each is checked and saved on its own instead, so only the
+            // ones at fault are refused.
+            for ((r, _), req) in staged.iter_mut().zip(requests) {
+                *r = self.stage(req);
                 membership |= r.as_ref().is_ok_and(|s| s.membership);
-                (r, reply)
-            })
-            .collect();
-        let saved = self.desired.flush();
+            }
+            saved = Ok(());
+        }
         if membership {
             // Image rules and labels may name a service added or removed.
             self.docker.assign(&mut self.desired);

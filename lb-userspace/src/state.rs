@@ -242,34 +242,7 @@ impl Desired {
     /// The services declared in the config file or through the API, without
     /// Docker's backends.
     pub fn declared(&self) -> Vec<ServiceSpec> {
-        let mut out: Vec<ServiceSpec> = self
-            .config
-            .iter()
-            .map(|s| {
-                let mut s = s.clone();
-                if let Some(c) = self.overlay.changes.get(&s.name) {
-                    // Sets, not list scans: a service with thousands of
-                    // backends is rebuilt on every change.
-                    let removed: HashSet<&SocketAddrV4> = c.removed.iter().collect();
-                    let drained: HashSet<&SocketAddrV4> = c.drained.iter().collect();
-                    s.backends.retain(|b| !removed.contains(&b.addr));
-                    let mut have: HashSet<SocketAddrV4> =
-                        s.backends.iter().map(|b| b.addr).collect();
-                    for b in &c.added {
-                        if have.insert(b.address) {
-                            s.backends.push(b.into());
-                        }
-                    }
-                    for b in &mut s.backends {
-                        b.drained |= drained.contains(&b.addr);
-                        if let Some(w) = c.weights.get(&b.addr) {
-                            b.weight = *w;
-                        }
-                    }
-                }
-                s
-            })
-            .collect();
+        let mut out: Vec<ServiceSpec> = self.config.iter().map(|c| self.with_changes(c)).collect();
         // Sets, not a scan of `out` per service: with a thousand services
         // that scan was most of every change's time.
         let names: HashSet<&str> = self.config.iter().map(|c| c.name.as_str()).collect();
@@ -279,22 +252,49 @@ impl Desired {
             if names.contains(s.name.as_str()) || vips.contains(&(s.vip, s.protocol)) {
                 continue;
             }
-            out.push(ServiceSpec {
-                name: s.name.clone(),
-                vip: s.vip,
-                protocol: s.protocol,
-                table_size: s.table_size,
-                backends: s.backends.iter().map(BackendSpec::from).collect(),
-                origin: Origin::Api,
-                health: s.health,
-                image: s
-                    .image
-                    .clone()
-                    .zip(s.target_port)
-                    .map(|(image, target_port)| ImageRule { image, target_port }),
-            });
+            out.push(api_spec(s));
         }
         out
+    }
+
+    /// One declared service (see [`Desired::declared`]), built alone: a
+    /// change looks at the service it changes, not at all of them.
+    fn declared_one(&self, name: &str) -> Option<ServiceSpec> {
+        if let Some(c) = self.config_service(name) {
+            return Some(self.with_changes(c));
+        }
+        let s = self.overlay.services.iter().find(|s| s.name == name)?;
+        let shadowed = self
+            .config
+            .iter()
+            .any(|c| c.vip == s.vip && c.protocol == s.protocol);
+        (!shadowed).then(|| api_spec(s))
+    }
+
+    /// A config service with the API's changes to its backends.
+    fn with_changes(&self, config: &ServiceSpec) -> ServiceSpec {
+        let mut s = config.clone();
+        let Some(c) = self.overlay.changes.get(&s.name) else {
+            return s;
+        };
+        // Sets, not list scans: a service with thousands of backends is
+        // rebuilt on every change.
+        let removed: HashSet<&SocketAddrV4> = c.removed.iter().collect();
+        let drained: HashSet<&SocketAddrV4> = c.drained.iter().collect();
+        s.backends.retain(|b| !removed.contains(&b.addr));
+        let mut have: HashSet<SocketAddrV4> = s.backends.iter().map(|b| b.addr).collect();
+        for b in &c.added {
+            if have.insert(b.address) {
+                s.backends.push(b.into());
+            }
+        }
+        for b in &mut s.backends {
+            b.drained |= drained.contains(&b.addr);
+            if let Some(w) = c.weights.get(&b.addr) {
+                b.weight = *w;
+            }
+        }
+        s
     }
 
     /// API services the config now shadows (same name or VIP), to warn about.
@@ -420,9 +420,7 @@ impl Desired {
         self.service(service)?;
         let mut stored = parse_backends(new)?;
         let drained: HashSet<SocketAddrV4> = self
-            .declared()
-            .into_iter()
-            .find(|s| s.name == service)
+            .declared_one(service)
             .map(|s| s.backends)
             .unwrap_or_default()
             .into_iter()
@@ -470,11 +468,18 @@ impl Desired {
         }
     }
 
+    /// One service as [`Desired::services`] has it, Docker's backends
+    /// included.
     fn service(&self, service: &str) -> Result<ServiceSpec, Refusal> {
-        self.services()
-            .into_iter()
-            .find(|s| s.name == service)
-            .ok_or_else(|| Refusal::not_found(format!("no service {service}")))
+        let mut s = self
+            .declared_one(service)
+            .ok_or_else(|| Refusal::not_found(format!("no service {service}")))?;
+        if let Some(containers) = self.docker.get(service) {
+            let mut have: HashSet<SocketAddrV4> = s.backends.iter().map(|b| b.addr).collect();
+            s.backends
+                .extend(containers.iter().filter(|b| have.insert(b.addr)).copied());
+        }
+        Ok(s)
     }
 
     /// Removes a backend from any service.
@@ -576,20 +581,15 @@ impl Desired {
     fn existing_backend(&self, service: &str, address: &str) -> Result<SocketAddrV4, Refusal> {
         let addr =
             parse_socket_addr(address).map_err(|r| Refusal::invalid(format!("address: {r}")))?;
-        let s = self
-            .services()
-            .into_iter()
-            .find(|s| s.name == service)
-            .ok_or_else(|| Refusal::not_found(format!("no service {service}")))?;
+        let s = self.service(service)?;
         if !s.backends.iter().any(|b| b.addr == addr) {
             return Err(Refusal::not_found(format!(
                 "{addr} is not a backend of {service}"
             )));
         }
         let declared = self
-            .declared()
-            .into_iter()
-            .any(|s| s.name == service && s.backends.iter().any(|b| b.addr == addr));
+            .declared_one(service)
+            .is_some_and(|s| s.backends.iter().any(|b| b.addr == addr));
         if !declared {
             return Err(Refusal::conflict(format!(
                 "{addr} of {service} is a Docker container: stop it, or change its labels"
@@ -600,15 +600,20 @@ impl Desired {
 
     /// Applies `f` to a copy, checks the result, saves it, and only then
     /// keeps it.
+    ///
+    /// While saves are held, the whole-state check waits for
+    /// [`Desired::flush`] too: it costs a pass over every backend, once per
+    /// group instead of once per change.
     fn change(&mut self, f: impl FnOnce(&mut Overlay)) -> Result<(), Refusal> {
+        if self.saved.is_some() {
+            f(&mut self.overlay);
+            return Ok(());
+        }
         let before = self.overlay.clone();
         f(&mut self.overlay);
         if let Err(e) = check(&self.services(), &self.limits) {
             self.overlay = before;
             return Err(Refusal::conflict(e));
-        }
-        if self.saved.is_some() {
-            return Ok(());
         }
         if let Err(e) = self.save() {
             self.overlay = before;
@@ -626,14 +631,20 @@ impl Desired {
         }
     }
 
-    /// Writes what changed since [`Desired::hold`]. On failure every held
-    /// change is undone: nothing that was not saved stays.
+    /// Checks and writes what changed since [`Desired::hold`]. On failure
+    /// every held change is undone: nothing that was not saved stays. A
+    /// refusal of kind `Conflict` means the changes together break a limit
+    /// (each may not): the caller can try them one at a time.
     pub fn flush(&mut self) -> Result<(), Refusal> {
         let Some(saved) = self.saved.take() else {
             return Ok(());
         };
         if saved == self.overlay {
             return Ok(());
+        }
+        if let Err(e) = check(&self.services(), &self.limits) {
+            self.overlay = saved;
+            return Err(Refusal::conflict(e));
         }
         self.save().inspect_err(|_| self.overlay = saved)
     }
@@ -668,6 +679,24 @@ impl Desired {
         f.sync_all().map_err(io)?;
         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(io)?;
         fs::rename(&tmp, &self.path).map_err(io)
+    }
+}
+
+/// A service created through the API, as a spec.
+fn api_spec(s: &StoredService) -> ServiceSpec {
+    ServiceSpec {
+        name: s.name.clone(),
+        vip: s.vip,
+        protocol: s.protocol,
+        table_size: s.table_size,
+        backends: s.backends.iter().map(BackendSpec::from).collect(),
+        origin: Origin::Api,
+        health: s.health,
+        image: s
+            .image
+            .clone()
+            .zip(s.target_port)
+            .map(|(image, target_port)| ImageRule { image, target_port }),
     }
 }
 
@@ -924,6 +953,36 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
             "the held change was undone"
         );
         assert_eq!(d.services(), before);
+    }
+
+    #[test]
+    fn held_changes_that_together_break_a_limit_are_all_undone() {
+        let dir = tmp("hold-limit");
+        let path = dir.0.join("lb.state.json");
+        let mut d = Desired::load(&config(), path.clone()).unwrap();
+        let before = d.services();
+        d.hold();
+        // max_services = 3: web, a and b fit, c does not. Each alone passes
+        // what is checked per change; the group is checked at the flush.
+        for (name, vip) in [
+            ("a", "198.18.101.2:80"),
+            ("b", "198.18.101.3:80"),
+            ("c", "198.18.101.4:80"),
+        ] {
+            d.add_service(&new_service(name, vip)).unwrap();
+        }
+        let e = d.flush().unwrap_err();
+        assert_eq!(e.kind, RefusalKind::Conflict, "{}", e.message);
+        assert_eq!(d.services(), before, "every held change was undone");
+        assert!(!path.exists(), "nothing was saved");
+        // One at a time, only the one at fault is refused.
+        d.add_service(&new_service("a", "198.18.101.2:80")).unwrap();
+        d.add_service(&new_service("b", "198.18.101.3:80")).unwrap();
+        let e = d
+            .add_service(&new_service("c", "198.18.101.4:80"))
+            .unwrap_err();
+        assert_eq!(e.kind, RefusalKind::Conflict);
+        assert_eq!(d.services().len(), 3);
     }
 
     #[test]

@@ -235,11 +235,14 @@ impl Controller {
     async fn handle_batch(&mut self, batch: Vec<Input>) {
         let mut docker_changed = false;
         let mut changes: Vec<(Request, Reply)> = Vec::new();
+        // Whether anything may have changed the desired services.
+        let mut touched = false;
         for input in batch {
             match input {
                 Input::Docker(update) => docker_changed |= self.docker.update(update),
                 Input::Call(req, reply) if req.is_change() => changes.push((req, reply)),
                 other => {
+                    touched |= !changes.is_empty() || docker_changed;
                     let pending = std::mem::take(&mut changes);
                     self.commit(pending, std::mem::take(&mut docker_changed))
                         .await;
@@ -247,10 +250,10 @@ impl Controller {
                 }
             }
         }
+        touched |= !changes.is_empty() || docker_changed;
         self.commit(changes, docker_changed).await;
-        if let Some(h) = &self.health {
-            // Cheap when nothing changed: only a different set of checks
-            // wakes the checker.
+        if let (Some(h), true) = (&self.health, touched) {
+            // Only a different set of checks wakes the checker.
             h.set(&self.desired.services());
         }
     }

@@ -666,7 +666,9 @@ impl Desired {
             path: self.path.clone(),
             source,
         };
-        let json = serde_json::to_vec_pretty(&self.overlay).expect("the state serialises");
+        // Compact: the file is rewritten on every change, and pretty printing
+        // tripled its size (`jq . lb.state.json` shows it indented).
+        let json = serde_json::to_vec(&self.overlay).expect("the state serialises");
         let tmp = self.path.with_extension("json.tmp");
         let mut f = fs::OpenOptions::new()
             .write(true)

@@ -423,9 +423,13 @@ mod tests {
         // Reported once, however many more checks fail.
         assert_eq!(next(&mut rx, Duration::from_millis(200)).await, None);
 
+        // Timed from before the port opens: a check's SYN sent before that
+        // is refused, so the first success is at the first tick after it
+        // and the `rise`-th one `rise - 1` intervals later. (Timed from
+        // after the bind, a success in between made it look early.)
+        let back = Instant::now();
         let listener = TcpListener::bind(SocketAddr::V4(addr)).await.unwrap();
         let server = accepting(listener).await;
-        let back = Instant::now();
         let report = next(&mut rx, Duration::from_secs(5)).await;
         assert_eq!(report, Some(("web".into(), addr, true)));
         let min = Duration::from_millis(FAST.interval_ms * u64::from(FAST.rise - 1));

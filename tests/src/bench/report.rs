@@ -194,10 +194,12 @@ impl Report {
             }
         );
         for sec in &self.sections {
+            // Each section names its machine: `--only` replaces sections
+            // of the README one at a time, from runs on other machines.
             let _ = write!(
                 s,
-                "\n### {}\n\n{} Median of {} rounds.\n\n| |",
-                sec.title, sec.method, sec.rounds
+                "\n### {}\n\nMeasured on {}, {} cores, Linux {}. {} Median of {} rounds.\n\n| |",
+                sec.title, m.cpu, m.cores, m.kernel, sec.method, sec.rounds
             );
             for c in &sec.columns {
                 let _ = write!(s, " {} |", c.header);

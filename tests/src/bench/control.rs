@@ -140,51 +140,6 @@ struct InMaps {
     in_table: usize,
 }
 
-/// Reads the daemon's pinned maps: which of `added` have an active backend
-/// entry and slots in the active Maglev table of `vip:port`/TCP.
-fn read_pinned(dir: &Path, vip: Ipv4Addr, port: u16, added: &[(Ipv4Addr, u16)]) -> InMaps {
-    let open = |name: &str| open_pinned(dir, name);
-    let backends: Array<MapData, Backend> =
-        Array::try_from(open(maps::BACKENDS)).expect("LB_BACKENDS is an array");
-    let services: HashMap<MapData, ServiceKey, ServiceValue> =
-        HashMap::try_from(open(maps::SERVICES)).expect("LB_SERVICES is a hash");
-    let maglev: Array<MapData, u32> =
-        Array::try_from(open(maps::MAGLEV)).expect("LB_MAGLEV is an array");
-    let mut ids: StdHashMap<(u32, u16), (u32, u32)> = StdHashMap::new();
-    for id in 0..backends.len() {
-        if let Ok(b) = backends.get(&id, 0) {
-            if b.addr != 0 {
-                ids.insert((b.addr, b.port), (id, b.state));
-            }
-        }
-    }
-    let svc = services
-        .get(&ServiceKey::new(vip.octets(), port, IPPROTO_TCP), 0)
-        .expect("the service is in LB_SERVICES");
-    let slots: HashSet<u32> = (svc.table_base..svc.table_base + svc.table_size)
-        .filter_map(|i| maglev.get(&i, 0).ok())
-        .collect();
-    let mut found = InMaps {
-        active: 0,
-        in_table: 0,
-    };
-    for (addr, p) in added {
-        let key = (
-            u32::from_ne_bytes(addr.octets()),
-            u16::from_ne_bytes(p.to_be_bytes()),
-        );
-        if let Some(&(id, state)) = ids.get(&key) {
-            if state == BACKEND_ACTIVE {
-                found.active += 1;
-            }
-            if slots.contains(&id) {
-                found.in_table += 1;
-            }
-        }
-    }
-    found
-}
-
 /// What one run measured.
 #[derive(Clone, Debug)]
 pub struct Outcome {
@@ -315,7 +270,11 @@ pub fn measure(changes: usize, budget: Duration, probe: Duration) -> Outcome {
     let total = start.elapsed();
     let applied = latencies_ms.len();
 
-    let found = read_pinned(&pins.datapath_dir(), topo.vip(), 80, &wanted[..applied]);
+    let found = read_pinned(
+        &pins.datapath_dir(),
+        topo.vip(),
+        &[(80, wanted[..applied].to_vec())],
+    );
     let api_listed = (applied == changes)
         .then(|| {
             call(
@@ -687,7 +646,7 @@ impl Rig {
 /// Reads the pinned maps once: for each of `services` (VIP port, backends
 /// wanted), how many of its backends have an active entry and how many have
 /// slots in its active Maglev table.
-fn read_pinned_many(dir: &Path, vip: Ipv4Addr, services: &[(u16, Vec<(Ipv4Addr, u16)>)]) -> InMaps {
+fn read_pinned(dir: &Path, vip: Ipv4Addr, services: &[(u16, Vec<(Ipv4Addr, u16)>)]) -> InMaps {
     let open = |name: &str| open_pinned(dir, name);
     let backends: Array<MapData, Backend> =
         Array::try_from(open(maps::BACKENDS)).expect("LB_BACKENDS is an array");
@@ -898,7 +857,7 @@ pub fn measure_batch(services: usize, per_service: usize, in_flight: usize) -> B
         latencies_ms.len(),
         total.as_secs_f64()
     );
-    let found = read_pinned_many(&rig.pins.datapath_dir(), vip, &plan);
+    let found = read_pinned(&rig.pins.datapath_dir(), vip, &plan);
     let (rss_after_kib, vm_rss_after_kib) = rss_kib(pid);
     let daemon_clean_exit = rig.stop_daemon();
     let pin_path = rig.pins.path().to_path_buf();

@@ -194,7 +194,7 @@ fn control_section_batch_calls_are_in_the_map_and_clean_up() {
     let mut s = control::section(&o);
     control::add_batch(&mut s, &b);
     let r = s.row(
-        "50 backends over 5 services by batch calls (10 per `PUT …/backends`), until the last is in the map",
+        "50 backends over 5 services by batch calls (10 per `PUT …/backends`, 2 calls in flight), until the last is in the map",
     );
     assert!(r.get("s").is_some_and(|v| v > 0.0), "{r:?}");
     assert_eq!(r.get("count"), Some(50.0));

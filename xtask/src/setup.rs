@@ -34,7 +34,7 @@ pub const PACKAGES: &[&str] = &[
 ];
 
 /// The bpf-linker release the eBPF build is known to work with (see
-/// docs/TOOLCHAIN.md).
+/// docs/HOST-FACTS.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Where bpffs is mounted for pinning.

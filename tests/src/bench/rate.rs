@@ -28,7 +28,7 @@
 //! the page is new and recycles pages as they come back, so a frame rewritten
 //! downstream (by lb, by IP forwarding) would otherwise go out again as
 //! rewritten, and be dropped as addressed to another host. The host side must
-//! have GRO on or an XDP program to take XDP frames (docs/TOOLCHAIN.md), so GRO is
+//! have GRO on or an XDP program to take XDP frames (docs/HOST-FACTS.md), so GRO is
 //! on there for every contender. The frames are received on the generator's
 //! own core (a veth's NAPI runs where it was scheduled), so the whole path,
 //! generator included, runs on one core: the delivered rate is a one-core

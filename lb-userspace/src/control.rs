@@ -241,21 +241,35 @@ impl Controller {
             match input {
                 Input::Docker(update) => docker_changed |= self.docker.update(update),
                 Input::Call(req, reply) if req.is_change() => changes.push((req, reply)),
-                other => {
-                    touched |= !changes.is_empty() || docker_changed;
-                    let pending = std::mem::take(&mut changes);
-                    self.commit(pending, std::mem::take(&mut docker_changed))
-                        .await;
-                    self.handle(other).await;
+                // A read or a health result: what came before it is
+                // committed first, so it sees it.
+                Input::Call(req, reply) => {
+                    touched |= self.commit_pending(&mut changes, &mut docker_changed).await;
+                    self.call(req, reply).await;
+                }
+                Input::Health(service, addr, healthy) => {
+                    touched |= self.commit_pending(&mut changes, &mut docker_changed).await;
+                    self.health_result(&service, addr, healthy);
                 }
             }
         }
-        touched |= !changes.is_empty() || docker_changed;
-        self.commit(changes, docker_changed).await;
+        touched |= self.commit_pending(&mut changes, &mut docker_changed).await;
         if let (Some(h), true) = (&self.health, touched) {
             // Only a different set of checks wakes the checker.
             h.set(&self.desired.services());
         }
+    }
+
+    /// Commits what is pending and empties it; whether there was anything.
+    async fn commit_pending(
+        &mut self,
+        changes: &mut Vec<(Request, Reply)>,
+        docker_changed: &mut bool,
+    ) -> bool {
+        let any = !changes.is_empty() || *docker_changed;
+        self.commit(std::mem::take(changes), std::mem::take(docker_changed))
+            .await;
+        any
     }
 
     /// Carries out `changes` and the Docker news with one save and one apply.
@@ -265,30 +279,25 @@ impl Controller {
         }
         self.desired.hold();
         let mut membership = docker_changed;
-        let mut staged: Vec<(Result<Staged, Refusal>, Reply)> = Vec::with_capacity(changes.len());
-        let mut requests = Vec::with_capacity(changes.len());
-        for (req, reply) in changes {
-            requests.push(req.clone());
-            let r = self.stage(req);
-            membership |= r.as_ref().is_ok_and(|s| s.membership);
-            staged.push((r, reply));
-        }
+        let (requests, replies): (Vec<Request>, Vec<Reply>) = changes.into_iter().unzip();
+        let mut results: Vec<Result<Staged, Refusal>> =
+            requests.iter().map(|req| self.stage(req)).collect();
         let mut saved = self.desired.flush();
-        if matches!(&saved, Err(e) if e.kind == RefusalKind::Conflict) && staged.len() > 1 {
+        if matches!(&saved, Err(e) if e.kind == RefusalKind::Conflict) && requests.len() > 1 {
             // Together they break a limit, and every change was undone:
             // each is checked and saved on its own instead, so only the
             // ones at fault are refused.
-            for ((r, _), req) in staged.iter_mut().zip(requests) {
-                *r = self.stage(req);
-                membership |= r.as_ref().is_ok_and(|s| s.membership);
-            }
+            results = requests.iter().map(|req| self.stage(req)).collect();
             saved = Ok(());
         }
+        membership |= results
+            .iter()
+            .any(|r| r.as_ref().is_ok_and(|s| s.membership));
         if membership {
             // Image rules and labels may name a service added or removed.
             self.docker.assign(&mut self.desired);
         }
-        let changed = docker_changed || staged.iter().any(|(r, _)| r.is_ok());
+        let changed = docker_changed || results.iter().any(Result::is_ok);
         let applied = if changed { self.apply().await } else { Ok(()) };
         if let Err(e) = &applied {
             warn!(
@@ -296,7 +305,7 @@ impl Controller {
                 "applying changes failed; retrying at the next change"
             );
         }
-        for (r, reply) in staged {
+        for (r, reply) in results.into_iter().zip(replies) {
             let answer = match (r, &saved, &applied) {
                 (Err(e), _, _) => Err(e),
                 (Ok(_), Err(e), _) | (Ok(_), _, Err(e)) => Err(e.clone()),
@@ -314,18 +323,9 @@ impl Controller {
         }
     }
 
-    async fn handle(&mut self, input: Input) {
-        match input {
-            Input::Call(req, reply) => self.call(req, reply).await,
-            Input::Health(service, addr, healthy) => {
-                if let Err(e) = self.rec.set_health(&service, addr, healthy) {
-                    warn!(service, backend = %addr, error = %format!("{e:#}"), "applying a health result failed");
-                }
-            }
-            Input::Docker(update) => {
-                let changed = self.docker.update(update);
-                self.commit(Vec::new(), changed).await;
-            }
+    fn health_result(&mut self, service: &str, addr: SocketAddrV4, healthy: bool) {
+        if let Err(e) = self.rec.set_health(service, addr, healthy) {
+            warn!(service, backend = %addr, error = %format!("{e:#}"), "applying a health result failed");
         }
     }
 
@@ -406,24 +406,24 @@ impl Controller {
 
     /// Checks a change against the desired state and keeps it (saved by
     /// the commit).
-    fn stage(&mut self, req: Request) -> Result<Staged, Refusal> {
+    fn stage(&mut self, req: &Request) -> Result<Staged, Refusal> {
         let mut staged = Staged::default();
         match req {
             Request::AddService(new) => {
-                staged.created = Some(self.desired.add_service(&new)?.name);
+                staged.created = Some(self.desired.add_service(new)?.name);
                 staged.membership = true;
             }
             Request::RemoveService(name) => {
-                self.desired.remove_service(&name)?;
+                self.desired.remove_service(name)?;
                 staged.membership = true;
             }
-            Request::AddBackends(name, new) => self.desired.add_backends(&name, &new)?,
-            Request::SetBackends(name, new) => self.desired.set_backends(&name, &new)?,
-            Request::RemoveBackend(name, addr) => self.desired.remove_backend(&name, &addr)?,
-            Request::DrainBackend(name, addr) => self.desired.drain_backend(&name, &addr)?,
-            Request::UndrainBackend(name, addr) => self.desired.undrain_backend(&name, &addr)?,
+            Request::AddBackends(name, new) => self.desired.add_backends(name, new)?,
+            Request::SetBackends(name, new) => self.desired.set_backends(name, new)?,
+            Request::RemoveBackend(name, addr) => self.desired.remove_backend(name, addr)?,
+            Request::DrainBackend(name, addr) => self.desired.drain_backend(name, addr)?,
+            Request::UndrainBackend(name, addr) => self.desired.undrain_backend(name, addr)?,
             Request::SetWeight(name, addr, weight) => {
-                self.desired.set_weight(&name, &addr, weight)?;
+                self.desired.set_weight(name, addr, *weight)?;
                 info!(service = name, backend = addr, weight, "weight changed");
             }
             Request::ListServices

@@ -214,17 +214,7 @@ impl Desired {
     pub fn services(&self) -> Vec<ServiceSpec> {
         let mut out = self.declared();
         for s in &mut out {
-            let Some(containers) = self.docker.get(&s.name) else {
-                continue;
-            };
-            let mut have: HashSet<SocketAddrV4> = s.backends.iter().map(|b| b.addr).collect();
-            for b in containers {
-                // A backend declared by hand wins over a container at the
-                // same address (the membership check already warned).
-                if have.insert(b.addr) {
-                    s.backends.push(*b);
-                }
-            }
+            self.add_containers(s);
         }
         out
     }
@@ -417,12 +407,12 @@ impl Desired {
     /// Backends that stay keep their drain state; weights are those given.
     /// Docker's backends are not declared and are left as they are.
     pub fn set_backends(&mut self, service: &str, new: &[NewBackend]) -> Result<(), Refusal> {
-        self.service(service)?;
-        let mut stored = parse_backends(new)?;
-        let drained: HashSet<SocketAddrV4> = self
+        let declared = self
             .declared_one(service)
-            .map(|s| s.backends)
-            .unwrap_or_default()
+            .ok_or_else(|| Refusal::not_found(format!("no service {service}")))?;
+        let mut stored = parse_backends(new)?;
+        let drained: HashSet<SocketAddrV4> = declared
+            .backends
             .into_iter()
             .filter(|b| b.drained)
             .map(|b| b.addr)
@@ -474,12 +464,20 @@ impl Desired {
         let mut s = self
             .declared_one(service)
             .ok_or_else(|| Refusal::not_found(format!("no service {service}")))?;
-        if let Some(containers) = self.docker.get(service) {
-            let mut have: HashSet<SocketAddrV4> = s.backends.iter().map(|b| b.addr).collect();
-            s.backends
-                .extend(containers.iter().filter(|b| have.insert(b.addr)).copied());
-        }
+        self.add_containers(&mut s);
         Ok(s)
+    }
+
+    /// Adds the backends Docker contributes to `s`. A backend declared by
+    /// hand wins over a container at the same address (the membership check
+    /// already warned).
+    fn add_containers(&self, s: &mut ServiceSpec) {
+        let Some(containers) = self.docker.get(&s.name) else {
+            return;
+        };
+        let mut have: HashSet<SocketAddrV4> = s.backends.iter().map(|b| b.addr).collect();
+        s.backends
+            .extend(containers.iter().filter(|b| have.insert(b.addr)).copied());
     }
 
     /// Removes a backend from any service.

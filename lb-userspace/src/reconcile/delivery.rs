@@ -187,10 +187,8 @@ impl Deliveries {
             Ok(Some(bridge)) => bridge,
             _ => (link.ifindex, link.name.clone()),
         };
-        if !self.ready_ifaces.contains_key(&reply_ifindex) {
-            let started = std::time::Instant::now();
-            dp.attach_tc(&reply_name, reply_ifindex)
-                .map_err(ResolveError::Datapath)?;
+        let started = std::time::Instant::now();
+        if self.attach_reverse_path(dp, reply_ifindex, &reply_name)? {
             self.container_ifaces.insert(reply_ifindex);
             info!(
                 iface = reply_name,
@@ -198,7 +196,6 @@ impl Deliveries {
                 "reverse path attached for containers (TC ingress)"
             );
         }
-        self.ready_ifaces.insert(reply_ifindex, reply_name);
         let mut flags = BACKEND_F_MAC | BACKEND_F_PEER;
         if self.xdp_forward {
             if !self.gro_ready.contains(&link.ifindex) {
@@ -252,9 +249,7 @@ impl Deliveries {
         if peer {
             flags |= BACKEND_F_PEER;
         }
-        if !self.ready_ifaces.contains_key(&link.ifindex) {
-            dp.attach_tc(&link.name, link.ifindex)
-                .map_err(ResolveError::Datapath)?;
+        if self.attach_reverse_path(dp, link.ifindex, &link.name)? {
             info!(iface = link.name, "reverse path attached (TC ingress)");
         }
         if peer && mac.is_some() && self.xdp_forward {
@@ -265,7 +260,6 @@ impl Deliveries {
                 flags |= BACKEND_F_XDP;
             }
         }
-        self.ready_ifaces.insert(link.ifindex, link.name.clone());
         Ok(Delivery {
             ifindex: link.ifindex,
             src_mac: link.mac,
@@ -273,6 +267,23 @@ impl Deliveries {
             flags,
             reply_ifindex: link.ifindex,
         })
+    }
+
+    /// Attaches the reverse path (TC ingress) to `ifindex` unless it is
+    /// already; whether it was attached now.
+    fn attach_reverse_path(
+        &mut self,
+        dp: &mut Datapath,
+        ifindex: u32,
+        name: &str,
+    ) -> Result<bool, ResolveError> {
+        if self.ready_ifaces.contains_key(&ifindex) {
+            return Ok(false);
+        }
+        dp.attach_tc(name, ifindex)
+            .map_err(ResolveError::Datapath)?;
+        self.ready_ifaces.insert(ifindex, name.to_owned());
+        Ok(true)
     }
 
     /// Makes sure the veth peer behind `link` has GRO on; `false` when its

@@ -30,7 +30,7 @@ use crate::{
     datapath::{Datapath, DatapathError, MapSizes},
     host::Host,
     maglev::MaglevError,
-    model::ServiceSpec,
+    model::{ServiceSpec, Via},
 };
 /// Errors of the reconcile loop.
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +86,7 @@ pub struct Reconciler {
     tables: Tables,
     delivery: delivery::Deliveries,
     /// The last (service, backend) `refresh` re-checked.
-    refresh_cursor: Option<(String, SocketAddrV4)>,
+    refresh_cursor: Option<(String, SocketAddrV4, Option<Via>)>,
 }
 
 impl Reconciler {
@@ -239,20 +239,8 @@ impl Reconciler {
         if all.is_empty() {
             return Ok(());
         }
-        let keys: Vec<(String, SocketAddrV4)> =
-            all.iter().map(|(n, a, _)| (n.clone(), *a)).collect();
-        let batch = next_batch(&keys, self.refresh_cursor.as_ref(), REFRESH_BATCH);
-        self.refresh_cursor = batch.last().cloned();
-        let wanted = batch
-            .into_iter()
-            .map(|(name, addr)| {
-                let via = all
-                    .iter()
-                    .find(|(n, a, _)| *n == name && *a == addr)
-                    .and_then(|(_, _, v)| *v);
-                (name, addr, via)
-            })
-            .collect();
+        let wanted = next_batch(&all, self.refresh_cursor.as_ref(), REFRESH_BATCH);
+        self.refresh_cursor = wanted.last().cloned();
         let mut changed: BTreeSet<String> = BTreeSet::new();
         for (name, addr, new) in self.delivery.resolve_all(&mut self.dp, wanted).await? {
             if self.tables.set_delivery(&name, addr, new) {

@@ -402,19 +402,24 @@ impl Maps {
 
     /// The global outcome counters, summed over CPUs, by name.
     pub fn global_counters(&self) -> Result<Vec<(&'static str, u64)>, DatapathError> {
-        (0..stat::COUNT)
-            .map(|i| {
-                let v = self
-                    .global_stats
-                    .get(&i, 0)
-                    .map_err(|source| DatapathError::Map {
-                        name: maps::GLOBAL_STATS,
-                        source,
-                    })?;
-                Ok((stat::NAMES[i as usize], v.iter().sum()))
-            })
-            .collect()
+        global_counters(&self.global_stats)
     }
+}
+
+/// The outcome counters of `stats` (an `LB_GLOBAL_STATS` handle), summed
+/// over CPUs, by name.
+pub fn global_counters(
+    stats: &PerCpuArray<MapData, u64>,
+) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+    (0..stat::COUNT)
+        .map(|i| {
+            let v = stats.get(&i, 0).map_err(|source| DatapathError::Map {
+                name: maps::GLOBAL_STATS,
+                source,
+            })?;
+            Ok((stat::NAMES[i as usize], v.iter().sum()))
+        })
+        .collect()
 }
 
 /// Second handles on the maps that are only read (counters and the flow

@@ -11,11 +11,11 @@ use std::{
 };
 
 use aya::maps::{MapData, PerCpuArray};
-use lb_common::{maps, stat, FLOW_IDLE_SECS};
+use lb_common::{maps, FLOW_IDLE_SECS};
 
 use crate::{
     api::types::{BackendInfo, Counters, MapStatus, ServiceInfo, ServiceStats, Stats},
-    datapath::ReadMaps,
+    datapath::{global_counters, Maps, ReadMaps},
 };
 
 /// One walk of the flow table serves later reads for this many times the
@@ -94,11 +94,12 @@ impl Reader {
         per_cpu
             .get(&id, 0)
             .map(|v| {
-                v.iter().fold(Counters::default(), |a, c| Counters {
-                    packets: a.packets + c.packets,
-                    bytes: a.bytes + c.bytes,
-                    new_flows: a.new_flows + c.new_flows,
-                })
+                let c = Maps::sum_counters(&v);
+                Counters {
+                    packets: c.packets,
+                    bytes: c.bytes,
+                    new_flows: c.new_flows,
+                }
             })
             .unwrap_or_default()
     }
@@ -135,12 +136,9 @@ impl Reader {
                 }
             })
             .collect();
-        let global = (0..stat::COUNT)
-            .map(|i| {
-                let v = self.maps.global_stats.get(&i, 0).map(|v| v.iter().sum());
-                (stat::NAMES[i as usize].to_owned(), v.unwrap_or(0))
-            })
-            .collect();
+        let global = global_counters(&self.maps.global_stats)
+            .map(|g| g.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+            .unwrap_or_default();
         Stats { services, global }
     }
 

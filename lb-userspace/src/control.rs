@@ -25,7 +25,7 @@ use crate::{
     health::{HealthSink, HealthUpdater},
     model::{Refusal, RefusalKind},
     reconcile::{Reader, Reconciler},
-    state::Desired,
+    state::{Desired, Flush},
 };
 
 /// What a client asks of the daemon.
@@ -282,13 +282,13 @@ impl Controller {
         let (requests, replies): (Vec<Request>, Vec<Reply>) = changes.into_iter().unzip();
         let mut results: Vec<Result<Staged, Refusal>> =
             requests.iter().map(|req| self.stage(req)).collect();
-        let mut saved = self.desired.flush();
-        if matches!(&saved, Err(e) if e.kind == RefusalKind::Conflict) && requests.len() > 1 {
+        let mut flushed = self.desired.flush();
+        if matches!(&flushed, Err(e) if e.kind == RefusalKind::Conflict) && requests.len() > 1 {
             // Together they break a limit, and every change was undone:
             // each is checked and saved on its own instead, so only the
             // ones at fault are refused.
             results = requests.iter().map(|req| self.stage(req)).collect();
-            saved = Ok(());
+            flushed = Ok(None);
         }
         membership |= results
             .iter()
@@ -298,7 +298,36 @@ impl Controller {
             self.docker.assign(&mut self.desired);
         }
         let changed = docker_changed || results.iter().any(Result::is_ok);
-        let applied = if changed { self.apply().await } else { Ok(()) };
+        // The state file is written on a blocking thread while the maps
+        // are applied here: a change costs the slower of the two, not both.
+        // Callers are answered only once both are done.
+        let (writing, refused) = match flushed {
+            Ok(Some(Flush { write, before })) => (
+                Some((tokio::task::spawn_blocking(move || write.write()), before)),
+                None,
+            ),
+            Ok(None) => (None, None),
+            Err(e) => (None, Some(e)),
+        };
+        let mut applied = if changed { self.apply().await } else { Ok(()) };
+        let saved = match (writing, refused) {
+            (Some((write, undo)), _) => {
+                let written = write.await.unwrap_or_else(|e| {
+                    Err(Refusal::failed(format!("writing the state file: {e}")))
+                });
+                self.desired.settle(undo, &written);
+                if written.is_err() {
+                    // Nothing that was not saved stays, in the maps either.
+                    if membership {
+                        self.docker.assign(&mut self.desired);
+                    }
+                    applied = self.apply().await;
+                }
+                written
+            }
+            (None, Some(e)) => Err(e),
+            (None, None) => Ok(()),
+        };
         if let Err(e) = &applied {
             warn!(
                 error = e.message,

@@ -48,17 +48,22 @@
 //!
 //! Each turn probes until it finds a free slot: about `M * ln M` probes in all
 //! (0.7 million for `M = 65537`). A probe reads `S` and tests a bitmap of
-//! taken slots (8 KiB for `M = 65537`, so it stays in L1 cache). No
-//! per-backend permutation is stored: memory is the table and `S`, 4 bytes per
-//! slot each, plus a few words per backend. Turns are handed out by visiting
-//! every backend every round when weights are close. When a few heavy backends
-//! make for many rounds, turns come from a heap instead, so skewed weights
-//! cost `O(M log N)` and not `O(M * N)`. Measured in release on a 2-core
-//! Xeon VM with 1000 backends: about 2.2 ms for `M = 65537` (2.6 ms with mixed
-//! weights), 75 ms for `M = 1_048_573`, and 4.4 s at [`MAX_TABLE_SIZE`].
+//! taken slots (8 KiB for `M = 65537`, so it stays in L1 cache). Probing for
+//! the last few slots is the dearest part (`M / k` probes a claim with `k`
+//! free), so once fewer than `√M / 2` are free each claim picks from the list
+//! of free slots instead, with `S⁻¹` and a modular inverse of the skip: the
+//! same slot, found in `k` steps. `S` and `S⁻¹` depend only on `M` and are
+//! kept for the few table sizes in use, so a rebuild does not reshuffle
+//! them. No per-backend permutation is stored: memory is the table, `S` and
+//! `S⁻¹`, 4 bytes per slot each, plus a few words per backend. Turns are
+//! handed out by visiting every backend every round when weights are close.
+//! When a few heavy backends make for many rounds, turns come from a heap
+//! instead, so skewed weights cost `O(M log N)` and not `O(M * N)`. The
+//! scale section of `cargo xtask bench` measures the build time.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use lb_common::NO_BACKEND;
 
@@ -166,20 +171,81 @@ fn h3(key: u64) -> u64 {
     splitmix64(fmix64(key ^ 0x1656_67b1_9e37_79f9))
 }
 
-/// The shared bijection `S` of `0..m`. It is a Fisher-Yates shuffle driven by a
-/// fixed-seed splitmix64 stream, so it is a pure function of `m`.
-fn scramble(m: u32) -> Vec<u32> {
-    let mut s: Vec<u32> = (0..m).collect();
-    let mut state = 0x243f_6a88_85a3_08d3 ^ u64::from(m);
-    for i in (1..s.len()).rev() {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        // Lemire's multiply-high maps the random word onto 0..=i. Its bias
-        // of at most 2^-40 does not matter: the shuffle only has to be fixed
-        // and look random.
-        let j = ((u128::from(splitmix64(state)) * (i as u128 + 1)) >> 64) as usize;
-        s.swap(i, j);
+/// The shared bijection `S` of `0..m` and its inverse.
+struct Scramble {
+    /// `S` itself: a Fisher-Yates shuffle driven by a fixed-seed splitmix64
+    /// stream, so it is a pure function of `m`.
+    s: Vec<u32>,
+    /// `S⁻¹`: where each value sits in `s`, for the end of a build (see
+    /// [`Walker::claim_listed`]).
+    inverse: Vec<u32>,
+}
+
+/// Largest table size whose [`Scramble`] is kept between builds (8 MiB for
+/// both arrays): a service of the default size must not pay for the shuffle
+/// at every change, and a rare huge table must not hold its memory forever.
+const KEEP_SCRAMBLE_UP_TO: u32 = 1_048_573;
+
+/// How many table sizes keep their [`Scramble`]: services mostly share the
+/// default size, and a handful of sizes cost at most 32 MiB.
+const KEPT_SCRAMBLES: usize = 4;
+
+impl Scramble {
+    fn new(m: u32) -> Scramble {
+        let mut s: Vec<u32> = (0..m).collect();
+        let mut state = 0x243f_6a88_85a3_08d3 ^ u64::from(m);
+        for i in (1..s.len()).rev() {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            // Lemire's multiply-high maps the random word onto 0..=i. Its bias
+            // of at most 2^-40 does not matter: the shuffle only has to be fixed
+            // and look random.
+            let j = ((u128::from(splitmix64(state)) * (i as u128 + 1)) >> 64) as usize;
+            s.swap(i, j);
+        }
+        let mut inverse = vec![0u32; s.len()];
+        for (i, &v) in s.iter().enumerate() {
+            inverse[v as usize] = i as u32;
+        }
+        Scramble { s, inverse }
     }
-    s
+
+    /// The scramble of size `m`, from the small cache of recent sizes when
+    /// it is there.
+    fn of(m: u32) -> Arc<Scramble> {
+        static KEPT: Mutex<Vec<Arc<Scramble>>> = Mutex::new(Vec::new());
+        if m > KEEP_SCRAMBLE_UP_TO {
+            return Arc::new(Scramble::new(m));
+        }
+        // A poisoned lock only means another build panicked while holding
+        // it; the cached scrambles are immutable and still right.
+        let mut kept = KEPT.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(i) = kept.iter().position(|k| k.s.len() == m as usize) {
+            // Most recently used last.
+            let hit = kept.remove(i);
+            kept.push(Arc::clone(&hit));
+            return hit;
+        }
+        let made = Arc::new(Scramble::new(m));
+        if kept.len() == KEPT_SCRAMBLES {
+            kept.remove(0);
+        }
+        kept.push(Arc::clone(&made));
+        made
+    }
+}
+
+/// `base^exp mod m`, for a modular inverse by Fermat (`m` prime).
+fn pow_mod(base: u32, mut exp: u32, m: u32) -> u32 {
+    let m = u64::from(m);
+    let (mut result, mut b) = (1u64, u64::from(base) % m);
+    while exp > 0 {
+        if exp & 1 == 1 {
+            result = result * b % m;
+        }
+        b = b * b % m;
+        exp >>= 1;
+    }
+    result as u32
 }
 
 /// A backend's walk through its permutation, and the id it writes.
@@ -192,6 +258,9 @@ struct Walker {
     shift: u32,
     /// Id written into the slots this backend claims.
     id: u32,
+    /// `skip⁻¹ mod M`, worked out at this walker's first listed claim (0
+    /// until then: no inverse is 0).
+    skip_inverse: u32,
 }
 
 impl Walker {
@@ -217,6 +286,46 @@ impl Walker {
             }
         }
     }
+
+    /// The same slot as [`Walker::claim`], found from the list of free slots
+    /// instead of by probing: the one whose point of the walk comes first.
+    /// `free` must not be empty; the claimed slot leaves it.
+    ///
+    /// A free slot `f` is point `x = S⁻¹[f - shift]` of the linear walk, which
+    /// reaches it `(x - self.x) * skip⁻¹ (mod M)` steps from here. With `k`
+    /// slots free a probe hits one with chance `k / M`, so probing costs
+    /// `M / k` steps a claim; going through the list costs `k`. The list wins
+    /// once `k` drops below about `√M`; a list step costs more than a probe
+    /// (a multiplication modulo `M`), so builds switch at `√M / 2`, which
+    /// measured fastest for `M = 65537`.
+    fn claim_listed(&mut self, scramble: &Scramble, free: &mut Vec<u32>, m: u32) -> usize {
+        if self.skip_inverse == 0 {
+            self.skip_inverse = pow_mod(self.skip, m - 2, m);
+        }
+        let (m64, inverse) = (u64::from(m), u64::from(self.skip_inverse));
+        let mut best = (u64::MAX, 0usize, 0u32);
+        for (i, &slot) in free.iter().enumerate() {
+            let y = if slot >= self.shift {
+                slot - self.shift
+            } else {
+                slot + m - self.shift
+            };
+            let x = scramble.inverse[y as usize];
+            let dx = if x >= self.x {
+                x - self.x
+            } else {
+                x + m - self.x
+            };
+            let steps = u64::from(dx) * inverse % m64;
+            if steps < best.0 {
+                best = (steps, i, x);
+            }
+        }
+        let (_, i, x) = best;
+        let next = x + self.skip;
+        self.x = if next >= m { next - m } else { next };
+        free.swap_remove(i) as usize
+    }
 }
 
 /// How [`build`] hands out turns. Both follow the credit rule of the module
@@ -239,14 +348,16 @@ enum Schedule {
 /// only on the set of backends (key, id, weight), not on their order in
 /// `backends`.
 pub fn build(backends: &[MaglevBackend], table_size: u32) -> Result<Vec<u32>, MaglevError> {
-    build_with(backends, table_size, None)
+    build_with(backends, table_size, None, None)
 }
 
-/// [`build`], with the schedule forced (for tests) or picked by cost (`None`).
+/// [`build`], with the schedule and the switch to listed claims forced (for
+/// tests) or picked by cost (`None`).
 fn build_with(
     backends: &[MaglevBackend],
     table_size: u32,
     schedule: Option<Schedule>,
+    list_below: Option<u32>,
 ) -> Result<Vec<u32>, MaglevError> {
     if !(2..=MAX_TABLE_SIZE).contains(&table_size) {
         return Err(MaglevError::TableSizeOutOfRange(table_size));
@@ -281,7 +392,7 @@ fn build_with(
     let weights: Vec<u64> = sorted.iter().map(|b| u64::from(b.weight)).collect();
     let mut fill = Fill {
         m,
-        s: scramble(m),
+        scramble: Scramble::of(m),
         walkers: sorted
             .iter()
             .map(|b| Walker {
@@ -289,11 +400,14 @@ fn build_with(
                 skip: (h2(b.key) % u64::from(m - 1)) as u32 + 1,
                 shift: (h3(b.key) % u64::from(m)) as u32,
                 id: b.id,
+                skip_inverse: 0,
             })
             .collect(),
         taken: vec![0u64; (m as usize).div_ceil(64)],
         table: &mut table,
         free: m,
+        listed: None,
+        list_below: list_below.unwrap_or_else(|| m.isqrt() / 2),
     };
     let schedule = schedule.unwrap_or_else(|| {
         // Dense makes about M * max_weight / W rounds (W = sum of weights)
@@ -320,8 +434,8 @@ fn build_with(
 struct Fill<'t> {
     /// Table size (prime).
     m: u32,
-    /// The shared bijection `S` of the module doc.
-    s: Vec<u32>,
+    /// The shared bijection `S` of the module doc, and its inverse.
+    scramble: Arc<Scramble>,
     /// One per backend with weight > 0, in key order.
     walkers: Vec<Walker>,
     /// Taken slots, one bit each. This is 8 KiB for M = 65537, so probes hit
@@ -331,15 +445,42 @@ struct Fill<'t> {
     table: &'t mut [u32],
     /// Slots not taken yet.
     free: u32,
+    /// The free slots, listed once fewer than `list_below` are left.
+    listed: Option<Vec<u32>>,
+    /// When claims switch from probing to the list of free slots.
+    list_below: u32,
 }
 
 impl Fill<'_> {
     /// Gives backend `i` one turn. Returns false once the table is full.
     fn turn(&mut self, i: usize) -> bool {
+        if self.listed.is_none() && self.free < self.list_below {
+            self.listed = Some(self.free_slots());
+        }
         let w = &mut self.walkers[i];
-        self.table[w.claim(&self.s, &mut self.taken, self.m)] = w.id;
+        let slot = match &mut self.listed {
+            None => w.claim(&self.scramble.s, &mut self.taken, self.m),
+            Some(free) => w.claim_listed(&self.scramble, free, self.m),
+        };
+        self.table[slot] = w.id;
         self.free -= 1;
         self.free > 0
+    }
+
+    /// The slots not taken yet, from the bitmap.
+    fn free_slots(&self) -> Vec<u32> {
+        let mut free = Vec::with_capacity(self.free as usize);
+        for (w, &word) in self.taken.iter().enumerate() {
+            let mut open = !word;
+            while open != 0 {
+                let slot = w as u32 * 64 + open.trailing_zeros();
+                if slot < self.m {
+                    free.push(slot);
+                }
+                open &= open - 1;
+            }
+        }
+        free
     }
 
     /// The credit rule as written in the module doc. At least one backend
@@ -710,6 +851,37 @@ mod tests {
         assert!(worst < 0.01, "worst excess {worst}");
     }
 
+    /// The tables themselves are pinned: two builds of `lb` must give the
+    /// same table for the same backends (nodes behind ECMP, an upgrade that
+    /// adopts the maps), so a change to the algorithm's output shows here.
+    #[test]
+    fn tables_are_pinned_across_versions() {
+        let digest = |t: &[u32]| t.iter().fold(0u64, |h, &id| splitmix64(h ^ u64::from(id)));
+        let keys = |n: u64| (1..=n).map(|i| (0xc612_0000 + i) << 16 | 8080);
+        let equal: Vec<_> = keys(1_000)
+            .enumerate()
+            .map(|(i, k)| backend(k, i as u32, 1))
+            .collect();
+        let weighted: Vec<_> = keys(100)
+            .enumerate()
+            .map(|(i, k)| backend(k, i as u32, 1 + (i as u32 % 7)))
+            .collect();
+        let got = [
+            digest(&build(&equal, M).expect("valid input")),
+            digest(&build(&weighted, M).expect("valid input")),
+            digest(&build(&equal[..10], 251).expect("valid input")),
+        ];
+        assert_eq!(
+            got,
+            [
+                0xb4ca_cad0_683b_c148,
+                0x2f5c_485d_dcd5_cc7c,
+                0x90f9_4321_aa5d_768c
+            ],
+            "{got:#x?}"
+        );
+    }
+
     /// `n` distinct keys.
     fn keys(n: impl Strategy<Value = usize>) -> impl Strategy<Value = BTreeSet<u64>> {
         n.prop_flat_map(|n| prop::collection::btree_set(any::<u64>(), n))
@@ -818,9 +990,39 @@ mod tests {
                 .enumerate()
                 .map(|(i, (&k, &w))| backend(k, i as u32, w))
                 .collect();
-            let dense = build_with(&b, m, Some(Schedule::Dense)).expect("valid input");
-            let sparse = build_with(&b, m, Some(Schedule::Sparse)).expect("valid input");
+            let dense = build_with(&b, m, Some(Schedule::Dense), None).expect("valid input");
+            let sparse = build_with(&b, m, Some(Schedule::Sparse), None).expect("valid input");
             assert!(dense == sparse, "schedules differ in {} slots", changed(&dense, &sparse));
+        }
+
+        /// Claims from the list of free slots take the slot probing takes,
+        /// whenever the build switches to them (never, at the default
+        /// point, or from the first claim).
+        #[test]
+        fn listed_claims_agree_with_probing(
+            (keys, weights) in keys(1usize..=60).prop_flat_map(|keys| {
+                let n = keys.len();
+                let weight = prop_oneof![Just(1u32), 1u32..=5, 1u32..=1000];
+                (Just(keys), prop::collection::vec(weight, n))
+            }),
+            m in prop::sample::select(vec![2u32, 41, 1009, 65_537]),
+        ) {
+            let b: Vec<_> = keys
+                .iter()
+                .zip(&weights)
+                .enumerate()
+                .filter(|(i, _)| *i < m as usize)
+                .map(|(i, (&k, &w))| backend(k, i as u32, w))
+                .collect();
+            let probed = build_with(&b, m, None, Some(0)).expect("valid input");
+            for list_below in [None, Some(m.min(5_000))] {
+                let listed = build_with(&b, m, None, list_below).expect("valid input");
+                assert!(
+                    probed == listed,
+                    "listing below {list_below:?} changed {} slots",
+                    changed(&probed, &listed)
+                );
+            }
         }
 
         /// Removing one of N equal-weight backends changes at most 1/N + 1%

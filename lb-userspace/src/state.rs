@@ -629,44 +629,96 @@ impl Desired {
         }
     }
 
-    /// Checks and writes what changed since [`Desired::hold`]. On failure
-    /// every held change is undone: nothing that was not saved stays. A
-    /// refusal of kind `Conflict` means the changes together break a limit
-    /// (each may not): the caller can try them one at a time.
-    pub fn flush(&mut self) -> Result<(), Refusal> {
+    /// Checks what changed since [`Desired::hold`] and encodes it for the
+    /// state file; the held changes stay until [`Desired::settle`] says
+    /// whether the write succeeded. A refusal of kind `Conflict` means the
+    /// changes together break a limit (each may not), and every held change
+    /// was undone: the caller can try them one at a time.
+    ///
+    /// Encoding and writing are apart so that the write (an fsync, the
+    /// slowest step of a change but for the table build) can run on another
+    /// thread while the maps are applied.
+    pub fn flush(&mut self) -> Result<Option<Flush>, Refusal> {
         let Some(saved) = self.saved.take() else {
-            return Ok(());
+            return Ok(None);
         };
         if saved == self.overlay {
-            return Ok(());
+            return Ok(None);
         }
         if let Err(e) = check(&self.services(), &self.limits) {
             self.overlay = saved;
             return Err(Refusal::conflict(e));
         }
-        self.save().inspect_err(|_| self.overlay = saved)
+        Ok(Some(Flush {
+            write: self.encode(),
+            before: Undo(saved),
+        }))
+    }
+
+    /// Ends a [`Desired::flush`]: if its write failed, every change it held
+    /// is undone (nothing that was not saved stays).
+    pub fn settle(&mut self, undo: Undo, written: &Result<(), Refusal>) {
+        if written.is_err() {
+            self.overlay = undo.0;
+        }
     }
 
     fn save(&self) -> Result<(), Refusal> {
-        let started = std::time::Instant::now();
-        let saved = self.write();
-        tracing::debug!(
-            save_us = started.elapsed().as_micros() as u64,
-            "state saved"
-        );
-        saved.map_err(|e| Refusal::failed(format!("{e:#}")))
+        self.encode().write()
     }
 
-    /// Writes the state file atomically (write a temporary file, then rename)
-    /// with mode 0600.
-    pub fn write(&self) -> Result<(), StateError> {
+    /// The state file's content, to be written by [`StateWrite::write`].
+    fn encode(&self) -> StateWrite {
+        // Compact: the file is rewritten on every change, and pretty printing
+        // tripled its size (`jq . lb.state.json` shows it indented).
+        let json = serde_json::to_vec(&self.overlay).expect("the state serialises");
+        StateWrite {
+            path: self.path.clone(),
+            json,
+        }
+    }
+}
+
+/// A group of held changes, checked, with the write that saves them and what
+/// undoes them if that write fails.
+#[derive(Debug)]
+pub struct Flush {
+    /// The state file to write.
+    pub write: StateWrite,
+    /// What [`Desired::settle`] restores if the write fails.
+    pub before: Undo,
+}
+
+/// The state as it was before a [`Flush`], for [`Desired::settle`].
+#[derive(Debug)]
+pub struct Undo(Overlay);
+
+/// One write of the state file, ready to run on any thread.
+#[derive(Debug)]
+pub struct StateWrite {
+    path: PathBuf,
+    json: Vec<u8>,
+}
+
+impl StateWrite {
+    /// Writes the file atomically (a temporary file, fsync, rename) with
+    /// mode 0600.
+    pub fn write(self) -> Result<(), Refusal> {
+        let started = std::time::Instant::now();
+        let written = self.write_file();
+        tracing::debug!(
+            save_us = started.elapsed().as_micros() as u64,
+            bytes = self.json.len(),
+            "state saved"
+        );
+        written.map_err(|e| Refusal::failed(format!("{e:#}")))
+    }
+
+    fn write_file(&self) -> Result<(), StateError> {
         let io = |source| StateError::Io {
             path: self.path.clone(),
             source,
         };
-        // Compact: the file is rewritten on every change, and pretty printing
-        // tripled its size (`jq . lb.state.json` shows it indented).
-        let json = serde_json::to_vec(&self.overlay).expect("the state serialises");
         let tmp = self.path.with_extension("json.tmp");
         let mut f = fs::OpenOptions::new()
             .write(true)
@@ -675,7 +727,7 @@ impl Desired {
             .mode(0o600)
             .open(&tmp)
             .map_err(io)?;
-        f.write_all(&json).map_err(io)?;
+        f.write_all(&self.json).map_err(io)?;
         f.sync_all().map_err(io)?;
         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(io)?;
         fs::rename(&tmp, &self.path).map_err(io)
@@ -924,6 +976,16 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
         assert_eq!(Desired::load(&config(), path).unwrap().services(), before);
     }
 
+    /// Flushes and writes on this thread, as the controller does on two.
+    fn flush_now(d: &mut Desired) -> Result<(), Refusal> {
+        let Some(Flush { write, before }) = d.flush()? else {
+            return Ok(());
+        };
+        let written = write.write();
+        d.settle(before, &written);
+        written
+    }
+
     #[test]
     fn held_changes_are_saved_once_or_not_at_all() {
         let dir = tmp("hold");
@@ -935,7 +997,7 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
         assert!(d.add_backend("web", &backend("198.18.105.1:80")).is_err());
         d.drain_backend("web", "198.18.103.2:8080").unwrap();
         assert!(!path.exists(), "nothing is written while held");
-        d.flush().unwrap();
+        flush_now(&mut d).unwrap();
         let again = Desired::load(&config(), path.clone()).unwrap();
         assert_eq!(again.services(), d.services());
         assert_eq!(addrs_of(&again, "web").len(), 3);
@@ -946,7 +1008,7 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
         gone.hold();
         gone.add_backend("web", &backend("198.18.105.7:80"))
             .unwrap();
-        assert_eq!(gone.flush().unwrap_err().kind, RefusalKind::Failed);
+        assert_eq!(flush_now(&mut gone).unwrap_err().kind, RefusalKind::Failed);
         assert_eq!(
             addrs_of(&gone, "web").len(),
             2,

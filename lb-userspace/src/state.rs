@@ -711,26 +711,27 @@ impl StateWrite {
             bytes = self.json.len(),
             "state saved"
         );
-        written.map_err(|e| Refusal::failed(format!("{e:#}")))
+        // The caller sees one line with the cause, as anyhow prints a chain.
+        written.map_err(|e| Refusal::failed(format!("{:#}", anyhow::Error::from(e))))
     }
 
     fn write_file(&self) -> Result<(), StateError> {
-        let io = |source| StateError::Io {
-            path: self.path.clone(),
-            source,
-        };
         let tmp = self.path.with_extension("json.tmp");
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StateError::Io { path, source }
+        };
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
             .open(&tmp)
-            .map_err(io)?;
-        f.write_all(&self.json).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(io)?;
-        fs::rename(&tmp, &self.path).map_err(io)
+            .map_err(io(&tmp))?;
+        f.write_all(&self.json).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(io(&tmp))?;
+        fs::rename(&tmp, &self.path).map_err(io(&self.path))
     }
 }
 
@@ -1008,7 +1009,13 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
         gone.hold();
         gone.add_backend("web", &backend("198.18.105.7:80"))
             .unwrap();
-        assert_eq!(flush_now(&mut gone).unwrap_err().kind, RefusalKind::Failed);
+        let e = flush_now(&mut gone).unwrap_err();
+        assert_eq!(e.kind, RefusalKind::Failed);
+        assert!(
+            e.message.contains("lb.state.json.tmp") && e.message.contains("No such file"),
+            "one line with the file and the cause: {}",
+            e.message
+        );
         assert_eq!(
             addrs_of(&gone, "web").len(),
             2,

@@ -1322,3 +1322,56 @@ fn metrics_are_scraped_over_http() {
         .unwrap_or_else(|| panic!("no {fwd} in:\n{body}"));
     assert!(*fwd_value > 0.0, "{fwd} is {fwd_value}:\n{body}");
 }
+
+/// A change the daemon cannot save is refused and leaves no trace: not in
+/// the list, not in the maps (it was applied while the state file was being
+/// written, so the maps are put back). Once the file can be written again,
+/// the same change goes through.
+#[test]
+fn a_change_that_cannot_be_saved_is_refused_and_not_applied() {
+    require_root();
+    let topo = Topology::new("lbo9", 3);
+    let _streams = stream_servers(&topo);
+    let _forward = ForwardDrop::new();
+    let two = ServiceConfig::new(
+        "stream",
+        &format!("{}:{STREAM_PORT}", topo.vip()),
+        "tcp",
+        &[
+            endpoint(&topo, 0, STREAM_PORT),
+            endpoint(&topo, 1, STREAM_PORT),
+        ],
+    );
+    let files = Files::new(&topo, &[two]);
+    let _daemon = files.start(&[]);
+    let lb = files.cli();
+    let vip = SocketAddrV4::new(topo.vip(), STREAM_PORT);
+    let third = endpoint(&topo, 2, STREAM_PORT);
+
+    // A directory where the daemon writes its temporary state file.
+    let blocker = files.state.with_extension("json.tmp");
+    std::fs::create_dir(&blocker).expect("making the blocker");
+    let out = lb.run(&["backend", "add", "stream", &third]);
+    assert!(!out.status.success(), "{}", out.describe());
+    assert!(
+        out.stderr.contains("lb.state.json.tmp") && out.stderr.contains("Is a directory"),
+        "the error names the file and the cause: {}",
+        out.describe()
+    );
+    let backends: Vec<BackendInfo> = lb.json(&["backend", "ls", "stream", "--json"]);
+    assert_eq!(backends.len(), 2, "{backends:#?}");
+    let landed = spread(&topo, vip, 30);
+    assert_eq!(
+        landed.get("b2"),
+        None,
+        "the refused backend took flows: {landed:?}"
+    );
+
+    std::fs::remove_dir(&blocker).expect("removing the blocker");
+    lb.ok(&["backend", "add", "stream", &third]);
+    let landed = spread(&topo, vip, 60);
+    assert!(
+        landed.get("b2").copied().unwrap_or(0) >= 5,
+        "the saved backend: {landed:?}"
+    );
+}

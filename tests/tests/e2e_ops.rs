@@ -441,8 +441,11 @@ fn bad_inputs_are_refused_and_change_nothing() {
         let services = lb.ok(&["service", "ls", "--json"]);
         let web = lb.ok(&["backend", "ls", "web", "--json"]);
         let api = lb.ok(&["backend", "ls", "api", "--json"]);
-        let state = std::fs::read(&files.state)
-            .unwrap_or_else(|e| panic!("reading the state file {}: {e}", files.state.display()));
+        // The state file and its journal (either may not exist yet).
+        let state: Vec<Vec<u8>> = [files.state.clone(), files.state.with_extension("journal")]
+            .iter()
+            .map(|p| std::fs::read(p).unwrap_or_default())
+            .collect();
         (services, web, api, state)
     };
     let before = snapshot();
@@ -1348,13 +1351,13 @@ fn a_change_that_cannot_be_saved_is_refused_and_not_applied() {
     let vip = SocketAddrV4::new(topo.vip(), STREAM_PORT);
     let third = endpoint(&topo, 2, STREAM_PORT);
 
-    // A directory where the daemon writes its temporary state file.
-    let blocker = files.state.with_extension("json.tmp");
+    // A directory where the daemon appends its journal.
+    let blocker = files.state.with_extension("journal");
     std::fs::create_dir(&blocker).expect("making the blocker");
     let out = lb.run(&["backend", "add", "stream", &third]);
     assert!(!out.status.success(), "{}", out.describe());
     assert!(
-        out.stderr.contains("lb.state.json.tmp") && out.stderr.contains("Is a directory"),
+        out.stderr.contains("lb.state.journal") && out.stderr.contains("Is a directory"),
         "the error names the file and the cause: {}",
         out.describe()
     );

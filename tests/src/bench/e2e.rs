@@ -416,6 +416,7 @@ impl Rig {
                 let cfg = self.lb_config.display().to_string();
                 let state = self.dir.path().join("lb.state.json");
                 let _ = std::fs::remove_file(&state);
+                let _ = std::fs::remove_file(state.with_extension("journal"));
                 let state = state.display().to_string();
                 let sock = self.dir.path().join("lb.sock").display().to_string();
                 Active::Lb(Daemon::start_with_env(

@@ -1213,6 +1213,7 @@ impl RateRig {
         );
         let path = self.dir.write("lb.toml", &config);
         let _ = std::fs::remove_file(self.dir.path().join("lb.state.json"));
+        let _ = std::fs::remove_file(self.dir.path().join("lb.state.journal"));
         let socket = self.dir.path().join("lb.sock");
         let args = [
             "run",

@@ -1,7 +1,8 @@
 //! Desired state: the config file's services, plus what the admin API
 //! changed. API changes are kept in a JSON state file next to the config
-//! (`lb.toml` -> `lb.state.json`), so they survive a restart; the config file
-//! itself is never rewritten.
+//! (`lb.toml` -> `lb.state.json`) and its journal (`lb.state.journal`, see
+//! [`journal`]), so they survive a restart; the config file itself is never
+//! rewritten.
 //!
 //! Ownership: a service created through the API belongs to the state file and
 //! can be removed through the API. A service declared in the config file can
@@ -22,6 +23,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 use crate::{
     api::types::{NewBackend, NewService},
@@ -31,6 +33,8 @@ use crate::{
         Refusal, ServiceSpec,
     },
 };
+
+mod journal;
 
 /// Errors of reading or writing the state file.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +131,29 @@ struct Overlay {
 
 const VERSION: u32 = 1;
 
+/// Below this size the journal is never folded into a snapshot: with a small
+/// state, rewriting it would cost little, but often.
+const JOURNAL_MIN: u64 = 64 * 1024;
+
+/// The state file as written: the state, and the last journal commit it
+/// includes.
+#[derive(Serialize)]
+struct SnapshotOut<'a> {
+    #[serde(flatten)]
+    overlay: &'a Overlay,
+    journal_seq: u64,
+}
+
+/// The state file as read (`journal_seq` is absent from files written before
+/// the journal existed).
+#[derive(Deserialize)]
+struct SnapshotIn {
+    #[serde(flatten)]
+    overlay: Overlay,
+    #[serde(default)]
+    journal_seq: u64,
+}
+
 /// Limits a desired state must fit in (the maps' sizes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -149,6 +176,25 @@ pub struct Desired {
     docker: BTreeMap<String, Vec<BackendSpec>>,
     /// While saves are held ([`Desired::hold`]): the state as last saved.
     saved: Option<Overlay>,
+    /// How the state is on disk, and what the next save writes.
+    disk: Disk,
+}
+
+/// The state file and its journal as last written.
+#[derive(Debug)]
+struct Disk {
+    /// Sequence number of the last commit saved.
+    seq: u64,
+    /// Bytes in the state file.
+    snapshot_len: u64,
+    /// Bytes in the journal.
+    journal_len: u64,
+    /// The journal may end in a partial line (a failed or interrupted
+    /// append): the next save writes a snapshot, which empties it.
+    snapshot_next: bool,
+    /// The journal is folded into a snapshot once it is larger than this
+    /// and than the snapshot ([`JOURNAL_MIN`]; tests lower it).
+    compact_above: u64,
 }
 
 /// Where the state file of config file `config` lives.
@@ -163,26 +209,46 @@ pub fn default_state_path(config: &Path) -> PathBuf {
 impl Desired {
     /// The config's services plus the state file at `path`, if it exists.
     pub fn load(config: &Config, path: PathBuf) -> Result<Self, StateError> {
-        let overlay = match fs::read(&path) {
+        let (mut overlay, snapshot_seq, snapshot_len) = match fs::read(&path) {
             Ok(bytes) => {
-                let o: Overlay =
+                let o: SnapshotIn =
                     serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
                         path: path.clone(),
                         reason: e.to_string(),
                     })?;
-                if o.version != VERSION {
+                if o.overlay.version != VERSION {
                     return Err(StateError::Corrupt {
                         path,
-                        reason: format!("version {} (this lb reads {VERSION})", o.version),
+                        reason: format!("version {} (this lb reads {VERSION})", o.overlay.version),
                     });
                 }
-                o
+                (o.overlay, o.journal_seq, bytes.len() as u64)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Overlay {
-                version: VERSION,
-                ..Overlay::default()
-            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+                Overlay {
+                    version: VERSION,
+                    ..Overlay::default()
+                },
+                0,
+                0,
+            ),
             Err(source) => return Err(StateError::Io { path, source }),
+        };
+        let journal_path = journal::path_of(&path);
+        let read = journal::read(&journal_path, snapshot_seq)?;
+        if read.torn {
+            warn!(
+                journal = %journal_path.display(),
+                "the journal's last line was cut short (a crash while saving a change that was never confirmed); it is dropped"
+            );
+        }
+        journal::replay(&mut overlay, read.entries);
+        let disk = Disk {
+            seq: snapshot_seq.max(read.last_seq),
+            snapshot_len,
+            journal_len: read.len,
+            snapshot_next: read.torn,
+            compact_above: JOURNAL_MIN,
         };
         let d = &config.datapath;
         let desired = Self {
@@ -196,6 +262,7 @@ impl Desired {
             },
             docker: BTreeMap::new(),
             saved: None,
+            disk,
         };
         // A state file that no longer fits the config (the config now
         // declares a service of the same name or VIP) is not fatal: the
@@ -607,17 +674,14 @@ impl Desired {
             f(&mut self.overlay);
             return Ok(());
         }
-        let before = self.overlay.clone();
+        self.hold();
         f(&mut self.overlay);
-        if let Err(e) = check(&self.services(), &self.limits) {
-            self.overlay = before;
-            return Err(Refusal::conflict(e));
-        }
-        if let Err(e) = self.save() {
-            self.overlay = before;
-            return Err(e);
-        }
-        Ok(())
+        let Some(Flush { write, before }) = self.flush()? else {
+            return Ok(());
+        };
+        let written = write.write();
+        self.settle(before, &written);
+        written
     }
 
     /// Holds saves: changes from now on are checked and kept, but written
@@ -649,9 +713,36 @@ impl Desired {
             self.overlay = saved;
             return Err(Refusal::conflict(e));
         }
+        let seq = self.disk.seq + 1;
+        let journal = journal::path_of(&self.path);
+        let d = &self.disk;
+        let write = if d.snapshot_next || d.journal_len > d.compact_above.max(d.snapshot_len) {
+            // Compact: the snapshot is rewritten only now and then, and
+            // pretty printing tripled its size (`jq .` shows it indented).
+            let json = serde_json::to_vec(&SnapshotOut {
+                overlay: &self.overlay,
+                journal_seq: seq,
+            })
+            .expect("the state serialises");
+            StateWrite::Snapshot {
+                path: self.path.clone(),
+                journal,
+                json,
+            }
+        } else {
+            StateWrite::Append {
+                journal,
+                lines: journal::encode(seq, journal::delta(&saved, &self.overlay)),
+            }
+        };
+        let wrote = write.wrote();
         Ok(Some(Flush {
-            write: self.encode(),
-            before: Undo(saved),
+            write,
+            before: Undo {
+                overlay: saved,
+                seq,
+                wrote,
+            },
         }))
     }
 
@@ -659,22 +750,19 @@ impl Desired {
     /// is undone (nothing that was not saved stays).
     pub fn settle(&mut self, undo: Undo, written: &Result<(), Refusal>) {
         if written.is_err() {
-            self.overlay = undo.0;
+            self.overlay = undo.overlay;
+            // A failed append may have left part of a line behind.
+            self.disk.snapshot_next = true;
+            return;
         }
-    }
-
-    fn save(&self) -> Result<(), Refusal> {
-        self.encode().write()
-    }
-
-    /// The state file's content, to be written by [`StateWrite::write`].
-    fn encode(&self) -> StateWrite {
-        // Compact: the file is rewritten on every change, and pretty printing
-        // tripled its size (`jq . lb.state.json` shows it indented).
-        let json = serde_json::to_vec(&self.overlay).expect("the state serialises");
-        StateWrite {
-            path: self.path.clone(),
-            json,
+        self.disk.seq = undo.seq;
+        match undo.wrote {
+            Wrote::Snapshot(len) => {
+                self.disk.snapshot_len = len;
+                self.disk.journal_len = 0;
+                self.disk.snapshot_next = false;
+            }
+            Wrote::Journal(len) => self.disk.journal_len += len,
         }
     }
 }
@@ -689,49 +777,97 @@ pub struct Flush {
     pub before: Undo,
 }
 
-/// The state as it was before a [`Flush`], for [`Desired::settle`].
+/// The state as it was before a [`Flush`], and what the flush wrote, for
+/// [`Desired::settle`].
 #[derive(Debug)]
-pub struct Undo(Overlay);
+pub struct Undo {
+    overlay: Overlay,
+    seq: u64,
+    wrote: Wrote,
+}
 
-/// One write of the state file, ready to run on any thread.
+/// What a [`StateWrite`] writes, and how many bytes.
+#[derive(Clone, Copy, Debug)]
+enum Wrote {
+    Snapshot(u64),
+    Journal(u64),
+}
+
+/// One write of the state, ready to run on any thread.
 #[derive(Debug)]
-pub struct StateWrite {
-    path: PathBuf,
-    json: Vec<u8>,
+pub enum StateWrite {
+    /// The lines of one commit, appended to the journal.
+    Append {
+        /// The journal.
+        journal: PathBuf,
+        /// One JSON line per changed entry.
+        lines: Vec<u8>,
+    },
+    /// The whole state, then the journal emptied.
+    Snapshot {
+        /// The state file.
+        path: PathBuf,
+        /// The journal.
+        journal: PathBuf,
+        /// The state file's new content.
+        json: Vec<u8>,
+    },
 }
 
 impl StateWrite {
-    /// Writes the file atomically (a temporary file, fsync, rename) with
-    /// mode 0600.
+    fn wrote(&self) -> Wrote {
+        match self {
+            StateWrite::Append { lines, .. } => Wrote::Journal(lines.len() as u64),
+            StateWrite::Snapshot { json, .. } => Wrote::Snapshot(json.len() as u64),
+        }
+    }
+
+    /// Writes and waits until it is on disk: an append is one write and one
+    /// fdatasync; a snapshot is written to a temporary file (mode 0600),
+    /// synced and renamed over the state file, then the journal is emptied.
     pub fn write(self) -> Result<(), Refusal> {
         let started = std::time::Instant::now();
-        let written = self.write_file();
+        let written = self.write_files();
         tracing::debug!(
             save_us = started.elapsed().as_micros() as u64,
-            bytes = self.json.len(),
+            wrote = ?self.wrote(),
             "state saved"
         );
         // The caller sees one line with the cause, as anyhow prints a chain.
         written.map_err(|e| Refusal::failed(format!("{:#}", anyhow::Error::from(e))))
     }
 
-    fn write_file(&self) -> Result<(), StateError> {
-        let tmp = self.path.with_extension("json.tmp");
+    fn write_files(&self) -> Result<(), StateError> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| StateError::Io { path, source }
         };
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io(&tmp))?;
-        f.write_all(&self.json).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(io(&tmp))?;
-        fs::rename(&tmp, &self.path).map_err(io(&self.path))
+        match self {
+            StateWrite::Append { journal, lines } => {
+                journal::append(journal, lines).map_err(io(journal))
+            }
+            StateWrite::Snapshot {
+                path,
+                journal,
+                json,
+            } => {
+                let tmp = path.with_extension("json.tmp");
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .map_err(io(&tmp))?;
+                f.write_all(json).map_err(io(&tmp))?;
+                f.sync_all().map_err(io(&tmp))?;
+                fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(io(&tmp))?;
+                fs::rename(&tmp, path).map_err(io(path))?;
+                // Lines the snapshot includes are skipped at load by their
+                // sequence number, so a crash before this loses nothing.
+                journal::clear(journal).map_err(io(journal))
+            }
+        }
     }
 }
 
@@ -832,6 +968,7 @@ pub fn check(services: &[ServiceSpec], limits: &Limits) -> Result<(), String> {
 mod tests {
     use super::*;
     use crate::model::RefusalKind;
+    use proptest::prelude::*;
 
     fn config() -> Config {
         Config::parse(
@@ -848,6 +985,14 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
 "#,
         )
         .unwrap()
+    }
+
+    /// The state file and its journal, as text (either may be absent).
+    fn on_disk(path: &Path) -> String {
+        [path.to_owned(), journal::path_of(path)]
+            .iter()
+            .map(|p| fs::read_to_string(p).unwrap_or_default())
+            .collect()
     }
 
     struct Tmp(PathBuf);
@@ -895,7 +1040,11 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
         d.remove_backend("web", "198.18.103.2:8080").unwrap();
         d.drain_backend("web", "198.18.104.2:8080").unwrap();
         let before = d.services();
-        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        let mode = fs::metadata(journal::path_of(&path))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
 
         let again = Desired::load(&config(), path).unwrap();
@@ -1012,7 +1161,7 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
         let e = flush_now(&mut gone).unwrap_err();
         assert_eq!(e.kind, RefusalKind::Failed);
         assert!(
-            e.message.contains("lb.state.json.tmp") && e.message.contains("No such file"),
+            e.message.contains("lb.state.journal") && e.message.contains("No such file"),
             "one line with the file and the cause: {}",
             e.message
         );
@@ -1243,7 +1392,8 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
             assert!(e.message.contains("Docker container"), "{}", e.message);
         }
         d.add_backend("web", &backend("198.18.105.2:8080")).unwrap();
-        let saved = fs::read_to_string(&path).unwrap();
+        let saved = on_disk(&path);
+        assert!(saved.contains("198.18.105.2"), "{saved}");
         assert!(!saved.contains("198.18.0.2"), "{saved}");
     }
 
@@ -1274,6 +1424,178 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
         assert_eq!(
             default_state_path(Path::new("/etc/lb/lb.toml")),
             Path::new("/etc/lb/lb.state.json")
+        );
+    }
+
+    /// One change through the API, for the journal's property test.
+    #[derive(Clone, Debug)]
+    enum Op {
+        AddService(u8),
+        RemoveService(u8),
+        AddBackend(u8, u8),
+        RemoveBackend(u8, u8),
+        Drain(u8, u8),
+        Undrain(u8, u8),
+        Weight(u8, u8, u32),
+        SetBackends(u8, Vec<u8>),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..3).prop_map(Op::AddService),
+            (0u8..3).prop_map(Op::RemoveService),
+            (0u8..4, 0u8..6).prop_map(|(s, b)| Op::AddBackend(s, b)),
+            (0u8..4, 0u8..6).prop_map(|(s, b)| Op::RemoveBackend(s, b)),
+            (0u8..4, 0u8..6).prop_map(|(s, b)| Op::Drain(s, b)),
+            (0u8..4, 0u8..6).prop_map(|(s, b)| Op::Undrain(s, b)),
+            (0u8..4, 0u8..6, 1u32..5).prop_map(|(s, b, w)| Op::Weight(s, b, w)),
+            (0u8..4, prop::collection::vec(0u8..6, 0..4)).prop_map(|(s, b)| Op::SetBackends(s, b)),
+        ]
+    }
+
+    /// Service `i`: the config's `web` for 3, else an API service.
+    fn svc(i: u8) -> String {
+        if i == 3 {
+            "web".into()
+        } else {
+            format!("s{i}")
+        }
+    }
+
+    fn addr(b: u8) -> String {
+        format!("198.18.105.{b}:80")
+    }
+
+    fn run(d: &mut Desired, op: &Op) {
+        // Refusals are part of the sequence: they must change nothing.
+        let _ = match op {
+            Op::AddService(i) => d
+                .add_service(&new_service(&svc(*i), &format!("198.18.101.{}:80", 10 + i)))
+                .map(|_| ()),
+            Op::RemoveService(i) => d.remove_service(&svc(*i)),
+            Op::AddBackend(s, b) => d.add_backend(&svc(*s), &backend(&addr(*b))),
+            Op::RemoveBackend(s, b) => d.remove_backend(&svc(*s), &addr(*b)),
+            Op::Drain(s, b) => d.drain_backend(&svc(*s), &addr(*b)),
+            Op::Undrain(s, b) => d.undrain_backend(&svc(*s), &addr(*b)),
+            Op::Weight(s, b, w) => d.set_weight(&svc(*s), &addr(*b), *w),
+            Op::SetBackends(s, bs) => {
+                let new: Vec<NewBackend> = bs.iter().map(|b| backend(&addr(*b))).collect();
+                d.set_backends(&svc(*s), &new)
+            }
+        };
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Whatever the changes and however often the journal is folded
+        /// into a snapshot, a restart at any point loads exactly the state
+        /// the daemon had.
+        #[test]
+        fn a_reload_after_any_change_finds_the_same_state(
+            ops in prop::collection::vec(op(), 1..40),
+            compact_above in prop::sample::select(vec![0u64, 300, JOURNAL_MIN]),
+        ) {
+            let dir = tmp("journal-prop");
+            let path = dir.0.join("lb.state.json");
+            let mut d = Desired::load(&config(), path.clone()).unwrap();
+            d.disk.compact_above = compact_above;
+            for (n, op) in ops.iter().enumerate() {
+                run(&mut d, op);
+                let again = Desired::load(&config(), path.clone()).unwrap();
+                prop_assert_eq!(again.services(), d.services(), "after change {} ({:?})", n, op);
+            }
+        }
+    }
+
+    #[test]
+    fn changes_are_appended_and_folded_into_the_snapshot_now_and_then() {
+        let dir = tmp("journal-fold");
+        let path = dir.0.join("lb.state.json");
+        let journal = journal::path_of(&path);
+        let mut d = Desired::load(&config(), path.clone()).unwrap();
+        d.add_service(&new_service("api", "198.18.101.2:80"))
+            .unwrap();
+        assert!(
+            !path.exists(),
+            "a change is appended, the snapshot is not written"
+        );
+        let one = fs::metadata(&journal).unwrap().len();
+        d.add_backend("api", &backend("198.18.105.2:80")).unwrap();
+        assert!(fs::metadata(&journal).unwrap().len() > one, "appended");
+
+        d.disk.compact_above = 0;
+        d.add_backend("api", &backend("198.18.105.3:80")).unwrap();
+        assert!(path.exists(), "the journal outgrew the snapshot: folded");
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(fs::metadata(&journal).unwrap().len(), 0, "and emptied");
+        let again = Desired::load(&config(), path).unwrap();
+        assert_eq!(again.services(), d.services());
+    }
+
+    #[test]
+    fn a_crash_before_the_journal_is_emptied_replays_nothing_twice() {
+        let dir = tmp("journal-crash");
+        let path = dir.0.join("lb.state.json");
+        let journal = journal::path_of(&path);
+        let mut d = Desired::load(&config(), path.clone()).unwrap();
+        d.add_service(&new_service("api", "198.18.101.2:80"))
+            .unwrap();
+        d.add_backend("api", &backend("198.18.105.2:80")).unwrap();
+        let old_journal = fs::read(&journal).unwrap();
+        // Folded with a change the old journal does not have, then the
+        // journal as it was before it was emptied.
+        d.disk.compact_above = 0;
+        d.remove_backend("api", "198.18.105.2:80").unwrap();
+        fs::write(&journal, old_journal).unwrap();
+        let again = Desired::load(&config(), path).unwrap();
+        assert_eq!(again.services(), d.services(), "the old lines are skipped");
+        assert!(addrs_of(&again, "api").is_empty());
+    }
+
+    #[test]
+    fn a_torn_last_line_is_dropped_and_the_next_save_cleans_it() {
+        let dir = tmp("journal-torn");
+        let path = dir.0.join("lb.state.json");
+        let journal = journal::path_of(&path);
+        let mut d = Desired::load(&config(), path.clone()).unwrap();
+        d.add_service(&new_service("api", "198.18.101.2:80"))
+            .unwrap();
+        let before = d.services();
+        let mut f = fs::OpenOptions::new().append(true).open(&journal).unwrap();
+        f.write_all(br#"{"seq":9,"service":{"name":"api","val"#)
+            .unwrap();
+        drop(f);
+
+        let mut again = Desired::load(&config(), path.clone()).unwrap();
+        assert_eq!(again.services(), before, "the cut line is dropped");
+        again
+            .add_backend("api", &backend("198.18.105.2:80"))
+            .unwrap();
+        assert_eq!(
+            fs::metadata(&journal).unwrap().len(),
+            0,
+            "a snapshot emptied it"
+        );
+        let third = Desired::load(&config(), path).unwrap();
+        assert_eq!(third.services(), again.services());
+    }
+
+    #[test]
+    fn a_bad_line_inside_the_journal_is_one_clear_error() {
+        let dir = tmp("journal-bad");
+        let path = dir.0.join("lb.state.json");
+        let journal = journal::path_of(&path);
+        let mut d = Desired::load(&config(), path.clone()).unwrap();
+        d.add_service(&new_service("api", "198.18.101.2:80"))
+            .unwrap();
+        let good = fs::read_to_string(&journal).unwrap();
+        fs::write(&journal, format!("not json\n{good}")).unwrap();
+        let e = Desired::load(&config(), path).unwrap_err().to_string();
+        assert!(
+            e.contains("lb.state.journal") && e.contains("line 1"),
+            "{e}"
         );
     }
 }

@@ -1,0 +1,218 @@
+//! The state file's journal (`lb.state.journal` next to `lb.state.json`):
+//! a commit appends the entries it changed, one JSON line each, so saving
+//! costs the size of the change, not of the whole state. The snapshot
+//! (`lb.state.json`) is rewritten only once the journal has grown past it,
+//! which keeps the cost per change constant on average and the journal short.
+//!
+//! Every line carries the sequence number of its commit; the snapshot
+//! records the last one it includes, and loading skips lines at or below
+//! it. So a crash between writing a new snapshot and emptying the journal
+//! replays nothing twice.
+
+use std::{
+    collections::HashMap,
+    fs,
+    io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Changes, Overlay, StateError, StoredService};
+
+/// One change to the state: the new value of one entry, or its removal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum Entry {
+    /// An API service, whole; `None`: removed.
+    Service {
+        /// The service's name.
+        name: String,
+        /// Its new value.
+        value: Option<StoredService>,
+    },
+    /// The API's changes to a config service; `None`: none left.
+    Changes {
+        /// The config service's name.
+        service: String,
+        /// Its new value.
+        value: Option<Changes>,
+    },
+}
+
+/// A journal line: an entry and its commit's sequence number.
+#[derive(Debug, Serialize, Deserialize)]
+struct Line {
+    seq: u64,
+    #[serde(flatten)]
+    entry: Entry,
+}
+
+/// The journal next to state file `state`.
+pub(super) fn path_of(state: &Path) -> PathBuf {
+    state.with_extension("journal")
+}
+
+/// The entries that turn `before` into `after`, in `after`'s order.
+pub(super) fn delta(before: &Overlay, after: &Overlay) -> Vec<Entry> {
+    let mut out = Vec::new();
+    let old: HashMap<&str, &StoredService> = before
+        .services
+        .iter()
+        .map(|s| (s.name.as_str(), s))
+        .collect();
+    let new: HashMap<&str, &StoredService> = after
+        .services
+        .iter()
+        .map(|s| (s.name.as_str(), s))
+        .collect();
+    for s in &before.services {
+        if !new.contains_key(s.name.as_str()) {
+            out.push(Entry::Service {
+                name: s.name.clone(),
+                value: None,
+            });
+        }
+    }
+    for s in &after.services {
+        if old.get(s.name.as_str()) != Some(&s) {
+            out.push(Entry::Service {
+                name: s.name.clone(),
+                value: Some(s.clone()),
+            });
+        }
+    }
+    for name in before.changes.keys() {
+        if !after.changes.contains_key(name) {
+            out.push(Entry::Changes {
+                service: name.clone(),
+                value: None,
+            });
+        }
+    }
+    for (name, c) in &after.changes {
+        if before.changes.get(name) != Some(c) {
+            out.push(Entry::Changes {
+                service: name.clone(),
+                value: Some(c.clone()),
+            });
+        }
+    }
+    out
+}
+
+/// Applies `entries` to `o` as the commits that wrote them changed it: a
+/// service set in place keeps its position, a new one goes last.
+pub(super) fn replay(o: &mut Overlay, entries: impl IntoIterator<Item = Entry>) {
+    for entry in entries {
+        match entry {
+            Entry::Service { name, value } => {
+                let at = o.services.iter().position(|s| s.name == name);
+                match (at, value) {
+                    (Some(i), Some(v)) => o.services[i] = v,
+                    (None, Some(v)) => o.services.push(v),
+                    (Some(i), None) => {
+                        o.services.remove(i);
+                    }
+                    (None, None) => {}
+                }
+            }
+            Entry::Changes { service, value } => match value {
+                Some(v) => {
+                    o.changes.insert(service, v);
+                }
+                None => {
+                    o.changes.remove(&service);
+                }
+            },
+        }
+    }
+}
+
+/// The lines of one commit.
+pub(super) fn encode(seq: u64, entries: Vec<Entry>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for entry in entries {
+        serde_json::to_writer(&mut out, &Line { seq, entry }).expect("entries serialise");
+        out.push(b'\n');
+    }
+    out
+}
+
+/// What [`read`] found.
+#[derive(Debug, Default)]
+pub(super) struct Read {
+    /// Entries of commits after `after`, in order.
+    pub entries: Vec<Entry>,
+    /// The highest sequence number in the journal.
+    pub last_seq: u64,
+    /// The journal's length in bytes.
+    pub len: u64,
+    /// Whether the last line was cut short (a crash during an append).
+    pub torn: bool,
+}
+
+/// Reads the journal at `path` (none: empty), keeping the entries of
+/// commits after sequence number `after`. A last line cut short is the
+/// append a crash interrupted, never acknowledged: it is dropped. Any other
+/// line that does not parse makes the state corrupt.
+pub(super) fn read(path: &Path, after: u64) -> Result<Read, StateError> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Read::default()),
+        Err(source) => {
+            return Err(StateError::Io {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    let mut read = Read {
+        len: bytes.len() as u64,
+        ..Read::default()
+    };
+    let mut lines = bytes
+        .split_inclusive(|&b| b == b'\n')
+        .enumerate()
+        .peekable();
+    while let Some((n, line)) = lines.next() {
+        let complete = line.ends_with(b"\n");
+        match serde_json::from_slice::<Line>(line) {
+            Ok(l) => {
+                read.last_seq = read.last_seq.max(l.seq);
+                if l.seq > after {
+                    read.entries.push(l.entry);
+                }
+            }
+            Err(_) if !complete && lines.peek().is_none() => read.torn = true,
+            Err(e) => {
+                return Err(StateError::Corrupt {
+                    path: path.to_owned(),
+                    reason: format!("line {}: {e}", n + 1),
+                })
+            }
+        }
+    }
+    Ok(read)
+}
+
+/// Appends `lines` to the journal and waits until they are on disk.
+pub(super) fn append(path: &Path, lines: &[u8]) -> std::io::Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(lines)?;
+    f.sync_data()
+}
+
+/// Empties the journal once a snapshot holds everything in it.
+pub(super) fn clear(path: &Path) -> std::io::Result<()> {
+    match fs::OpenOptions::new().write(true).truncate(true).open(path) {
+        Ok(f) => f.sync_all(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}

@@ -37,7 +37,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         "--release",
         "--locked",
         "-p",
-        "lb-tests",
+        "lb-bench",
         "--bin",
         "lb-bench",
         "--",

@@ -2,7 +2,7 @@
 //! service, services and flows in the table grow; Maglev rebuild time; the
 //! kernel memory of the maps.
 //!
-//! Per-packet figures are taken the way [`super::per_packet`] takes them:
+//! Per-packet figures are taken the way [`crate::per_packet`] takes them:
 //! one `BPF_PROG_TEST_RUN` call with `repeat = 1` per packet and a fresh
 //! input frame each call, the kernel's own timing averaged over a round, the
 //! empty XDP program measured the same way as the floor, the median over
@@ -42,8 +42,8 @@ use nix::{
     unistd::Pid,
 };
 
-use super::report::{median, Column, Row, Section, Target};
-use crate::packets::{
+use crate::report::{median, Column, Row, Section, Target};
+use lb_harness::packets::{
     frame, Rig, BACKEND_MACS, CLIENT, CLIENT_MAC, HOST_MAC, L4, LB_MAC, LO, TABLE, XDP_PASS,
     XDP_REDIRECT,
 };
@@ -245,7 +245,7 @@ struct Bed {
 
 impl Bed {
     fn load(max_services: u32, max_backends: u32, table_size: u32, flow_table_size: u32) -> Self {
-        crate::require_root();
+        lb_harness::require_root();
         let dp = Datapath::load(&MapSizes {
             max_services,
             max_backends,
@@ -814,7 +814,7 @@ pub struct MapMemory {
 /// The kernel memory of every map of a data path loaded with `sizes`: the
 /// maps the two programs use, as the kernel accounts them.
 pub fn map_memory(sizes: &MapSizes) -> Vec<MapMemory> {
-    crate::require_root();
+    lb_harness::require_root();
     let mut dp = Datapath::load(sizes).expect("the data path loads");
     let mut ids: Vec<u32> = Vec::new();
     for info in [

@@ -61,13 +61,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::report::{median, Column, Row, Section, Target};
-use crate::{
+use crate::report::{median, Column, Row, Section, Target};
+use lb_harness::{
     attach::attachments,
     cmd::{self, run_ok},
-    config::{render_config, ServiceConfig},
-    daemon::{Daemon, READY_MARKER},
+    config_files::{render_config, ServiceConfig},
     forward::forward_policy,
+    lb_process::{Daemon, READY_MARKER},
     netns::Netns,
     packets::{frame, L4},
     tempdir::TempDir,
@@ -764,7 +764,7 @@ impl DnatRules {
     fn new(vip: Ipv4Addr, backends: &[Ipv4Addr]) -> DnatRules {
         DnatRules::remove(vip);
         let guard = DnatRules {
-            created_table: super::e2e::host::nft_table_exists("nat") == Some(false),
+            created_table: crate::e2e::host::nft_table_exists("nat") == Some(false),
         };
         run_ok("iptables", &["-t", "nat", "-N", CHAIN]);
         let n = backends.len();
@@ -797,7 +797,7 @@ impl DnatRules {
 
 impl Drop for DnatRules {
     fn drop(&mut self) {
-        DnatRules::remove(crate::topology::VIP);
+        DnatRules::remove(lb_harness::topology::VIP);
         if self.created_table {
             let _ = cmd::run("nft", &["delete", "table", "ip", "nat"]);
         }
@@ -1620,7 +1620,7 @@ mod tests {
     use std::mem::{offset_of, size_of};
 
     use super::*;
-    use crate::packets::assert_checksums_valid;
+    use lb_harness::packets::assert_checksums_valid;
 
     #[test]
     fn bpf_attr_layouts_match_the_kernel() {

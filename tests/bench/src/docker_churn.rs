@@ -50,14 +50,14 @@ use nix::{
     unistd::Pid,
 };
 
-use super::{
+use crate::{
     open_pinned,
     report::{percentile, Column, Row, Section, Target},
     PinDir,
 };
-use crate::{
+use lb_harness::{
     clients::HTTP_REQUEST,
-    docker::{docker_binary, Container, Engine, RunOpts, DOCKER_SOCKET, HTTP_PORT},
+    docker_engine::{docker_binary, Container, Engine, RunOpts, DOCKER_SOCKET, HTTP_PORT},
     Daemon, TempDir, Topology, READY_MARKER,
 };
 
@@ -910,7 +910,7 @@ fn wait_some<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T
 /// Runs the section's machinery: a daemon following the engine, two
 /// long-lived containers, and `p.rounds` containers started and killed.
 pub fn measure(p: &Params) -> Outcome {
-    crate::require_root();
+    lb_harness::require_root();
     // Dropped in reverse order: the map thread, the event stream, the
     // daemon, the containers, the files, the pins, the topology and last
     // the engine (its lock).
@@ -1250,7 +1250,7 @@ impl Drop for BurstCleanup {
         for chunk in self.0.chunks(50) {
             let mut args = vec!["rm", "-f"];
             args.extend(chunk.iter().map(String::as_str));
-            let _ = std::panic::catch_unwind(|| crate::docker::docker(&args));
+            let _ = std::panic::catch_unwind(|| lb_harness::docker_engine::docker(&args));
         }
     }
 }
@@ -1349,7 +1349,7 @@ fn burst(
                 "{{with index .NetworkSettings.Networks \"bridge\"}}{{.IPAddress}}{{end}}",
             ];
             args.extend(done.iter().map(|(c, _)| c.id()));
-            let out = std::panic::catch_unwind(|| crate::docker::docker_ok(&args));
+            let out = std::panic::catch_unwind(|| lb_harness::docker_engine::docker_ok(&args));
             match out {
                 Ok(out) => {
                     want = out
@@ -1422,7 +1422,7 @@ fn burst(
             s.spawn(move || drop(part));
         }
     });
-    b.left_behind = crate::docker::docker_ok(&["ps", "-a", "--format", "{{.Names}}"])
+    b.left_behind = lb_harness::docker_engine::docker_ok(&["ps", "-a", "--format", "{{.Names}}"])
         .lines()
         .filter(|l| l.starts_with(&format!("{NAME_PREFIX}burst")))
         .count();

@@ -57,9 +57,9 @@ use self::{
     },
     procs::{Haproxy, Nginx},
 };
-use super::report::{median, Column, Row, Section, Target};
-use crate::{
-    clients::http_get, config::render_config, daemon::Daemon, netns::Netns, require_root,
+use crate::report::{median, Column, Row, Section, Target};
+use lb_harness::{
+    clients::http_get, config_files::render_config, lb_process::Daemon, netns::Netns, require_root,
     tempdir::TempDir, topology::Topology, ServiceConfig, READY_MARKER,
 };
 

@@ -13,7 +13,7 @@ use std::{
 };
 
 use super::cpu::{children_of, proc_stat};
-use crate::netns::Netns;
+use lb_harness::netns::Netns;
 
 /// How long a stopped process gets to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);

@@ -26,6 +26,7 @@ use std::{
 use aya::maps::{Array, HashMap, MapData};
 use lb::api::types::{BackendInfo, BackendState};
 use lb_common::{maps, Backend, ServiceKey, ServiceValue, BACKEND_ACTIVE, IPPROTO_TCP};
+use lb_harness::{render_config, Daemon, ServiceConfig, TempDir, Topology, READY_MARKER};
 
 use crate::{
     open_pinned,
@@ -33,7 +34,6 @@ use crate::{
     scale::thousands,
     PinDir,
 };
-use lb_harness::{render_config, Daemon, ServiceConfig, TempDir, Topology, READY_MARKER};
 
 /// The longest the benchmark waits for the answer to a change (it then
 /// stops sending changes).

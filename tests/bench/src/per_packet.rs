@@ -13,13 +13,13 @@
 use std::time::Duration;
 
 use lb_common::{BACKEND_F_MAC, BACKEND_F_PEER, BACKEND_F_XDP};
-
-use crate::report::{median, Column, Row, Section, Target};
 use lb_harness::packets::{
     assert_checksums_valid, backend_of, frame, reply_from_backend, reply_to_client, syn,
     syn_to_backend, Rig, Run, BACKENDS, CLIENT_MAC, L4, LB_MAC, TC_ACT_OK, TC_ACT_REDIRECT, VIP,
     XDP_PASS, XDP_REDIRECT,
 };
+
+use crate::report::{median, Column, Row, Section, Target};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {

@@ -37,16 +37,16 @@ use lb_common::{
     defaults, maps, vip_filter_bit, Backend, Flow, FlowKey, RevNat, ServiceKey, ServiceValue,
     BACKEND_ACTIVE, BACKEND_F_MAC, BACKEND_F_PEER, BACKEND_F_XDP, IPPROTO_TCP,
 };
+use lb_harness::packets::{
+    frame, Rig, BACKEND_MACS, CLIENT, CLIENT_MAC, HOST_MAC, L4, LB_MAC, LO, TABLE, XDP_PASS,
+    XDP_REDIRECT,
+};
 use nix::{
     sched::{sched_getaffinity, sched_setaffinity, CpuSet},
     unistd::Pid,
 };
 
 use crate::report::{median, Column, Row, Section, Target};
-use lb_harness::packets::{
-    frame, Rig, BACKEND_MACS, CLIENT, CLIENT_MAC, HOST_MAC, L4, LB_MAC, LO, TABLE, XDP_PASS,
-    XDP_REDIRECT,
-};
 
 /// Stride of the walks over flows and services: a prime, so consecutive
 /// calls land far apart and every index is visited.

@@ -45,20 +45,20 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{maps, Backend, ServiceKey, ServiceValue, BACKEND_ACTIVE, IPPROTO_TCP, NO_BACKEND};
+use lb_harness::{
+    clients::HTTP_REQUEST,
+    docker_engine::{docker_binary, Container, Engine, RunOpts, DOCKER_SOCKET, HTTP_PORT},
+    Daemon, TempDir, Topology, READY_MARKER,
+};
 use nix::{
     sys::signal::{kill, Signal},
     unistd::Pid,
 };
 
 use crate::{
-    open_pinned,
+    open_pinned, raw_bpf,
     report::{percentile, Column, Row, Section, Target},
     PinDir,
-};
-use lb_harness::{
-    clients::HTTP_REQUEST,
-    docker_engine::{docker_binary, Container, Engine, RunOpts, DOCKER_SOCKET, HTTP_PORT},
-    Daemon, TempDir, Topology, READY_MARKER,
 };
 
 /// Every container the section makes is named `{NAME_PREFIX}…`.
@@ -297,18 +297,11 @@ impl PinnedArray {
             // key and value buffers hold `attr.count` elements of the map's
             // key (u32) and value (`T`, size checked) sizes, and the batch
             // tokens are u32 slots, as arrays use.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_LOOKUP_BATCH,
-                    std::ptr::addr_of_mut!(attr).cast::<libc::c_void>(),
-                    std::mem::size_of::<BatchAttr>() as libc::c_uint,
-                )
-            };
+            let r = unsafe { raw_bpf::bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+            // The kernel says how many it copied, also when it fails.
             let n = (attr.count as usize).min(count - got);
             got += n;
-            if r < 0 {
-                let e = io::Error::last_os_error();
+            if let Err(e) = r {
                 if e.raw_os_error() == Some(libc::ENOENT) {
                     break;
                 }

@@ -8,6 +8,7 @@ pub mod docker_churn;
 pub mod e2e;
 pub mod per_packet;
 pub mod rate;
+mod raw_bpf;
 pub mod report;
 pub mod scale;
 

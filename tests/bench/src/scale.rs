@@ -46,7 +46,10 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::report::{median, Column, Row, Section, Target};
+use crate::{
+    raw_bpf::{ProgType, Program},
+    report::{median, Column, Row, Section, Target},
+};
 
 /// Stride of the walks over flows and services: a prime, so consecutive
 /// calls land far apart and every index is visited.
@@ -451,6 +454,8 @@ impl Path {
 struct Axis {
     beds: Vec<Bed>,
     cases: Vec<Case>,
+    /// `r0 = XDP_PASS; exit`: the floor.
+    empty: Program,
     next_new: u32,
     next_pass: u32,
     /// New flows inserted this round, by bed.
@@ -471,10 +476,10 @@ impl Axis {
         for _ in 0..calls {
             let input = pass_frame(self.next_pass);
             self.next_pass = self.next_pass.wrapping_add(1);
-            let run = self.beds[0]
-                .rig
-                .xdp_noop(&input)
-                .expect("BPF_PROG_TEST_RUN");
+            let run = self
+                .empty
+                .test_run(&input)
+                .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {e}"));
             assert_eq!(run.action, XDP_PASS, "empty program");
             total += run.duration.as_nanos();
         }
@@ -632,6 +637,8 @@ impl Axis {
         Self {
             beds: Vec::new(),
             cases: Vec::new(),
+            empty: Program::returning(ProgType::Xdp, XDP_PASS, "lb_bench_empty")
+                .unwrap_or_else(|e| panic!("{e}")),
             next_new: NEW_FLOW_BASE,
             next_pass: 0,
             inserted: Vec::new(),

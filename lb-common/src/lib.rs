@@ -81,10 +81,6 @@ pub mod programs {
     /// TC (clsact ingress) program: the skb-path twin of the forward path on
     /// external interfaces, and the reverse path on backend-facing interfaces.
     pub const TC: &str = "lb_tc";
-    /// An XDP program that returns `XDP_PASS`: the benchmarks' floor.
-    pub const XDP_NOOP: &str = "lb_xdp_noop";
-    /// A TC program that returns `TC_ACT_OK`: the benchmarks' floor.
-    pub const TC_NOOP: &str = "lb_tc_noop";
 }
 
 /// Default sizes. Each can be changed in the config file; the data path reads

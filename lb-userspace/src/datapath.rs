@@ -469,7 +469,7 @@ impl Maps {
     }
 }
 
-/// Loads (verifies) program `name` unless it already is loaded.
+/// Loads (verifies) program `name`.
 fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {
     let what = || format!("loading program {name} (verifier)");
     let prog = ebpf
@@ -478,9 +478,6 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError
             what: what(),
             source: ProgramError::UnexpectedProgramType,
         })?;
-    if prog.fd().is_ok() {
-        return Ok(());
-    }
     match prog {
         aya::programs::Program::Xdp(p) => p.load(),
         aya::programs::Program::SchedClassifier(p) => p.load(),
@@ -656,27 +653,6 @@ impl Datapath {
             .program_mut(programs::TC)
             .and_then(|p| p.try_into().ok())
             .expect("the object has a TC program (checked at load)")
-    }
-
-    /// The empty XDP program (loaded on first use): the floor of the
-    /// per-packet benchmarks.
-    pub fn xdp_noop(&mut self) -> Result<&mut Xdp, DatapathError> {
-        load_program(&mut self.ebpf, programs::XDP_NOOP)?;
-        Ok(self
-            .ebpf
-            .program_mut(programs::XDP_NOOP)
-            .and_then(|p| p.try_into().ok())
-            .expect("loaded above as XDP"))
-    }
-
-    /// The empty TC program (loaded on first use).
-    pub fn tc_noop(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
-        load_program(&mut self.ebpf, programs::TC_NOOP)?;
-        Ok(self
-            .ebpf
-            .program_mut(programs::TC_NOOP)
-            .and_then(|p| p.try_into().ok())
-            .expect("loaded above as TC"))
     }
 
     /// Attaches the XDP forward program to `iface`, taking over an earlier

@@ -1,10 +1,10 @@
-//! Checks that [`lb_tests::attachments`], which the e2e tests use to prove
+//! Checks that [`lb_harness::attachments`], which the e2e tests use to prove
 //! that nothing is left attached, does see the kinds of attachments `lb`
 //! makes (an XDP link and a TC/TCX link), by attaching the real data path
 //! through the `lb` library. Needs root and an `lb` built with its eBPF object.
 
 use lb::datapath::{Datapath, MapSizes};
-use lb_tests::{attachments, require_root, Topology};
+use lb_harness::{attachments, require_root, Topology};
 
 #[test]
 fn attachments_sees_lb_xdp_and_tc_links_and_their_removal() {

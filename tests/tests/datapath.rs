@@ -12,7 +12,7 @@ use lb_common::{
     BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_F_MAC, BACKEND_F_PEER, BACKEND_F_XDP,
     IPPROTO_TCP, IPPROTO_UDP,
 };
-use lb_tests::packets::*;
+use lb_harness::packets::*;
 
 /// Flow table size for these tests.
 const FLOWS: u32 = 4096;

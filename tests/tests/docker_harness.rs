@@ -1,5 +1,5 @@
-//! Tests of the Docker part of the harness (`lb_tests::docker`) against a
-//! real engine (no `lb` daemon needed). Run as root:
+//! Tests of the Docker part of the harness (`lb_harness::docker_engine`)
+//! against a real engine (no `lb` daemon needed). Run as root:
 //! `cargo test --release -p lb-tests --test docker_harness -- --test-threads=1`.
 
 use std::{
@@ -8,8 +8,10 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{
-    docker::{docker_ok, echo_cmd, wait_for, Container, Engine, RunOpts, HTTP_PORT, OTHER_IMAGE},
+use lb_harness::{
+    docker_engine::{
+        docker_ok, echo_cmd, wait_for, Container, Engine, RunOpts, HTTP_PORT, OTHER_IMAGE,
+    },
     http_get_here, require_root, CLIENT_TIMEOUT,
 };
 

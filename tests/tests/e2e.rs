@@ -3,7 +3,7 @@
 //! time: `cargo test -p lb-tests --test e2e -- --test-threads=1`.
 //!
 //! The binary under test is `$LB_BIN`, else `target/release/lb`, else
-//! `target/debug/lb` (see [`lb_tests::lb_binary`]).
+//! `target/debug/lb` (see [`lb_harness::lb_binary`]).
 
 use std::{
     collections::BTreeSet,
@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{
+use lb_harness::{
     attachments, http_tally, lb_binary, output_with_timeout, render_config, require_root,
     udp_tally, Daemon, ForwardDrop, HttpServer, ServiceConfig, TempDir, Topology, UdpEcho,
     READY_MARKER,

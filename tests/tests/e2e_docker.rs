@@ -18,8 +18,8 @@ use std::{
 };
 
 use lb::api::types::{BackendInfo, BackendState, Status};
-use lb_tests::{
-    docker::{Container, Engine, RunOpts, IMAGE},
+use lb_harness::{
+    docker_engine::{Container, Engine, RunOpts, IMAGE},
     http_tally,
     ops::{stop_with_output, with_pin_path, LbCli, PinDir},
     require_root,
@@ -521,7 +521,7 @@ fn with_xdp_forwarding_the_daemon_turns_gro_on_inside_the_container() {
     let c = engine.run("lbd8-c1", RunOpts::default().cmd(serve()));
     let gro = || {
         let ns = format!("--net=/proc/{}/ns/net", c.pid());
-        let out = lb_tests::run_ok("nsenter", &[&ns, "ethtool", "-k", "eth0"]);
+        let out = lb_harness::run_ok("nsenter", &[&ns, "ethtool", "-k", "eth0"]);
         out.lines()
             .any(|l| l.trim() == "generic-receive-offload: on")
     };

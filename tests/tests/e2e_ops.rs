@@ -5,7 +5,7 @@
 //! `cargo test -p lb-tests --test e2e_ops -- --test-threads=1`.
 //!
 //! The binary under test is `$LB_BIN`, else `target/release/lb`, else
-//! `target/debug/lb` (see [`lb_tests::lb_binary`]). Every test has its own
+//! `target/debug/lb` (see [`lb_harness::lb_binary`]). Every test has its own
 //! topology prefix, socket, state file and bpffs pin path, and removes its
 //! pins even when it fails.
 
@@ -22,7 +22,7 @@ use std::{
 use lb::api::types::{
     BackendInfo, BackendState, Health, HealthCheck, Origin, ServiceInfo, Stats, Status,
 };
-use lb_tests::{
+use lb_harness::{
     attachments, http_get_here, http_tally,
     ops::{free_loopback_port, stop_with_output, with_pin_path, LbCli, PinDir},
     render_config, require_root,

@@ -4,7 +4,7 @@
 //! a time: `cargo test -p lb-tests --test e2e_paths -- --test-threads=1`.
 //!
 //! The binary under test is `$LB_BIN`, else `target/release/lb`, else
-//! `target/debug/lb` (see [`lb_tests::lb_binary`]).
+//! `target/debug/lb` (see [`lb_harness::lb_binary`]).
 
 use std::{
     collections::BTreeMap,
@@ -17,7 +17,7 @@ use std::{
 
 use aya::maps::{Map, MapData, PerCpuArray};
 use lb_common::{maps, stat};
-use lb_tests::{
+use lb_harness::{
     attachments, http_get_here, http_tally,
     packets::{assert_checksums_valid, frame, L4},
     render_config, require_root, run, run_ok,

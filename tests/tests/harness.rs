@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{
+use lb_harness::{
     cmd::{run, run_ok},
     forward_policy, http_get, http_get_here, http_tally,
     netns::list_netns,
@@ -115,7 +115,7 @@ fn topology_is_built_as_documented_and_torn_down_completely() {
 
         // A fresh veth: GRO off, nothing attached.
         topo.assert_client_side_pristine();
-        let attached = lb_tests::attachments(&topo.client_host_if());
+        let attached = lb_harness::attachments(&topo.client_host_if());
         assert!(attached.is_empty(), "{attached}");
     }
     let listed = list_netns();

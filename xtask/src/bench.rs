@@ -37,12 +37,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         "--release",
         "--locked",
         "-p",
-        "lb-tests",
+        "lb-bench",
         "--bin",
         "lb-bench",
         "--",
     ])?;
-    bench.arg("--out").arg(&out);
+    // The binary just built, also under a CARGO_TARGET_DIR (as the tests
+    // and the demo get it).
+    bench.arg("--out").arg(&out).env("LB_BIN", cmd::lb_bin());
     if args.quick {
         bench.arg("--quick");
     }

@@ -17,7 +17,7 @@ pub fn run() -> anyhow::Result<()> {
         "--release",
         "--locked",
         "-p",
-        "lb-tests",
+        "lb-harness",
         "--bin",
         "lb-demo",
     ])?;

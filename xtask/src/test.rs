@@ -11,14 +11,15 @@ pub struct Args {
     /// Skip rustfmt and clippy (for local iteration; CI lints).
     #[arg(long)]
     skip_lint: bool,
-    /// Run only this test target of lb-tests (a file in tests/tests/, e.g.
-    /// `e2e`); repeatable. Passed to cargo as `--test TARGET`.
+    /// Run only this test target of lb-tests or lb-bench (a file in
+    /// tests/tests/ or tests/bench/tests/, e.g. `e2e` or `bench_rate`);
+    /// repeatable. Passed to cargo as `--test TARGET`.
     #[arg(long = "test", value_name = "TARGET")]
     targets: Vec<String>,
-    /// Passed to the lb-tests run after `--test-threads=1`: a filter on
+    /// Passed to the kernel tests' run after `--test-threads=1`: a filter on
     /// test names, or libtest flags such as `--nocapture`.
     #[arg(last = true)]
-    lb_tests_args: Vec<String>,
+    kernel_tests_args: Vec<String>,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -50,6 +51,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             "lb-ebpf",
             "--exclude",
             "lb-tests",
+            "--exclude",
+            "lb-bench",
         ])?)?;
         cmd::run(&mut cmd::cargo([
             "test",
@@ -62,13 +65,21 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     });
     steps.keep_going("kernel tests", || {
         // One thread: the tests share the host's network stack, its FORWARD
-        // policy and bpffs.
-        let mut test = cmd::cargo(["test", "--release", "--locked", "-p", "lb-tests"])?;
+        // policy and bpffs. lb-bench's tests run its sections small.
+        let mut test = cmd::cargo([
+            "test",
+            "--release",
+            "--locked",
+            "-p",
+            "lb-tests",
+            "-p",
+            "lb-bench",
+        ])?;
         for target in &args.targets {
             test.args(["--test", target]);
         }
         test.args(["--", "--test-threads=1"])
-            .args(&args.lb_tests_args)
+            .args(&args.kernel_tests_args)
             .env("LB_BIN", cmd::lb_bin());
         cmd::run(&mut test)
     });

@@ -512,19 +512,6 @@ fn tc_reverse(ctx: &TcContext, p: &Parsed, key: &FlowKey, flow: &Flow) -> i32 {
     unsafe { bpf_redirect(flow.ifindex, 0) as i32 }
 }
 
-/// Does nothing: the floor that `cargo xtask bench` subtracts from the cost
-/// of the real XDP program. Never attached.
-#[xdp]
-pub fn lb_xdp_noop(_ctx: XdpContext) -> u32 {
-    XDP_PASS
-}
-
-/// Does nothing: the floor for the TC program. Never attached.
-#[classifier]
-pub fn lb_tc_noop(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
-}
-
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -2,20 +2,17 @@
 //! asserted): the live-frames generator sends what it says, the frames cross
 //! the real path, and the backends receive every one of them intact; every
 //! contender's setup is undone. Run as root:
-//! `cargo test -p lb-tests --test bench_rate -- --test-threads=1`.
+//! `cargo test -p lb-bench --test bench_rate -- --test-threads=1`.
 //!
 //! The `lb` binary under test is `$LB_BIN`, else `target/release/lb`, else
-//! `target/debug/lb` (see [`lb_tests::lb_binary`]).
+//! `target/debug/lb` (see [`lb_harness::lb_binary`]).
 
 use std::{collections::BTreeSet, net::SocketAddrV4};
 
-use lb_tests::{
-    attachments,
-    bench::rate::{
-        Contender, Measurement, Plan, RateRig, BACKENDS, CHAIN, FIRST_SRC_PORT, PIN_PATH,
-    },
-    forward_policy, require_root, run,
+use lb_bench::rate::{
+    Contender, Measurement, Plan, RateRig, BACKENDS, CHAIN, FIRST_SRC_PORT, PIN_PATH,
 };
+use lb_harness::{attachments, forward_policy, require_root, run};
 
 /// Socket buffers big enough to hold every datagram of these small runs
 /// (a datagram built from a live frame is charged a whole page).

@@ -1,12 +1,13 @@
 //! Test harness of `lb`: network namespaces, a veth topology, real kernel
-//! servers and clients, guards for host state, and a guard for the `lb`
-//! daemon itself.
+//! servers and clients, guards for host state, a guard for the `lb` daemon
+//! process, a real Docker engine, and a rig for `BPF_PROG_TEST_RUN`.
 //!
-//! Everything here is meant to be reused by the end-to-end tests in
-//! `tests/tests/`, by `cargo xtask demo` and by benchmarks. All of it needs
-//! root (see [`require_root`]); every object it creates (namespace, veth,
-//! address, process, file, firewall policy change) is undone by a `Drop`
-//! guard, so a panicking test still leaves the host as it found it.
+//! Everything here is meant to be reused by the kernel and end-to-end tests
+//! (`tests/tests/`), by `cargo xtask demo` (`lb-demo`) and by the benchmark
+//! (`tests/bench/`). All of it needs root (see [`require_root`]); every
+//! object it creates (namespace, veth, address, process, file, firewall
+//! policy change) is undone by a `Drop` guard, so a panicking test still
+//! leaves the host as it found it.
 //!
 //! Addresses: only 198.18.0.0/15 (RFC 2544 benchmarking range) is used; see
 //! [`topology`] for the plan.
@@ -14,13 +15,12 @@
 #![warn(missing_docs)]
 
 pub mod attach;
-pub mod bench;
 pub mod clients;
 pub mod cmd;
-pub mod config;
-pub mod daemon;
-pub mod docker;
+pub mod config_files;
+pub mod docker_engine;
 pub mod forward;
+pub mod lb_process;
 pub mod lock;
 pub mod netns;
 pub mod ops;
@@ -36,9 +36,9 @@ pub use clients::{
     UdpReply, UdpTally, CLIENT_TIMEOUT,
 };
 pub use cmd::{output_with_timeout, run, run_ok};
-pub use config::{render_config, ServiceConfig};
-pub use daemon::{lb_binary, Daemon, READY_MARKER};
+pub use config_files::{render_config, ServiceConfig};
 pub use forward::{forward_policy, ForwardDrop};
+pub use lb_process::{lb_binary, Daemon, READY_MARKER};
 pub use netns::Netns;
 pub use servers::{HttpServer, UdpEcho};
 pub use tempdir::TempDir;

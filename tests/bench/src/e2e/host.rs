@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{
+use lb_harness::{
     cmd::{run, run_ok},
     netns::{list_netns, Netns},
 };

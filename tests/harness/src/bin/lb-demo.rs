@@ -5,7 +5,7 @@
 
 use std::{net::SocketAddrV4, time::Duration};
 
-use lb_tests::{
+use lb_harness::{
     http_tally, render_config, require_root, udp_tally, Daemon, ForwardDrop, HttpServer,
     ServiceConfig, TempDir, Topology, UdpEcho, READY_MARKER,
 };

@@ -45,20 +45,20 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{maps, Backend, ServiceKey, ServiceValue, BACKEND_ACTIVE, IPPROTO_TCP, NO_BACKEND};
+use lb_harness::{
+    clients::HTTP_REQUEST,
+    docker_engine::{docker_binary, Container, Engine, RunOpts, DOCKER_SOCKET, HTTP_PORT},
+    Daemon, TempDir, Topology, READY_MARKER,
+};
 use nix::{
     sys::signal::{kill, Signal},
     unistd::Pid,
 };
 
-use super::{
-    open_pinned,
+use crate::{
+    open_pinned, raw_bpf,
     report::{percentile, Column, Row, Section, Target},
     PinDir,
-};
-use crate::{
-    clients::HTTP_REQUEST,
-    docker::{docker_binary, Container, Engine, RunOpts, DOCKER_SOCKET, HTTP_PORT},
-    Daemon, TempDir, Topology, READY_MARKER,
 };
 
 /// Every container the section makes is named `{NAME_PREFIX}…`.
@@ -297,18 +297,11 @@ impl PinnedArray {
             // key and value buffers hold `attr.count` elements of the map's
             // key (u32) and value (`T`, size checked) sizes, and the batch
             // tokens are u32 slots, as arrays use.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_LOOKUP_BATCH,
-                    std::ptr::addr_of_mut!(attr).cast::<libc::c_void>(),
-                    std::mem::size_of::<BatchAttr>() as libc::c_uint,
-                )
-            };
+            let r = unsafe { raw_bpf::bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+            // The kernel says how many it copied, also when it fails.
             let n = (attr.count as usize).min(count - got);
             got += n;
-            if r < 0 {
-                let e = io::Error::last_os_error();
+            if let Err(e) = r {
                 if e.raw_os_error() == Some(libc::ENOENT) {
                     break;
                 }
@@ -910,7 +903,7 @@ fn wait_some<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T
 /// Runs the section's machinery: a daemon following the engine, two
 /// long-lived containers, and `p.rounds` containers started and killed.
 pub fn measure(p: &Params) -> Outcome {
-    crate::require_root();
+    lb_harness::require_root();
     // Dropped in reverse order: the map thread, the event stream, the
     // daemon, the containers, the files, the pins, the topology and last
     // the engine (its lock).
@@ -1250,7 +1243,7 @@ impl Drop for BurstCleanup {
         for chunk in self.0.chunks(50) {
             let mut args = vec!["rm", "-f"];
             args.extend(chunk.iter().map(String::as_str));
-            let _ = std::panic::catch_unwind(|| crate::docker::docker(&args));
+            let _ = std::panic::catch_unwind(|| lb_harness::docker_engine::docker(&args));
         }
     }
 }
@@ -1349,7 +1342,7 @@ fn burst(
                 "{{with index .NetworkSettings.Networks \"bridge\"}}{{.IPAddress}}{{end}}",
             ];
             args.extend(done.iter().map(|(c, _)| c.id()));
-            let out = std::panic::catch_unwind(|| crate::docker::docker_ok(&args));
+            let out = std::panic::catch_unwind(|| lb_harness::docker_engine::docker_ok(&args));
             match out {
                 Ok(out) => {
                     want = out
@@ -1422,7 +1415,7 @@ fn burst(
             s.spawn(move || drop(part));
         }
     });
-    b.left_behind = crate::docker::docker_ok(&["ps", "-a", "--format", "{{.Names}}"])
+    b.left_behind = lb_harness::docker_engine::docker_ok(&["ps", "-a", "--format", "{{.Names}}"])
         .lines()
         .filter(|l| l.starts_with(&format!("{NAME_PREFIX}burst")))
         .count();

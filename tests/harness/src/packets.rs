@@ -402,20 +402,6 @@ impl Rig {
         test_run(input, |o| self.dp.tc_program().test_run(o))
     }
 
-    /// Runs the empty XDP program once on `input`.
-    pub fn xdp_noop(&mut self, input: &[u8]) -> Result<Run, ProgramError> {
-        test_run(input, |o| {
-            self.dp.xdp_noop().expect("noop loads").test_run(o)
-        })
-    }
-
-    /// Runs the empty TC program once on `input`.
-    pub fn tc_noop(&mut self, input: &[u8]) -> Result<Run, ProgramError> {
-        test_run(input, |o| {
-            self.dp.tc_noop().expect("noop loads").test_run(o)
-        })
-    }
-
     /// A global counter by name, summed over CPUs.
     pub fn global(&self, name: &str) -> u64 {
         self.dp

@@ -4,8 +4,8 @@
 
 use std::{fs, path::PathBuf};
 
-use lb_tests::bench::{
-    control, docker, e2e, per_packet, rate,
+use lb_bench::{
+    control_plane, docker_churn, e2e, per_packet, rate,
     report::{Machine, Report, Section},
     scale,
 };
@@ -18,8 +18,8 @@ const SECTIONS: [(&str, RunSection); 6] = [
     ("per_packet", per_packet::run),
     ("rate", rate::run),
     ("scale", scale::run),
-    ("control", control::run),
-    ("docker", docker::run),
+    ("control", control_plane::run),
+    ("docker", docker_churn::run),
     ("e2e", e2e::run),
 ];
 

@@ -49,6 +49,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lb_harness::{
+    clients::http_get, config_files::render_config, lb_process::Daemon, netns::Netns, require_root,
+    tempdir::TempDir, topology::Topology, ServiceConfig, READY_MARKER,
+};
+
 use self::{
     cpu::{other_ticks, own_ticks, ticks_ms, tree_ticks, Snapshot},
     host::{
@@ -57,11 +62,8 @@ use self::{
     },
     procs::{Haproxy, Nginx},
 };
-use super::report::{median, Column, Row, Section, Target};
-use crate::{
-    clients::http_get, config::render_config, daemon::Daemon, netns::Netns, require_root,
-    tempdir::TempDir, topology::Topology, ServiceConfig, READY_MARKER,
-};
+
+use crate::report::{median, Column, Row, Section, Target};
 
 /// wrk's connections (`-c`), with one thread (`-t1`).
 pub const CONNECTIONS: u32 = 32;

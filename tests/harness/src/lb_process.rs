@@ -28,9 +28,11 @@ pub fn lb_binary() -> PathBuf {
         assert!(path.is_file(), "LB_BIN={} is not a file", path.display());
         return path;
     }
+    // This crate is `<workspace>/tests/harness`.
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate lives in the workspace");
+        .ancestors()
+        .nth(2)
+        .expect("the harness crate lives in the workspace");
     let release = workspace.join("target/release/lb");
     let debug = workspace.join("target/debug/lb");
     for candidate in [&release, &debug] {
@@ -55,7 +57,8 @@ pub fn no_tools_path() -> PathBuf {
 }
 
 /// Prints a warning if a source file of the daemon is newer than `binary`:
-/// `cargo test -p lb-tests` does not rebuild the `lb` binary.
+/// `cargo test` of the tests or the benchmark does not rebuild the `lb`
+/// binary.
 fn warn_if_stale(binary: &Path, workspace: &Path) {
     let Ok(built) = binary.metadata().and_then(|m| m.modified()) else {
         return;

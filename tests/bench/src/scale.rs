@@ -2,7 +2,7 @@
 //! service, services and flows in the table grow; Maglev rebuild time; the
 //! kernel memory of the maps.
 //!
-//! Per-packet figures are taken the way [`super::per_packet`] takes them:
+//! Per-packet figures are taken the way [`crate::per_packet`] takes them:
 //! one `BPF_PROG_TEST_RUN` call with `repeat = 1` per packet and a fresh
 //! input frame each call, the kernel's own timing averaged over a round, the
 //! empty XDP program measured the same way as the floor, the median over
@@ -37,15 +37,18 @@ use lb_common::{
     defaults, maps, vip_filter_bit, Backend, Flow, FlowKey, RevNat, ServiceKey, ServiceValue,
     BACKEND_ACTIVE, BACKEND_F_MAC, BACKEND_F_PEER, BACKEND_F_XDP, IPPROTO_TCP,
 };
+use lb_harness::packets::{
+    frame, Rig, BACKEND_MACS, CLIENT, CLIENT_MAC, HOST_MAC, L4, LB_MAC, LO, TABLE, XDP_PASS,
+    XDP_REDIRECT,
+};
 use nix::{
     sched::{sched_getaffinity, sched_setaffinity, CpuSet},
     unistd::Pid,
 };
 
-use super::report::{median, Column, Row, Section, Target};
-use crate::packets::{
-    frame, Rig, BACKEND_MACS, CLIENT, CLIENT_MAC, HOST_MAC, L4, LB_MAC, LO, TABLE, XDP_PASS,
-    XDP_REDIRECT,
+use crate::{
+    raw_bpf::{ProgType, Program},
+    report::{median, Column, Row, Section, Target},
 };
 
 /// Stride of the walks over flows and services: a prime, so consecutive
@@ -245,7 +248,7 @@ struct Bed {
 
 impl Bed {
     fn load(max_services: u32, max_backends: u32, table_size: u32, flow_table_size: u32) -> Self {
-        crate::require_root();
+        lb_harness::require_root();
         let dp = Datapath::load(&MapSizes {
             max_services,
             max_backends,
@@ -451,6 +454,8 @@ impl Path {
 struct Axis {
     beds: Vec<Bed>,
     cases: Vec<Case>,
+    /// `r0 = XDP_PASS; exit`: the floor.
+    empty: Program,
     next_new: u32,
     next_pass: u32,
     /// New flows inserted this round, by bed.
@@ -471,10 +476,10 @@ impl Axis {
         for _ in 0..calls {
             let input = pass_frame(self.next_pass);
             self.next_pass = self.next_pass.wrapping_add(1);
-            let run = self.beds[0]
-                .rig
-                .xdp_noop(&input)
-                .expect("BPF_PROG_TEST_RUN");
+            let run = self
+                .empty
+                .test_run(&input)
+                .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {e}"));
             assert_eq!(run.action, XDP_PASS, "empty program");
             total += run.duration.as_nanos();
         }
@@ -632,6 +637,8 @@ impl Axis {
         Self {
             beds: Vec::new(),
             cases: Vec::new(),
+            empty: Program::returning(ProgType::Xdp, XDP_PASS, "lb_bench_empty")
+                .unwrap_or_else(|e| panic!("{e}")),
             next_new: NEW_FLOW_BASE,
             next_pass: 0,
             inserted: Vec::new(),
@@ -814,7 +821,7 @@ pub struct MapMemory {
 /// The kernel memory of every map of a data path loaded with `sizes`: the
 /// maps the two programs use, as the kernel accounts them.
 pub fn map_memory(sizes: &MapSizes) -> Vec<MapMemory> {
-    crate::require_root();
+    lb_harness::require_root();
     let mut dp = Datapath::load(sizes).expect("the data path loads");
     let mut ids: Vec<u32> = Vec::new();
     for info in [

@@ -12,8 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lb_harness::netns::Netns;
+
 use super::cpu::{children_of, proc_stat};
-use crate::netns::Netns;
 
 /// How long a stopped process gets to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);

@@ -26,14 +26,14 @@ use std::{
 use aya::maps::{Array, HashMap, MapData};
 use lb::api::types::{BackendInfo, BackendState};
 use lb_common::{maps, Backend, ServiceKey, ServiceValue, BACKEND_ACTIVE, IPPROTO_TCP};
+use lb_harness::{render_config, Daemon, ServiceConfig, TempDir, Topology, READY_MARKER};
 
-use super::{
+use crate::{
     open_pinned,
     report::{percentile, Column, Row, Section, Target},
     scale::thousands,
     PinDir,
 };
-use crate::{render_config, Daemon, ServiceConfig, TempDir, Topology, READY_MARKER};
 
 /// The longest the benchmark waits for the answer to a change (it then
 /// stops sending changes).
@@ -187,7 +187,7 @@ pub struct Outcome {
 /// `changes` backend additions through its admin API, one at a time,
 /// sending no new one once `budget` has passed.
 pub fn measure(changes: usize, budget: Duration, probe: Duration) -> Outcome {
-    crate::require_root();
+    lb_harness::require_root();
     assert!(
         changes <= 3 * usize::from(u16::MAX - FIRST_PORT),
         "too many changes"
@@ -774,7 +774,7 @@ pub struct BatchOutcome {
 /// one call each, then sets each one's backends with one
 /// `PUT /v1/services/{name}/backends`, and reads the pinned maps.
 pub fn measure_batch(services: usize, per_service: usize, in_flight: usize) -> BatchOutcome {
-    crate::require_root();
+    lb_harness::require_root();
     let total_backends = services * per_service;
     assert!(
         total_backends <= 3 * usize::from(u16::MAX - FIRST_PORT),
@@ -946,10 +946,10 @@ fn fill_flows(dir: &Path, vip: Ipv4Addr, n: usize, backend_id: u32) -> usize {
     use lb_common::{Flow, FlowKey};
     let mut flows: HashMap<MapData, FlowKey, Flow> =
         HashMap::try_from(open_pinned(dir, maps::FLOWS)).expect("LB_FLOWS is a hash");
-    let now = super::scale::now_secs();
-    let cpus = super::scale::allowed_cpus();
+    let now = crate::scale::now_secs();
+    let cpus = crate::scale::allowed_cpus();
     for (k, &cpu) in cpus.iter().enumerate() {
-        super::scale::on_cpu(cpu, || {
+        crate::scale::on_cpu(cpu, || {
             for i in (k..n).step_by(cpus.len()) {
                 // Clients 198.19.x.y, 50,000 source ports each.
                 let src = u32::from(Ipv4Addr::new(198, 19, 0, 1)) + (i / 50_000) as u32;
@@ -1021,7 +1021,7 @@ fn changes(socket: &Path, topo: &Topology, calls: usize, first_port: u16) -> Vec
 /// flows, then times `calls` API changes with no scraper and again while a
 /// thread scrapes `/metrics` every 100 ms.
 pub fn measure_scrape(flows: usize, calls: usize) -> ScrapeOutcome {
-    crate::require_root();
+    lb_harness::require_root();
     let port = free_port();
     let metrics = format!("127.0.0.1:{port}");
     let mut rig = Rig::start("control-scrape", "", None, &["--metrics", &metrics]);

@@ -61,17 +61,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::report::{median, Column, Row, Section, Target};
-use crate::{
+use lb_harness::{
     attach::attachments,
     cmd::{self, run_ok},
-    config::{render_config, ServiceConfig},
-    daemon::{Daemon, READY_MARKER},
+    config_files::{render_config, ServiceConfig},
     forward::forward_policy,
+    lb_process::{Daemon, READY_MARKER},
     netns::Netns,
     packets::{frame, L4},
     tempdir::TempDir,
     topology::Topology,
+};
+
+use crate::{
+    raw_bpf::{insn, return_program, ProgType, Program},
+    report::{median, Column, Row, Section, Target},
 };
 
 /// The UDP service's port on the VIP.
@@ -112,244 +116,107 @@ pub const XDP_DROP: u32 = 1;
 /// `XDP_TX`.
 pub const XDP_TX: u32 = 3;
 
-/// The raw `bpf()` interface the generator needs: loading a program from raw
-/// instructions, running it in live-frames mode and attaching it with a link.
-/// Layouts follow `include/uapi/linux/bpf.h` (`union bpf_attr`).
-mod sys {
-    use std::os::fd::{FromRawFd, OwnedFd};
-
-    pub const BPF_PROG_LOAD: libc::c_long = 5;
-    pub const BPF_PROG_TEST_RUN: libc::c_long = 10;
-    pub const BPF_LINK_CREATE: libc::c_long = 28;
-    pub const BPF_PROG_TYPE_XDP: u32 = 6;
-    /// `enum bpf_attach_type` `BPF_XDP`.
-    pub const BPF_XDP: u32 = 37;
-    pub const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
-    /// `XDP_FLAGS_DRV_MODE`: native XDP (veth has it).
-    pub const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
-
-    /// `bpf_attr` for `BPF_PROG_LOAD`, up to `expected_attach_type`.
-    #[repr(C)]
-    #[derive(Default)]
-    pub struct ProgLoad {
-        pub prog_type: u32,
-        pub insn_cnt: u32,
-        pub insns: u64,
-        pub license: u64,
-        pub log_level: u32,
-        pub log_size: u32,
-        pub log_buf: u64,
-        pub kern_version: u32,
-        pub prog_flags: u32,
-        pub prog_name: [u8; 16],
-        pub prog_ifindex: u32,
-        pub expected_attach_type: u32,
-    }
-
-    /// `bpf_attr` for `BPF_PROG_TEST_RUN`, up to `batch_size`.
-    #[repr(C)]
-    #[derive(Default)]
-    pub struct TestRun {
-        pub prog_fd: u32,
-        pub retval: u32,
-        pub data_size_in: u32,
-        pub data_size_out: u32,
-        pub data_in: u64,
-        pub data_out: u64,
-        pub repeat: u32,
-        pub duration: u32,
-        pub ctx_size_in: u32,
-        pub ctx_size_out: u32,
-        pub ctx_in: u64,
-        pub ctx_out: u64,
-        pub flags: u32,
-        pub cpu: u32,
-        pub batch_size: u32,
-        pub _pad: u32,
-    }
-
-    /// `bpf_attr` for `BPF_LINK_CREATE`, up to `flags`.
-    #[repr(C)]
-    #[derive(Default)]
-    pub struct LinkCreate {
-        pub prog_fd: u32,
-        pub target_ifindex: u32,
-        pub attach_type: u32,
-        pub flags: u32,
-    }
-
-    /// `struct xdp_md`, the context `BPF_PROG_TEST_RUN` takes for XDP.
-    #[repr(C)]
-    #[derive(Default)]
-    pub struct XdpMd {
-        pub data: u32,
-        pub data_end: u32,
-        pub data_meta: u32,
-        pub ingress_ifindex: u32,
-        pub rx_queue_index: u32,
-        pub egress_ifindex: u32,
-    }
-
-    /// One `struct bpf_insn`: opcode, destination and source registers,
-    /// 16-bit offset, 32-bit immediate (8 bytes, host byte order).
-    pub fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
-        u64::from(code)
-            | u64::from(dst & 0xf) << 8
-            | u64::from(src & 0xf) << 12
-            | u64::from(off as u16) << 16
-            | u64::from(imm as u32) << 32
-    }
-
-    /// `r0 = action; exit`.
-    pub fn return_program(action: u32) -> Vec<u64> {
-        // BPF_ALU64 | BPF_MOV | BPF_K, then BPF_JMP | BPF_EXIT.
-        vec![insn(0xb7, 0, 0, 0, action as i32), insn(0x95, 0, 0, 0, 0)]
-    }
-
-    /// How a frame of `len` bytes is written with stores: `(offset, size)`
-    /// of 4-byte words, then a 2-byte and a 1-byte tail.
-    fn chunks(len: usize) -> Vec<(usize, usize)> {
-        let mut out = Vec::new();
-        let mut k = 0;
-        while k < len {
-            let n = match len - k {
-                4.. => 4,
-                2..=3 => 2,
-                _ => 1,
-            };
-            out.push((k, n));
-            k += n;
-        }
-        out
-    }
-
-    /// `*(size *)(r2 + k) = frame[k..k + size]`.
-    fn store(frame: &[u8], k: usize, n: usize) -> u64 {
-        // BPF_ST | BPF_MEM | size: W 0x62, H 0x6a, B 0x72.
-        let code = match n {
-            4 => 0x62,
-            2 => 0x6a,
-            _ => 0x72,
+/// How a frame of `len` bytes is written with stores: `(offset, size)` of
+/// 4-byte words, then a 2-byte and a 1-byte tail.
+fn chunks(len: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut k = 0;
+    while k < len {
+        let n = match len - k {
+            4.. => 4,
+            2..=3 => 2,
+            _ => 1,
         };
-        let mut word = [0u8; 4];
-        word[..n].copy_from_slice(&frame[k..k + n]);
-        let off = i16::try_from(k).expect("frame offset fits i16");
-        insn(code, 2, 0, off, i32::from_ne_bytes(word))
-    }
-
-    /// The generator: an XDP program that writes one of `frames` (all of one
-    /// length), picked at random for each packet, over the packet and
-    /// returns `action`. A packet of another length is dropped untouched.
-    ///
-    /// ```text
-    ///     r6 = r1; r0 = bpf_get_prandom_u32(); w0 %= frames.len()
-    ///     r2 = ctx->data; r3 = ctx->data_end; r4 = r2 + len
-    ///     if r4 > r3 goto drop
-    ///     *(u32 *)(r2 + k) = frames[0][k..k + 4] ...   (u16, u8 for a tail)
-    ///     if r0 != 1 goto +n1; the words where frames[1] differs ...
-    ///     if r0 != 2 goto +n2; ...
-    ///     r0 = action; exit
-    /// drop:
-    ///     r0 = XDP_DROP; exit
-    /// ```
-    pub fn generator_program(frames: &[Vec<u8>], action: u32) -> Vec<u64> {
-        let first = frames.first().expect("at least one frame");
-        let len = first.len();
-        assert!(
-            frames.iter().all(|f| f.len() == len),
-            "frames of one length"
-        );
-        let n = i32::try_from(frames.len()).expect("few frames");
-        let chunks = chunks(len);
-        let mut body: Vec<u64> = chunks.iter().map(|&(k, c)| store(first, k, c)).collect();
-        for (i, f) in frames.iter().enumerate().skip(1) {
-            let diff: Vec<u64> = chunks
-                .iter()
-                .filter(|&&(k, c)| f[k..k + c] != first[k..k + c])
-                .map(|&(k, c)| store(f, k, c))
-                .collect();
-            let skip = i16::try_from(diff.len()).expect("short program");
-            // BPF_JMP | BPF_JNE | BPF_K.
-            body.push(insn(
-                0x55,
-                0,
-                0,
-                skip,
-                i32::try_from(i).expect("few frames"),
-            ));
-            body.extend(diff);
-        }
-        let to_drop = i16::try_from(body.len() + 2).expect("short program");
-        let mut p = vec![
-            insn(0xbf, 6, 1, 0, 0), // BPF_ALU64 | BPF_MOV | BPF_X: r6 = ctx
-            insn(0x85, 0, 0, 0, 7), // BPF_JMP | BPF_CALL: bpf_get_prandom_u32
-            insn(0x94, 0, 0, 0, n), // BPF_ALU | BPF_MOD | BPF_K: w0 %= n
-            insn(0x61, 2, 6, 0, 0), // BPF_LDX | BPF_MEM | BPF_W: r2 = data
-            insn(0x61, 3, 6, 4, 0), // r3 = data_end
-            insn(0xbf, 4, 2, 0, 0), // r4 = r2
-            insn(0x07, 4, 0, 0, i32::try_from(len).expect("short frame")), // r4 += len
-            insn(0x2d, 4, 3, to_drop, 0), // BPF_JMP | BPF_JGT | BPF_X: if r4 > r3
-        ];
-        p.extend(body);
-        p.extend(return_program(action));
-        p.extend(return_program(super::XDP_DROP));
-        p
-    }
-
-    /// `bpf(cmd, attr, size_of(attr))`: the result, or the error.
-    pub fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
-        // SAFETY: `attr` is a valid, exclusively borrowed `repr(C)` prefix of
-        // `union bpf_attr` of the given size; the kernel zero-extends it.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd,
-                (attr as *mut T).cast::<libc::c_void>(),
-                std::mem::size_of::<T>() as libc::c_uint,
-            )
-        };
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(r)
-        }
-    }
-
-    /// `bpf()` for a command that returns a new descriptor.
-    pub fn bpf_fd<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<OwnedFd> {
-        let fd = bpf(cmd, attr)?;
-        let fd = i32::try_from(fd).map_err(|_| std::io::Error::other("fd out of range"))?;
-        // SAFETY: the kernel just returned this descriptor to us alone.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-    }
-}
-
-/// The `xdp_md` context that makes a live-frames run "receive" a frame of
-/// `len` bytes on `ifindex`: `data_end` = frame length, everything else 0.
-pub fn xdp_md(len: usize, ifindex: u32) -> [u8; 24] {
-    let md = sys::XdpMd {
-        data: 0,
-        data_end: u32::try_from(len).expect("frame length fits u32"),
-        data_meta: 0,
-        ingress_ifindex: ifindex,
-        rx_queue_index: 0,
-        egress_ifindex: 0,
-    };
-    let mut out = [0u8; 24];
-    for (i, v) in [
-        md.data,
-        md.data_end,
-        md.data_meta,
-        md.ingress_ifindex,
-        md.rx_queue_index,
-        md.egress_ifindex,
-    ]
-    .iter()
-    .enumerate()
-    {
-        out[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+        out.push((k, n));
+        k += n;
     }
     out
+}
+
+/// `*(size *)(r2 + k) = frame[k..k + size]`.
+fn store(frame: &[u8], k: usize, n: usize) -> u64 {
+    // BPF_ST | BPF_MEM | size: W 0x62, H 0x6a, B 0x72.
+    let code = match n {
+        4 => 0x62,
+        2 => 0x6a,
+        _ => 0x72,
+    };
+    let mut word = [0u8; 4];
+    word[..n].copy_from_slice(&frame[k..k + n]);
+    let off = i16::try_from(k).expect("frame offset fits i16");
+    insn(code, 2, 0, off, i32::from_ne_bytes(word))
+}
+
+/// The generator: an XDP program that writes one of `frames` (all of one
+/// length), picked at random for each packet, over the packet and returns
+/// `action`. A packet of another length is dropped untouched.
+///
+/// ```text
+///     r6 = r1; r0 = bpf_get_prandom_u32(); w0 %= frames.len()
+///     r2 = ctx->data; r3 = ctx->data_end; r4 = r2 + len
+///     if r4 > r3 goto drop
+///     *(u32 *)(r2 + k) = frames[0][k..k + 4] ...   (u16, u8 for a tail)
+///     if r0 != 1 goto +n1; the words where frames[1] differs ...
+///     if r0 != 2 goto +n2; ...
+///     r0 = action; exit
+/// drop:
+///     r0 = XDP_DROP; exit
+/// ```
+fn generator_program(frames: &[Vec<u8>], action: u32) -> Vec<u64> {
+    let first = frames.first().expect("at least one frame");
+    let len = first.len();
+    assert!(
+        frames.iter().all(|f| f.len() == len),
+        "frames of one length"
+    );
+    let n = i32::try_from(frames.len()).expect("few frames");
+    let chunks = chunks(len);
+    let mut body: Vec<u64> = chunks.iter().map(|&(k, c)| store(first, k, c)).collect();
+    for (i, f) in frames.iter().enumerate().skip(1) {
+        let diff: Vec<u64> = chunks
+            .iter()
+            .filter(|&&(k, c)| f[k..k + c] != first[k..k + c])
+            .map(|&(k, c)| store(f, k, c))
+            .collect();
+        let skip = i16::try_from(diff.len()).expect("short program");
+        // BPF_JMP | BPF_JNE | BPF_K.
+        body.push(insn(
+            0x55,
+            0,
+            0,
+            skip,
+            i32::try_from(i).expect("few frames"),
+        ));
+        body.extend(diff);
+    }
+    let to_drop = i16::try_from(body.len() + 2).expect("short program");
+    let mut p = vec![
+        insn(0xbf, 6, 1, 0, 0), // BPF_ALU64 | BPF_MOV | BPF_X: r6 = ctx
+        insn(0x85, 0, 0, 0, 7), // BPF_JMP | BPF_CALL: bpf_get_prandom_u32
+        insn(0x94, 0, 0, 0, n), // BPF_ALU | BPF_MOD | BPF_K: w0 %= n
+        insn(0x61, 2, 6, 0, 0), // BPF_LDX | BPF_MEM | BPF_W: r2 = data
+        insn(0x61, 3, 6, 4, 0), // r3 = data_end
+        insn(0xbf, 4, 2, 0, 0), // r4 = r2
+        insn(0x07, 4, 0, 0, i32::try_from(len).expect("short frame")), // r4 += len
+        insn(0x2d, 4, 3, to_drop, 0), // BPF_JMP | BPF_JGT | BPF_X: if r4 > r3
+    ];
+    p.extend(body);
+    p.extend(return_program(action));
+    p.extend(return_program(XDP_DROP));
+    p
+}
+
+/// Loads the generator: an `XDP_TX` program that writes one of `frames`,
+/// picked at random, over each packet. (Live-frames mode copies the input
+/// frame into a page only when the page is new and recycles pages as they
+/// come back, so a frame rewritten downstream, by lb or by IP forwarding,
+/// would otherwise be sent again as rewritten.)
+fn load_generator(frames: &[Vec<u8>]) -> Result<Program, String> {
+    Program::load(
+        ProgType::Xdp,
+        &generator_program(frames, XDP_TX),
+        "lb_bench_gen",
+    )
 }
 
 /// A 60-byte (64 with FCS) UDP frame with complete IPv4 and UDP checksums,
@@ -367,101 +234,6 @@ pub fn udp_frame(macs: ([u8; 6], [u8; 6]), src: SocketAddrV4, dst: SocketAddrV4)
         &[],
         &[0u8; FRAME_LEN - HEADERS],
     )
-}
-
-/// An XDP program built from raw instructions and loaded with a `bpf()`
-/// call (so it needs no object file). Unloaded when dropped.
-#[derive(Debug)]
-pub struct XdpProgram {
-    fd: OwnedFd,
-}
-
-impl XdpProgram {
-    /// Loads `r0 = action; exit` as an XDP program named `name`.
-    pub fn load(action: u32, name: &str) -> Result<XdpProgram, String> {
-        XdpProgram::load_insns(&sys::return_program(action), name)
-    }
-
-    /// Loads the generator: an `XDP_TX` program that writes one of
-    /// `frames`, picked at random, over each packet. (Live-frames mode copies
-    /// the input frame into a page only when the page is new and recycles
-    /// pages as they come back, so a frame rewritten downstream, by lb or by
-    /// IP forwarding, would otherwise be sent again as rewritten.)
-    pub fn generator(frames: &[Vec<u8>]) -> Result<XdpProgram, String> {
-        XdpProgram::load_insns(&sys::generator_program(frames, XDP_TX), "lb_bench_gen")
-    }
-
-    /// Loads `insns` as an XDP program named `name`; if the kernel refuses
-    /// it, the verifier's log is in the error.
-    pub fn load_insns(insns: &[u64], name: &str) -> Result<XdpProgram, String> {
-        let license = b"GPL\0";
-        let mut prog_name = [0u8; 16];
-        let n = name.len().min(15);
-        prog_name[..n].copy_from_slice(&name.as_bytes()[..n]);
-        let mut attr = sys::ProgLoad {
-            prog_type: sys::BPF_PROG_TYPE_XDP,
-            insn_cnt: insns.len() as u32,
-            insns: insns.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            prog_name,
-            expected_attach_type: sys::BPF_XDP,
-            ..Default::default()
-        };
-        if let Ok(fd) = sys::bpf_fd(sys::BPF_PROG_LOAD, &mut attr) {
-            return Ok(XdpProgram { fd });
-        }
-        // Again, for the verifier's log.
-        let mut log = vec![0u8; 256 * 1024];
-        attr.log_level = 1;
-        attr.log_size = log.len() as u32;
-        attr.log_buf = log.as_mut_ptr() as u64;
-        let err = match sys::bpf_fd(sys::BPF_PROG_LOAD, &mut attr) {
-            Ok(fd) => return Ok(XdpProgram { fd }),
-            Err(e) => e,
-        };
-        let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
-        Err(format!(
-            "BPF_PROG_LOAD of {name}: {err}; verifier log:\n{}",
-            String::from_utf8_lossy(&log[..end])
-        ))
-    }
-
-    /// Runs the program in live-frames mode on `repeat` copies of `frame`,
-    /// as if received on `ifindex` of the calling thread's namespace (an
-    /// `XDP_TX` program sends them out of that interface). Returns the wall
-    /// time of the call.
-    pub fn run_live(&self, frame: &[u8], ifindex: u32, repeat: u32) -> Result<Duration, String> {
-        let ctx = xdp_md(frame.len(), ifindex);
-        let mut attr = sys::TestRun {
-            prog_fd: self.fd.as_raw_fd() as u32,
-            data_size_in: frame.len() as u32,
-            data_in: frame.as_ptr() as u64,
-            repeat,
-            ctx_size_in: ctx.len() as u32,
-            ctx_in: ctx.as_ptr() as u64,
-            flags: sys::BPF_F_TEST_XDP_LIVE_FRAMES,
-            batch_size: BATCH,
-            ..Default::default()
-        };
-        let start = Instant::now();
-        sys::bpf(sys::BPF_PROG_TEST_RUN, &mut attr)
-            .map_err(|e| format!("BPF_PROG_TEST_RUN (live frames, ifindex {ifindex}): {e}"))?;
-        Ok(start.elapsed())
-    }
-
-    /// Attaches the program in native mode to `ifindex` of the calling
-    /// thread's namespace through a BPF link: detached when the returned
-    /// link is dropped (or the process dies).
-    pub fn attach(&self, ifindex: u32) -> Result<OwnedFd, String> {
-        let mut attr = sys::LinkCreate {
-            prog_fd: self.fd.as_raw_fd() as u32,
-            target_ifindex: ifindex,
-            attach_type: sys::BPF_XDP,
-            flags: sys::XDP_FLAGS_DRV_MODE,
-        };
-        sys::bpf_fd(sys::BPF_LINK_CREATE, &mut attr)
-            .map_err(|e| format!("BPF_LINK_CREATE (XDP on ifindex {ifindex}): {e}"))
-    }
 }
 
 /// `ifindex` of `ifname` in the calling thread's namespace.
@@ -764,7 +536,7 @@ impl DnatRules {
     fn new(vip: Ipv4Addr, backends: &[Ipv4Addr]) -> DnatRules {
         DnatRules::remove(vip);
         let guard = DnatRules {
-            created_table: super::e2e::host::nft_table_exists("nat") == Some(false),
+            created_table: crate::e2e::host::nft_table_exists("nat") == Some(false),
         };
         run_ok("iptables", &["-t", "nat", "-N", CHAIN]);
         let n = backends.len();
@@ -797,7 +569,7 @@ impl DnatRules {
 
 impl Drop for DnatRules {
     fn drop(&mut self) {
-        DnatRules::remove(crate::topology::VIP);
+        DnatRules::remove(lb_harness::topology::VIP);
         if self.created_table {
             let _ = cmd::run("nft", &["delete", "table", "ip", "nat"]);
         }
@@ -1019,10 +791,10 @@ pub struct RateRig {
     /// The backends' counters.
     procs: Vec<NetProc>,
     /// Flows' frames to the VIP, and their generator.
-    to_vip: (Vec<Vec<u8>>, XdpProgram),
+    to_vip: (Vec<Vec<u8>>, Program),
     /// Flows' frames straight to backend 0, and their generator.
-    to_backend: (Vec<Vec<u8>>, XdpProgram),
-    dropper: XdpProgram,
+    to_backend: (Vec<Vec<u8>>, Program),
+    dropper: Program,
     dir: TempDir,
     _pins: PinGuard,
     _forward: ForwardAccept,
@@ -1084,7 +856,7 @@ impl RateRig {
                     udp_frame((host_mac, client_mac), src, dst)
                 })
                 .collect();
-            let program = XdpProgram::generator(&frames).unwrap_or_else(|e| panic!("{e}"));
+            let program = load_generator(&frames).unwrap_or_else(|e| panic!("{e}"));
             (frames, program)
         };
         RateRig {
@@ -1092,7 +864,8 @@ impl RateRig {
             procs,
             to_vip: generator(SocketAddrV4::new(topo.vip(), VIP_PORT)),
             to_backend: generator(SocketAddrV4::new(topo.backend_addr(0), BACKEND_PORT)),
-            dropper: XdpProgram::load(XDP_DROP, "lb_bench_drop").expect("drop program"),
+            dropper: Program::returning(ProgType::Xdp, XDP_DROP, "lb_bench_drop")
+                .expect("drop program"),
             dir: TempDir::new("bench-rate"),
             _pins: PinGuard::new(),
             _forward: ForwardAccept::new(),
@@ -1158,7 +931,7 @@ impl RateRig {
     /// run ended before the window did. Returns the run's wall time too.
     fn blast(
         &self,
-        generator: &XdpProgram,
+        generator: &Program,
         frame_len: usize,
         frames: u32,
         window: Option<Duration>,
@@ -1172,7 +945,7 @@ impl RateRig {
                     let core = pin_to_this_cpu();
                     let _ = started_tx.send(core);
                     let elapsed = generator
-                        .run_live(&input, ifindex, frames)
+                        .run_live(&input, ifindex, frames, BATCH)
                         .unwrap_or_else(|e| panic!("generator: {e}"));
                     (elapsed, Instant::now())
                 })
@@ -1243,7 +1016,7 @@ impl RateRig {
                 .backends
                 .iter()
                 .map(|ns| {
-                    ns.run(|| self.dropper.attach(ifindex("eth0")))
+                    ns.run(|| self.dropper.attach_xdp(ifindex("eth0")))
                         .unwrap_or_else(|e| panic!("attaching the drop program in a backend: {e}"))
                 })
                 .collect()
@@ -1258,7 +1031,7 @@ impl RateRig {
         });
         let _link = (contender == Contender::Generator).then(|| {
             self.dropper
-                .attach(ifindex(&self.host_if))
+                .attach_xdp(ifindex(&self.host_if))
                 .unwrap_or_else(|e| panic!("attaching the drop program: {e}"))
         });
         if !contender.runs_lb() && contender != Contender::Generator {
@@ -1618,53 +1391,8 @@ fn section(rounds: usize, window: Duration, samples: &[Vec<Measurement>]) -> Sec
 
 #[cfg(test)]
 mod tests {
-    use std::mem::{offset_of, size_of};
-
     use super::*;
-    use crate::packets::assert_checksums_valid;
-
-    #[test]
-    fn bpf_attr_layouts_match_the_kernel() {
-        assert_eq!(size_of::<sys::ProgLoad>(), 72);
-        assert_eq!(offset_of!(sys::ProgLoad, insns), 8);
-        assert_eq!(offset_of!(sys::ProgLoad, license), 16);
-        assert_eq!(offset_of!(sys::ProgLoad, log_buf), 32);
-        assert_eq!(offset_of!(sys::ProgLoad, prog_name), 48);
-        assert_eq!(offset_of!(sys::ProgLoad, expected_attach_type), 68);
-        assert_eq!(size_of::<sys::TestRun>(), 80);
-        assert_eq!(offset_of!(sys::TestRun, data_in), 16);
-        assert_eq!(offset_of!(sys::TestRun, repeat), 32);
-        assert_eq!(offset_of!(sys::TestRun, ctx_size_in), 40);
-        assert_eq!(offset_of!(sys::TestRun, ctx_in), 48);
-        assert_eq!(offset_of!(sys::TestRun, flags), 64);
-        assert_eq!(offset_of!(sys::TestRun, batch_size), 72);
-        assert_eq!(size_of::<sys::LinkCreate>(), 16);
-        assert_eq!(size_of::<sys::XdpMd>(), 24);
-    }
-
-    #[test]
-    fn xdp_md_says_frame_length_and_ingress_interface() {
-        let md = xdp_md(60, 7);
-        let word = |i: usize| u32::from_ne_bytes(md[i * 4..i * 4 + 4].try_into().unwrap());
-        assert_eq!(word(0), 0, "data");
-        assert_eq!(word(1), 60, "data_end");
-        assert_eq!(word(2), 0, "data_meta");
-        assert_eq!(word(3), 7, "ingress_ifindex");
-        assert_eq!(word(4), 0, "rx_queue_index");
-        assert_eq!(word(5), 0, "egress_ifindex");
-    }
-
-    #[test]
-    fn return_program_is_mov_r0_and_exit() {
-        let bytes: Vec<u8> = sys::return_program(XDP_TX)
-            .iter()
-            .flat_map(|i| i.to_ne_bytes())
-            .collect();
-        assert_eq!(
-            bytes,
-            [0xb7, 0, 0, 0, 3, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0]
-        );
-    }
+    use lb_harness::packets::assert_checksums_valid;
 
     /// (opcode, dst, src, off, imm) of an instruction.
     fn fields(i: u64) -> (u8, u8, u8, i16, i32) {
@@ -1682,7 +1410,7 @@ mod tests {
         let a: Vec<u8> = (1..=7).collect();
         let mut b = a.clone();
         b[5] = 0x55; // differs in the 2-byte chunk only
-        let f: Vec<_> = sys::generator_program(&[a, b], XDP_TX)
+        let f: Vec<_> = generator_program(&[a, b], XDP_TX)
             .into_iter()
             .map(fields)
             .collect();
@@ -1717,7 +1445,7 @@ mod tests {
                 udp_frame(macs, src, dst)
             })
             .collect();
-        let p = sys::generator_program(&frames, XDP_TX);
+        let p = generator_program(&frames, XDP_TX);
         // 8 setup instructions, 15 word stores of the first frame, per other
         // flow a jump and the words holding its source port (32..36) and
         // UDP checksum (40..44), then two returns.

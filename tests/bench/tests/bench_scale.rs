@@ -9,15 +9,15 @@
 use std::time::Duration;
 
 use lb::datapath::MapSizes;
-use lb_common::maps;
-use lb_tests::bench::{
-    control,
+use lb_bench::{
+    control_plane,
     scale::{self, Params},
 };
+use lb_common::maps;
 
 #[test]
 fn scale_section_measures_every_case() {
-    lb_tests::require_root();
+    lb_harness::require_root();
     let p = Params {
         rounds: 2,
         calls: 50,
@@ -84,8 +84,8 @@ fn scale_section_measures_every_case() {
         "{:?}",
         s.targets
     );
-    let md = lb_tests::bench::report::Report {
-        machine: lb_tests::bench::report::Machine::this(),
+    let md = lb_bench::report::Report {
+        machine: lb_bench::report::Machine::this(),
         quick: true,
         sections: vec![s],
     }
@@ -95,7 +95,7 @@ fn scale_section_measures_every_case() {
 
 #[test]
 fn flows_really_are_in_the_table() {
-    lb_tests::require_root();
+    lb_harness::require_root();
     assert_eq!(scale::flows_fit_spread(4_096, 1_000), 1_000);
     // From one CPU, an LRU with per-CPU lists holds at most that CPU's share.
     let cpus = aya::util::nr_cpus().expect("possible CPUs") as u64;
@@ -113,7 +113,7 @@ fn flows_really_are_in_the_table() {
 
 #[test]
 fn map_memory_comes_from_the_kernel() {
-    lb_tests::require_root();
+    lb_harness::require_root();
     let sizes = MapSizes::default();
     let mem = scale::map_memory(&sizes);
     let get = |name: &str| {
@@ -140,8 +140,8 @@ fn maglev_rebuild_is_timed() {
 
 #[test]
 fn control_section_changes_are_in_the_map() {
-    lb_tests::require_root();
-    let o = control::measure(10, Duration::from_secs(120), Duration::from_millis(500));
+    lb_harness::require_root();
+    let o = control_plane::measure(10, Duration::from_secs(120), Duration::from_millis(500));
     assert_eq!(o.applied, 10, "all changes applied");
     assert_eq!(o.latencies_ms.len(), 10);
     assert_eq!(
@@ -154,7 +154,7 @@ fn control_section_changes_are_in_the_map() {
     assert!(o.rss_ready_kib > 0 && o.rss_after_kib > 0 && o.vm_rss_after_kib > 0);
     assert_eq!(o.milestones.len(), 1);
     assert!(o.milestones[0].1.is_some());
-    let s = control::section(&o);
+    let s = control_plane::section(&o);
     assert_eq!(s.key, "control");
     let r = s.row("10 backend additions, until the last is in the map");
     assert!(r.get("s").is_some_and(|v| v > 0.0), "{r:?}");
@@ -171,8 +171,8 @@ fn control_section_changes_are_in_the_map() {
 
 #[test]
 fn control_section_batch_calls_are_in_the_map_and_clean_up() {
-    lb_tests::require_root();
-    let b = control::measure_batch(5, 10, 2);
+    lb_harness::require_root();
+    let b = control_plane::measure_batch(5, 10, 2);
     assert_eq!(b.failed, None, "every batch call answered");
     assert_eq!(b.latencies_ms.len(), 5, "one call per service");
     assert_eq!(
@@ -190,9 +190,9 @@ fn control_section_batch_calls_are_in_the_map_and_clean_up() {
         "the daemon did not exit cleanly on SIGTERM"
     );
     assert!(!b.pin_path.exists(), "{} left behind", b.pin_path.display());
-    let o = control::measure(3, Duration::from_secs(60), Duration::from_millis(200));
-    let mut s = control::section(&o);
-    control::add_batch(&mut s, &b);
+    let o = control_plane::measure(3, Duration::from_secs(60), Duration::from_millis(200));
+    let mut s = control_plane::section(&o);
+    control_plane::add_batch(&mut s, &b);
     let r = s.row(
         "50 backends over 5 services by batch calls (10 per `PUT …/backends`, 2 calls in flight), until the last is in the map",
     );
@@ -217,8 +217,8 @@ fn control_section_batch_calls_are_in_the_map_and_clean_up() {
 
 #[test]
 fn control_section_scrape_run_measures_both_and_cleans_up() {
-    lb_tests::require_root();
-    let o = control::measure_scrape(5_000, 10);
+    lb_harness::require_root();
+    let o = control_plane::measure_scrape(5_000, 10);
     assert_eq!(o.flows_in_table, 5_000, "every flow in LB_FLOWS");
     assert_eq!((o.idle_ms.len(), o.scraped_ms.len()), (10, 10));
     assert!(!o.scrape_ms.is_empty(), "the scraper ran");
@@ -229,7 +229,7 @@ fn control_section_scrape_run_measures_both_and_cleans_up() {
         "the daemon did not exit cleanly on SIGTERM"
     );
     assert!(!o.pin_path.exists(), "{} left behind", o.pin_path.display());
-    let mut s = lb_tests::bench::report::Section {
+    let mut s = lb_bench::report::Section {
         key: "control".into(),
         title: "Control plane".into(),
         method: String::new(),
@@ -240,7 +240,7 @@ fn control_section_scrape_run_measures_both_and_cleans_up() {
         chart: None,
         notes: Vec::new(),
     };
-    control::add_scrape(&mut s, &o);
+    control_plane::add_scrape(&mut s, &o);
     for name in [
         "API change with 5,000 flows, no scraper, p99",
         "API change with 5,000 flows, `/metrics` scraped every 100 ms, p99",

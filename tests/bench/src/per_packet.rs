@@ -3,22 +3,27 @@
 //! Every measurement is one `BPF_PROG_TEST_RUN` call with `repeat = 1` and a
 //! fresh copy of the input frame, so a program that rewrites the packet
 //! never sees its own output (which is what `repeat > 1` would time). The
-//! kernel's own timing of each call is averaged over many calls; the empty
-//! program's cost, measured the same way, is the floor subtracted from the
-//! others. Contenders alternate within each round (A B C … A B C …) so that
-//! drift of the machine hits all of them alike; the figure is the median of
-//! the rounds. The last output of every contender is checked against the
-//! expected rewrite, so a figure can only come from the intended path.
+//! kernel's own timing of each call is averaged over many calls; the cost
+//! of an empty program of the same type (`r0 = XDP_PASS; exit`, or
+//! `TC_ACT_OK` for TC), measured the same way, is the floor subtracted from
+//! the others. Contenders alternate within each round (A B C … A B C …) so
+//! that drift of the machine hits all of them alike; the figure is the
+//! median of the rounds. The last output of every contender is checked
+//! against the expected rewrite, so a figure can only come from the intended
+//! path.
 
 use std::time::Duration;
 
 use lb_common::{BACKEND_F_MAC, BACKEND_F_PEER, BACKEND_F_XDP};
-
-use super::report::{median, Column, Row, Section, Target};
-use crate::packets::{
+use lb_harness::packets::{
     assert_checksums_valid, backend_of, frame, reply_from_backend, reply_to_client, syn,
     syn_to_backend, Rig, Run, BACKENDS, CLIENT_MAC, L4, LB_MAC, TC_ACT_OK, TC_ACT_REDIRECT, VIP,
     XDP_PASS, XDP_REDIRECT,
+};
+
+use crate::{
+    raw_bpf::{ProgType, Program},
+    report::{median, Column, Row, Section, Target},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +91,9 @@ fn new_flow_frame(n: u32) -> Vec<u8> {
 
 struct Bench {
     rig: Rig,
+    /// `r0 = XDP_PASS; exit` and `r0 = TC_ACT_OK; exit`: the floors.
+    empty_xdp: Program,
+    empty_tc: Program,
     calls: u32,
     next_flow: u32,
     non_service: Vec<u8>,
@@ -121,8 +129,13 @@ impl Bench {
             &[],
         );
         let reply = reply_from_backend(40000, b);
+        let empty = |ty, action| {
+            Program::returning(ty, action, "lb_bench_empty").unwrap_or_else(|e| panic!("{e}"))
+        };
         Self {
             rig,
+            empty_xdp: empty(ProgType::Xdp, XDP_PASS),
+            empty_tc: empty(ProgType::SchedCls, TC_ACT_OK),
             calls,
             next_flow: 0,
             non_service,
@@ -148,12 +161,14 @@ impl Bench {
                 Path::TcEmpty | Path::Reverse => self.reply.clone(),
             };
             let run = match path {
-                Path::XdpEmpty => self.rig.xdp_noop(&input),
-                Path::NonService | Path::NewFlow | Path::Established => self.rig.xdp(&input),
-                Path::TcEmpty => self.rig.tc_noop(&input),
-                Path::Reverse => self.rig.tc(&input),
+                Path::XdpEmpty => self.empty_xdp.test_run(&input),
+                Path::NonService | Path::NewFlow | Path::Established => {
+                    self.rig.xdp(&input).map_err(|e| e.to_string())
+                }
+                Path::TcEmpty => self.empty_tc.test_run(&input),
+                Path::Reverse => self.rig.tc(&input).map_err(|e| e.to_string()),
             }
-            .expect("BPF_PROG_TEST_RUN");
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN: {e}"));
             total += run.duration;
             last = Some((input, run));
         }

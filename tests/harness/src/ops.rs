@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 
 use crate::{
     cmd::output_with_timeout,
-    daemon::{lb_binary, Daemon, STOP_GRACE},
+    lb_process::{lb_binary, Daemon, STOP_GRACE},
 };
 
 /// The longest one CLI command may take.

@@ -3,7 +3,7 @@
 //! (nginx, namespaces, links, iptables rules, sysctls, lb's pins) after the
 //! benchmark, also when it panics. Tiny runs (1 s, one round); no timing is
 //! asserted. Needs root, nginx, wrk, haproxy, conntrack and an `lb` binary:
-//! `cargo test -p lb-tests --test bench_e2e`.
+//! `cargo test -p lb-bench --test bench_e2e`.
 
 use std::{
     net::Ipv4Addr,
@@ -12,16 +12,12 @@ use std::{
     sync::Mutex,
 };
 
-use lb_tests::{
-    bench::e2e::{
-        collect,
-        host::{conntrack_count, nft_table_exists, rules_of, LINK_TAG, RULE_TAG},
-        section, Contender, Mode, Plan, Rig,
-    },
-    netns::list_netns,
-    require_root,
-    topology::host_links,
+use lb_bench::e2e::{
+    collect,
+    host::{conntrack_count, nft_table_exists, rules_of, LINK_TAG, RULE_TAG},
+    section, Contender, Mode, Plan, Rig,
 };
+use lb_harness::{netns::list_netns, require_root, topology::host_links};
 
 /// The tests share host state they check (iptables, sysctls): one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());

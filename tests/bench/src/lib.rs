@@ -1,11 +1,14 @@
-//! `cargo xtask bench`: the sections of the benchmark report. Each section
-//! module measures one thing and returns a [`report::Section`].
+//! The benchmark behind `cargo xtask bench` (run by the `lb-bench` binary):
+//! the sections of its report. Each section module measures one thing and
+//! returns a [`report::Section`]; the `--only` key of a section is its
+//! [`report::Section::key`].
 
-pub mod control;
-pub mod docker;
+pub mod control_plane;
+pub mod docker_churn;
 pub mod e2e;
 pub mod per_packet;
 pub mod rate;
+mod raw_bpf;
 pub mod report;
 pub mod scale;
 

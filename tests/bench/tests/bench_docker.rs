@@ -5,16 +5,16 @@
 //!
 //! Needs root (BPF, namespaces, the engine) and an `lb` binary (`LB_BIN`,
 //! or `cargo xtask build`). Run with
-//! `cargo test --release -p lb-tests --test bench_docker -- --test-threads=1`.
+//! `cargo test --release -p lb-bench --test bench_docker -- --test-threads=1`.
 
 use std::path::Path;
 
-use lb_tests::{
-    bench::{
-        docker::{self, Params, NAME_PREFIX, TOPOLOGY_PREFIX},
-        report::Report,
-    },
-    docker::{docker_ok, Engine},
+use lb_bench::{
+    docker_churn::{self, Params, NAME_PREFIX, TOPOLOGY_PREFIX},
+    report::Report,
+};
+use lb_harness::{
+    docker_engine::{docker_ok, Engine},
     netns::list_netns,
 };
 
@@ -31,8 +31,8 @@ fn alive(pid: u32) -> bool {
 
 #[test]
 fn docker_section_sees_every_start_and_death_and_cleans_up() {
-    lb_tests::require_root();
-    let o = docker::measure(&Params {
+    lb_harness::require_root();
+    let o = docker_churn::measure(&Params {
         rounds: 2,
         burst: 3,
     });
@@ -120,7 +120,7 @@ fn docker_section_sees_every_start_and_death_and_cleans_up() {
         .collect();
     assert!(ns.is_empty(), "namespaces left behind: {ns:?}");
 
-    let s = docker::section(&o);
+    let s = docker_churn::section(&o);
     assert_eq!(s.key, "docker");
     assert_eq!(s.rounds, 2);
     for name in [
@@ -166,7 +166,7 @@ fn docker_section_sees_every_start_and_death_and_cleans_up() {
         assert!(t.actual.contains("over 2 "), "{t:?}");
     }
     let md = Report {
-        machine: lb_tests::bench::report::Machine::this(),
+        machine: lb_bench::report::Machine::this(),
         quick: true,
         sections: vec![s],
     }

@@ -6,12 +6,14 @@ use std::{
     fs,
     net::SocketAddrV4,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use lb_common::defaults;
 use serde::Deserialize;
 
 use crate::{
+    api::access::Access,
     maglev::{is_prime, MAX_TABLE_SIZE},
     model::{image_rule, service_spec, BackendSpec, HealthCheck, Protocol, ServiceSpec},
 };
@@ -125,6 +127,34 @@ pub struct DatapathSpec {
     pub pin_path: PathBuf,
 }
 
+/// The admin API section, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiSpec {
+    /// Who may change and who may read.
+    pub access: Access,
+    /// Connections served at once; more are answered 503 and closed.
+    pub max_connections: u32,
+    /// How long a connection may take to send a request (its headers, and
+    /// then its body) before it is closed; an idle connection is closed
+    /// after as long.
+    pub request_timeout: Duration,
+}
+
+/// Default of `[api] max_connections`.
+pub const DEFAULT_API_CONNECTIONS: u32 = 64;
+/// Default of `[api] request_timeout_ms`.
+pub const DEFAULT_API_REQUEST_TIMEOUT_MS: u64 = 10_000;
+
+impl Default for ApiSpec {
+    fn default() -> Self {
+        Self {
+            access: Access::default(),
+            max_connections: DEFAULT_API_CONNECTIONS,
+            request_timeout: Duration::from_millis(DEFAULT_API_REQUEST_TIMEOUT_MS),
+        }
+    }
+}
+
 /// A whole validated config.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -134,6 +164,8 @@ pub struct Config {
     pub services: Vec<ServiceSpec>,
     /// The Docker watcher.
     pub docker: DockerSpec,
+    /// The admin API.
+    pub api: ApiSpec,
 }
 
 #[derive(Deserialize)]
@@ -144,6 +176,17 @@ struct RawConfig {
     services: Vec<RawService>,
     #[serde(default)]
     docker: RawDocker,
+    #[serde(default)]
+    api: RawApi,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    admin_group: Option<String>,
+    read_group: Option<String>,
+    max_connections: Option<u32>,
+    request_timeout_ms: Option<u64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -389,11 +432,55 @@ impl Config {
                 None => DEFAULT_DOCKER_HOST.into(),
             },
         };
+        let group = |name: Option<String>, field: &str| {
+            name.map(|n| gid_of(&n).map_err(|r| invalid(format!("api.{field}"), r)))
+                .transpose()
+        };
+        let a = raw.api;
+        let api = ApiSpec {
+            access: Access {
+                admin_gid: group(a.admin_group, "admin_group")?,
+                read_gid: group(a.read_group, "read_group")?,
+            },
+            max_connections: match a.max_connections {
+                Some(0) => {
+                    return Err(invalid(
+                        "api.max_connections".into(),
+                        "must be at least 1".into(),
+                    ))
+                }
+                Some(n) => n,
+                None => DEFAULT_API_CONNECTIONS,
+            },
+            request_timeout: match a.request_timeout_ms {
+                Some(ms) if !(100..=600_000).contains(&ms) => {
+                    return Err(invalid(
+                        "api.request_timeout_ms".into(),
+                        format!("{ms} is outside 100..=600000"),
+                    ))
+                }
+                ms => Duration::from_millis(ms.unwrap_or(DEFAULT_API_REQUEST_TIMEOUT_MS)),
+            },
+        };
         Ok(Self {
             datapath,
             services,
             docker,
+            api,
         })
+    }
+}
+
+/// A group named in the config: a number is a gid, anything else a group
+/// name looked up in the system's group database.
+fn gid_of(name: &str) -> Result<u32, String> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(format!("no group {name:?} on this system")),
+        Err(e) => Err(format!("looking up group {name:?}: {e}")),
     }
 }
 
@@ -415,6 +502,45 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080@2"]   # ip:port, optional @w
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("lb.toml"), text)
+    }
+
+    #[test]
+    fn api_section() {
+        assert_eq!(parse(GOOD).unwrap().api, ApiSpec::default());
+        let c = parse(&format!(
+            "{GOOD}\n[api]\nadmin_group = \"root\"\nread_group = \"4002\"\n\
+             max_connections = 8\nrequest_timeout_ms = 2500\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.api,
+            ApiSpec {
+                access: Access {
+                    admin_gid: Some(0),
+                    read_gid: Some(4002),
+                },
+                max_connections: 8,
+                request_timeout: Duration::from_millis(2_500),
+            }
+        );
+        for (bad, want) in [
+            (
+                "admin_group = \"no-such-group-lb\"",
+                "api.admin_group: no group \"no-such-group-lb\" on this system",
+            ),
+            (
+                "max_connections = 0",
+                "api.max_connections: must be at least 1",
+            ),
+            (
+                "request_timeout_ms = 5",
+                "api.request_timeout_ms: 5 is outside 100..=600000",
+            ),
+            ("groups = 1", "unknown field `groups`"),
+        ] {
+            let e = err(&format!("{GOOD}\n[api]\n{bad}\n"));
+            assert!(e.contains(want), "{bad}: {e}");
+        }
     }
 
     fn err(text: &str) -> String {

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::{
     api::{server, types::InterfaceStatus},
-    config::{self, Config, ForwardMode},
+    config::{self, ApiSpec, Config, ForwardMode},
     control::{Controller, DaemonInfo, Handle},
     datapath::{Datapath, MapSizes},
     docker::{self, DockerUpdate, Session, Tracker},
@@ -71,7 +71,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let desired = load_desired(&args, &config)?;
     let host = Host::new()?;
     let externals = find_externals(&host, &config, &args.config).await?;
-    let listeners = bind_listeners(&args).await?;
+    let listeners = bind_listeners(&args, &config.api).await?;
     let sizes = MapSizes::from(&config.datapath);
     let mut dp = Datapath::open(&sizes, &config.datapath.pin_path)
         .context("loading the data path (needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)")?;
@@ -155,13 +155,15 @@ async fn find_externals(
 /// attached: a second daemon, or a busy port, stops here.
 struct Listeners {
     api: tokio::net::UnixListener,
+    /// Who may use it and its bounds.
+    api_spec: ApiSpec,
     /// Removes the socket when the daemon exits.
     _socket: RemoveOnDrop,
     metrics: Option<tokio::net::TcpListener>,
 }
 
-async fn bind_listeners(args: &RunArgs) -> anyhow::Result<Listeners> {
-    let api = server::bind(&args.socket).await?;
+async fn bind_listeners(args: &RunArgs, api_spec: &ApiSpec) -> anyhow::Result<Listeners> {
+    let api = server::bind(&args.socket, api_spec.access.is_shared()).await?;
     let socket = RemoveOnDrop(args.socket.clone());
     let metrics = match args.metrics {
         Some(addr) => Some(
@@ -173,6 +175,7 @@ async fn bind_listeners(args: &RunArgs) -> anyhow::Result<Listeners> {
     };
     Ok(Listeners {
         api,
+        api_spec: api_spec.clone(),
         _socket: socket,
         metrics,
     })
@@ -310,6 +313,7 @@ fn serve(
     let api = tokio::spawn(server::serve(
         listeners.api,
         handle.clone(),
+        listeners.api_spec,
         wait_for(stop_rx.clone()),
     ));
     let metrics = listeners.metrics.map(|listener| {

@@ -148,7 +148,7 @@ impl FakeDaemon {
             .enable_all()
             .build()
             .expect("runtime");
-        let listener = rt.block_on(server::bind(&socket)).expect("bind");
+        let listener = rt.block_on(server::bind(&socket, false)).expect("bind");
         let (handle, mut inbox) = Handle::new();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::clone(&requests);
@@ -161,7 +161,12 @@ impl FakeDaemon {
                 }
             }
         });
-        rt.spawn(server::serve(listener, handle, std::future::pending()));
+        rt.spawn(server::serve(
+            listener,
+            handle,
+            lb::config::ApiSpec::default(),
+            std::future::pending(),
+        ));
         Self {
             socket,
             requests,

@@ -15,28 +15,48 @@
 //! | GET | `/v1/stats[?service=NAME]` | | `Stats` |
 //! | GET | `/v1/status` | | `Status` |
 //!
-//! Errors are `{"error": "one line"}` with 400, 404, 409 or 500. A list
-//! of backends is taken all or none: one refused backend refuses the call.
+//! Errors are `{"error": "one line"}` with 400, 404, 409 or 500; 403 for a
+//! peer the [`access`](super::access) rules refuse, 413 for a body over
+//! [`MAX_BODY`], 408 for a body not sent within the request timeout, and
+//! 503 for a connection over `[api] max_connections`. A list of backends is
+//! taken all or none: one refused backend refuses the call.
 
 use std::{
     future::Future,
     io,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
 };
 
 use axum::{
-    body::Bytes,
+    body::{Body, Bytes},
     extract::{Path as UrlPath, Query, State},
-    http::StatusCode,
+    http::{Method, StatusCode},
+    middleware::{self, Next},
     response::{IntoResponse, Response as HttpResponse},
     routing::{get, post},
-    Json, Router,
+    Extension, Json, Router,
+};
+use http_body_util::{BodyExt as _, LengthLimitError, Limited};
+use hyper::server::conn::http1;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+    service::TowerToHyperService,
 };
 use serde::{de::DeserializeOwned, Deserialize};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::{UnixListener, UnixStream},
+    sync::Semaphore,
+};
+use tracing::warn;
 
+use super::access::{Access, Peer, Role};
 use super::types::{ApiError, NewBackend, Weight};
+use crate::config::ApiSpec;
 use crate::control::{Handle, Request, Response};
 use crate::model::{Refusal, RefusalKind};
 
@@ -60,9 +80,17 @@ pub enum ServerError {
     },
 }
 
+/// Largest request body: a `PUT` of 10,000 backends is about 400 KiB.
+pub const MAX_BODY: usize = 4 << 20;
+
+/// How long a stopping daemon lets requests in flight finish.
+const DRAIN_ON_STOP: Duration = Duration::from_secs(5);
+
 /// Binds the admin socket: its directory made if needed, a stale socket
-/// from a dead daemon replaced, mode 0600 so only root can connect.
-pub async fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+/// from a dead daemon replaced. Mode 0600, so only root can connect, unless
+/// the config names groups (`shared`): then 0666, and every connection's
+/// credentials are checked instead (see [`access`](super::access)).
+pub async fn bind(path: &Path, shared: bool) -> Result<UnixListener, ServerError> {
     let io = |source| ServerError::Io {
         path: path.to_owned(),
         source,
@@ -81,19 +109,150 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     let listener = UnixListener::bind(path);
     nix::sys::stat::umask(old);
     let listener = listener.map_err(io)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    let mode = if shared { 0o666 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
     Ok(listener)
 }
 
-/// Serves the API on `listener` until `shutdown` completes.
+/// Serves the API on `listener` until `shutdown` completes: each connection
+/// on a task of its own, at most `spec.max_connections` at once, each with
+/// its peer's credentials checked on every request, and closed when it
+/// takes longer than `spec.request_timeout` to send a request. On shutdown,
+/// requests in flight get [`DRAIN_ON_STOP`] to finish.
 pub async fn serve(
     listener: UnixListener,
     handle: Handle,
+    spec: ApiSpec,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    axum::serve(listener, router(handle))
-        .with_graceful_shutdown(shutdown)
+    let limits = Arc::new(Limits {
+        access: spec.access.clone(),
+        request_timeout: spec.request_timeout,
+    });
+    let app = router(handle).layer(middleware::from_fn_with_state(limits, guard));
+    let permits = Arc::new(Semaphore::new(spec.max_connections as usize));
+    let graceful = GracefulShutdown::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(spec.request_timeout);
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, most likely: keep serving
+                    // the connections there are, and try again shortly.
+                    warn!(error = %e, "admin API: accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            tokio::spawn(too_many(stream, spec.max_connections));
+            continue;
+        };
+        let peer = Peer::of(&stream);
+        let app = app.clone().layer(Extension(peer));
+        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // A client that goes away or times out ends its connection;
+            // nothing to report.
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_ON_STOP, graceful.shutdown())
         .await
+        .is_err()
+    {
+        warn!("admin API: requests still in flight at shutdown were cut off");
+    }
+    Ok(())
+}
+
+/// Answers a connection over the limit with a 503 and closes it, so the
+/// client gets one clear line rather than a hang.
+async fn too_many(mut stream: UnixStream, max: u32) {
+    let body = serde_json::to_string(&ApiError {
+        error: format!(
+            "the admin API serves {max} connections at once ([api] max_connections); try again"
+        ),
+    })
+    .expect("serialises");
+    let reply = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(reply.as_bytes())).await;
+}
+
+/// What every request is checked against.
+#[derive(Debug)]
+struct Limits {
+    access: Access,
+    request_timeout: Duration,
+}
+
+/// Checks the peer's role for the request's method, then reads the body
+/// within [`MAX_BODY`] and the request timeout.
+async fn guard(
+    State(limits): State<Arc<Limits>>,
+    Extension(peer): Extension<Option<Peer>>,
+    req: axum::extract::Request,
+    next: Next,
+) -> HttpResponse {
+    let wanted = if req.method() == Method::GET {
+        Role::Read
+    } else {
+        Role::Admin
+    };
+    let Some(peer) = peer else {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "permission denied: the kernel gave no credentials for this connection".into(),
+        );
+    };
+    match (limits.access.role(&peer), wanted) {
+        (Some(Role::Admin), _) | (Some(Role::Read), Role::Read) => {}
+        _ => return refuse(StatusCode::FORBIDDEN, limits.access.refusal(&peer, wanted)),
+    }
+    let (parts, body) = req.into_parts();
+    let read = Limited::new(body, MAX_BODY).collect();
+    let bytes = match tokio::time::timeout(limits.request_timeout, read).await {
+        Err(_) => {
+            return refuse(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "request body not received within {} ms",
+                    limits.request_timeout.as_millis()
+                ),
+            )
+        }
+        Ok(Err(e)) if e.is::<LengthLimitError>() => {
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body larger than {} MiB", MAX_BODY >> 20),
+            )
+        }
+        Ok(Err(e)) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("reading the request body: {e}"),
+            )
+        }
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    next.run(axum::extract::Request::from_parts(parts, Body::from(bytes)))
+        .await
+}
+
+fn refuse(code: StatusCode, error: String) -> HttpResponse {
+    (code, Json(ApiError { error })).into_response()
 }
 
 /// The routes.

@@ -125,6 +125,27 @@ impl LbCli {
         LbCli::finish(self.command_line(&prefix, args), &mut cmd)
     }
 
+    /// Like [`LbCli::run_as`], as user `uid` whose primary group is `uid`
+    /// and whose supplementary groups are exactly `groups`.
+    pub fn run_as_member(&self, uid: u32, groups: &[u32], args: &[&str]) -> CliOutput {
+        let reuid = format!("--reuid={uid}");
+        let regid = format!("--regid={uid}");
+        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+        let groups = if list.is_empty() {
+            "--clear-groups".to_owned()
+        } else {
+            format!("--groups={}", list.join(","))
+        };
+        let prefix = ["setpriv", reuid.as_str(), regid.as_str(), groups.as_str()];
+        let mut cmd = Command::new(prefix[0]);
+        cmd.args(&prefix[1..])
+            .arg(&self.binary)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args);
+        LbCli::finish(self.command_line(&prefix, args), &mut cmd)
+    }
+
     /// Runs `lb --socket S args...` and returns its stdout; panics with
     /// everything it printed unless it exits 0.
     pub fn ok(&self, args: &[&str]) -> String {

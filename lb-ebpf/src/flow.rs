@@ -91,17 +91,25 @@ pub fn maglev_slot(key: &FlowKey, svc: &ServiceValue) -> Option<u32> {
 /// backend id from the flow table while [`keeps_flow`] holds, else a fresh
 /// pick from the service's Maglev table, taken only if [`takes_new_flow`].
 /// `backend` and `maglev` read the backends and Maglev maps.
+///
+/// A packet that `opens` a connection (a TCP SYN) is a new connection even
+/// when its 5-tuple is recorded: clients reuse source ports, so the entry
+/// may be an old connection's. It keeps the recorded backend only if that
+/// backend takes new flows, never a draining or down one (Katran re-hashes
+/// every SYN for the same reason). A retransmitted SYN of a connection
+/// whose backend is still active stays where its first SYN went.
 #[inline(always)]
 pub fn select_backend<'a>(
     key: &FlowKey,
     svc: &ServiceValue,
     recorded: Option<u32>,
+    opens: bool,
     backend: impl Fn(u32) -> Option<&'a Backend>,
     maglev: impl Fn(u32) -> Option<u32>,
 ) -> Selection {
     let state = match recorded {
         Some(id) => match backend(id) {
-            Some(b) if keeps_flow(b, svc) => {
+            Some(b) if keeps_flow(b, svc) && (!opens || takes_new_flow(b, svc)) => {
                 return Selection {
                     backend: Some((id, *b)),
                     state: FlowState::Established,
@@ -190,10 +198,21 @@ mod tests {
     /// Runs [`select_backend`] on `backends` (by id) and a Maglev table of
     /// the service whose every slot holds `slot`.
     fn select(backends: &[Backend], recorded: Option<u32>, slot: u32) -> Selection {
+        select_opening(backends, recorded, slot, false)
+    }
+
+    /// [`select`] of a packet that does or does not open a connection.
+    fn select_opening(
+        backends: &[Backend],
+        recorded: Option<u32>,
+        slot: u32,
+        opens: bool,
+    ) -> Selection {
         select_backend(
             &key(40000),
             &SVC,
             recorded,
+            opens,
             |id| backends.get(id as usize),
             |s| {
                 (SVC.table_base..SVC.table_base + SVC.table_size)
@@ -241,6 +260,32 @@ mod tests {
         let s = select(&backends, Some(9), 0);
         assert_eq!(s.state, FlowState::Rebalanced);
         assert_eq!(s.backend, Some((0, backends[0])));
+    }
+
+    #[test]
+    fn a_syn_on_a_recorded_flow_goes_only_to_a_backend_that_takes_new_flows() {
+        // The recorded backend drains: the rest of the old connection stays,
+        // a SYN reusing its ports is balanced afresh.
+        let backends = [be(1, 3, BACKEND_DRAINING), be(2, 3, BACKEND_ACTIVE)];
+        let rest = select_opening(&backends, Some(0), 1, false);
+        assert_eq!(
+            (rest.state, rest.backend),
+            (FlowState::Established, Some((0, backends[0])))
+        );
+        let syn = select_opening(&backends, Some(0), 1, true);
+        assert_eq!(
+            (syn.state, syn.backend),
+            (FlowState::Rebalanced, Some((1, backends[1])))
+        );
+        assert!(syn.new_flow(), "the new connection is recorded");
+        // An active recorded backend keeps a (retransmitted) SYN, whatever
+        // the table says now.
+        let backends = [be(1, 3, BACKEND_ACTIVE), be(2, 3, BACKEND_ACTIVE)];
+        let syn = select_opening(&backends, Some(0), 1, true);
+        assert_eq!(
+            (syn.state, syn.backend),
+            (FlowState::Established, Some((0, backends[0])))
+        );
     }
 
     #[test]

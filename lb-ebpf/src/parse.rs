@@ -39,6 +39,12 @@ pub const IPV4_SRC_OFF: usize = 12;
 pub const IPV4_DST_OFF: usize = 16;
 /// Offset of the checksum in the TCP header.
 pub const TCP_CHECK_OFF: usize = 16;
+/// Offset of the flags byte in the TCP header (CWR … FIN).
+pub const TCP_FLAGS_OFF: usize = 13;
+/// TCP flag bits.
+pub const TCP_SYN: u8 = 0x02;
+/// TCP flag bits.
+pub const TCP_ACK: u8 = 0x10;
 /// Offset of the checksum in the UDP header.
 pub const UDP_CHECK_OFF: usize = 6;
 
@@ -81,6 +87,8 @@ pub struct Parsed {
     pub vlan_tci: u16,
     /// The 5-tuple, in packet byte order.
     pub key: FlowKey,
+    /// A TCP SYN without ACK: a client opening a connection.
+    pub opens: bool,
 }
 
 impl Parsed {
@@ -232,6 +240,10 @@ pub fn parse(start: usize, end: usize, frame_len: usize) -> Result<Parsed, Skip>
         UDP_CHECK_OFF
     };
     load::<u16>(start, end, l4_off + check_off).ok_or(Skip::Malformed)?;
+    let opens = proto == IPPROTO_TCP && {
+        let flags = load::<u8>(start, end, l4_off + TCP_FLAGS_OFF).ok_or(Skip::Malformed)?;
+        flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    };
 
     Ok(Parsed {
         l3_off,
@@ -247,6 +259,7 @@ pub fn parse(start: usize, end: usize, frame_len: usize) -> Result<Parsed, Skip>
             _pad1: 0,
             _pad2: 0,
         },
+        opens,
     })
 }
 
@@ -305,6 +318,33 @@ pub(crate) mod tests {
         assert_eq!(p.key.proto, IPPROTO_UDP);
         assert_eq!(u16::from_be(p.key.dst_port), 53);
         assert_eq!(p.l4_check_off(), 34 + 6);
+        assert!(!p.opens, "UDP opens nothing");
+    }
+
+    #[test]
+    fn only_a_syn_without_ack_opens_a_connection() {
+        assert!(run(&tcp_syn(b"")).unwrap().opens);
+        for (syn, ack, rst) in [
+            (true, true, false),
+            (false, true, false),
+            (false, false, true),
+        ] {
+            let mut b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+                .ipv4(CLIENT, VIP, 64)
+                .tcp(40000, 80, 1, 65535);
+            if syn {
+                b = b.syn();
+            }
+            if ack {
+                b = b.ack(7);
+            }
+            if rst {
+                b = b.rst();
+            }
+            let mut v = Vec::new();
+            b.write(&mut v, b"").unwrap();
+            assert!(!run(&v).unwrap().opens, "syn {syn} ack {ack} rst {rst}");
+        }
     }
 
     #[test]

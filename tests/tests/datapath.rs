@@ -409,7 +409,7 @@ fn down_backend_flows_move_draining_backend_flows_stay() {
     rig.service(0, 80, IPPROTO_TCP, &[0]);
     for &p in &on[1] {
         assert_eq!(
-            backend_of(&rig.xdp(&syn(p)).unwrap().output),
+            backend_of(&rig.xdp(&ack(p)).unwrap().output),
             1,
             "draining keeps port {p}"
         );
@@ -429,6 +429,43 @@ fn down_backend_flows_move_draining_backend_flows_stay() {
             "healthy keeps port {p}"
         );
     }
+}
+
+/// A client reuses a source port whose old connection is still recorded on
+/// a draining backend: the new connection's SYN is balanced afresh and
+/// recorded, so the rest of it follows; the old connection's segments would
+/// have stayed.
+#[test]
+fn a_syn_reusing_a_draining_flows_ports_is_balanced_afresh() {
+    let mut rig = Rig::web(2, BACKEND_F_XDP | BACKEND_F_MAC, FLOWS);
+    let port = (33000..33100u16)
+        .find(|&p| backend_of(&rig.xdp(&syn(p)).unwrap().output) == 0)
+        .expect("some flow lands on backend 0");
+    rig.backend(
+        0,
+        0,
+        0,
+        8080,
+        BACKEND_F_XDP | BACKEND_F_MAC,
+        BACKEND_DRAINING,
+    );
+    rig.service(0, 80, IPPROTO_TCP, &[1]);
+    assert_eq!(
+        backend_of(&rig.xdp(&ack(port)).unwrap().output),
+        0,
+        "old connection stays"
+    );
+    let rebalanced = rig.global("flow_rebalanced");
+    let run = rig.xdp(&syn(port)).unwrap();
+    assert_eq!(run.action, XDP_REDIRECT);
+    assert_eq!(run.output, syn_to_backend(port, 1), "a new connection");
+    assert_eq!(rig.global("flow_rebalanced"), rebalanced + 1);
+    assert_eq!(
+        backend_of(&rig.xdp(&ack(port)).unwrap().output),
+        1,
+        "and its segments follow"
+    );
+    assert_eq!(rig.global("flow_rebalanced"), rebalanced + 1);
 }
 
 #[test]

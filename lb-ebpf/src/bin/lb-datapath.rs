@@ -124,7 +124,8 @@ fn lookup_service(p: &Parsed) -> Option<&'static ServiceValue> {
 /// Step 2, backend selection: the flow table, then the service's Maglev
 /// table. Marks an established flow as seen; records nothing.
 #[inline(always)]
-fn select_backend(key: &FlowKey, svc: &ServiceValue) -> Selection {
+fn select_backend(p: &Parsed, svc: &ServiceValue) -> Selection {
+    let key = &p.key;
     let entry = FLOWS.get_ptr_mut(key);
     // SAFETY: a valid map value pointer; `Flow` is plain data.
     let recorded = entry.map(|f| unsafe { (*f).backend_id });
@@ -132,6 +133,7 @@ fn select_backend(key: &FlowKey, svc: &ServiceValue) -> Selection {
         key,
         svc,
         recorded,
+        p.opens,
         |id| BACKENDS.get(id),
         |slot| MAGLEV.get(slot).copied(),
     );
@@ -220,7 +222,7 @@ fn xdp_forward(ctx: &XdpContext) -> u32 {
         count(stat::PASS_NO_SERVICE);
         return XDP_PASS;
     };
-    let sel = select_backend(&p.key, svc);
+    let sel = select_backend(&p, svc);
     let Some((id, backend)) = sel.backend else {
         count_rebalanced(&sel);
         count(stat::DROP_NO_BACKEND);
@@ -400,7 +402,7 @@ fn skb_rewrite(ctx: &TcContext, rw: &Rewrite) -> Result<(), i64> {
 /// deliver.
 #[inline(always)]
 fn tc_forward(ctx: &TcContext, p: Parsed, svc: &ServiceValue) -> i32 {
-    let sel = select_backend(&p.key, svc);
+    let sel = select_backend(&p, svc);
     // Whatever happens next, this program is the packet's last: XDP, if it
     // saw the packet, passed it here without counting.
     count_rebalanced(&sel);

@@ -62,6 +62,13 @@ pub enum L4 {
         /// Destination port.
         dst: u16,
     },
+    /// A TCP segment of an established connection (ACK only).
+    Ack {
+        /// Source port.
+        src: u16,
+        /// Destination port.
+        dst: u16,
+    },
     /// A TCP SYN-ACK.
     SynAck {
         /// Source port.
@@ -109,6 +116,10 @@ pub fn frame(
             .tcp(src, dst, 1000, 64240)
             .syn()
             .write(&mut out, payload),
+        L4::Ack { src, dst } => ipb
+            .tcp(src, dst, 1001, 64240)
+            .ack(5001)
+            .write(&mut out, payload),
         L4::SynAck { src, dst } => ipb
             .tcp(src, dst, 5000, 65160)
             .syn()
@@ -128,6 +139,22 @@ pub fn syn(src_port: u16) -> Vec<u8> {
         CLIENT,
         VIP,
         L4::Syn {
+            src: src_port,
+            dst: 80,
+        },
+        &[],
+        &[],
+    )
+}
+
+/// A client's ACK to VIP:80, as every segment after the handshake is.
+pub fn ack(src_port: u16) -> Vec<u8> {
+    frame(
+        (LB_MAC, CLIENT_MAC),
+        None,
+        CLIENT,
+        VIP,
+        L4::Ack {
             src: src_port,
             dst: 80,
         },

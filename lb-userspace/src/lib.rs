@@ -13,5 +13,6 @@ pub mod host;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
+pub mod privileges;
 pub mod reconcile;
 pub mod state;

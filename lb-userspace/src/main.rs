@@ -8,7 +8,7 @@ use std::{io::IsTerminal, process::ExitCode};
 use clap::Parser;
 use lb::{
     cli::{self, Cli, Command},
-    daemon,
+    daemon, privileges,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -29,6 +29,11 @@ fn run_daemon(args: daemon::RunArgs) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    // Before the runtime starts any thread (capabilities are per thread).
+    match privileges::drop_to_kept() {
+        Ok(kept) => tracing::info!(?kept, "capabilities dropped but those kept"),
+        Err(e) => tracing::warn!(error = %e, "running with every capability it was started with"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

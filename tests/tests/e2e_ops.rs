@@ -1378,3 +1378,58 @@ fn a_change_that_cannot_be_saved_is_refused_and_not_applied() {
         "the saved backend: {landed:?}"
     );
 }
+
+/// Every thread of a running daemon holds only the capabilities the README
+/// lists (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN,
+/// CAP_SYS_PTRACE), in its effective, permitted and bounding sets, with
+/// nothing inheritable or ambient; and it still serves and changes the maps.
+#[test]
+fn the_daemon_keeps_only_the_capabilities_it_needs() {
+    require_root();
+    let topo = Topology::new("lbo10", 2);
+    let _servers = http_servers(&topo);
+    let _forward = ForwardDrop::new();
+    let files = Files::new(&topo, &[web_service(&topo, &[0])]);
+    let daemon = files.start(&[]);
+    let lb = files.cli();
+    let pid = daemon.pid().expect("running");
+    // CAP_NET_ADMIN 12, CAP_SYS_PTRACE 19, CAP_SYS_ADMIN 21, CAP_PERFMON 38,
+    // CAP_BPF 39.
+    let kept: u64 = [12, 19, 21, 38, 39].iter().map(|b| 1u64 << b).sum();
+    let tasks: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the daemon's threads")
+        .map(|e| e.expect("a thread").path())
+        .collect();
+    assert!(
+        tasks.len() > 1,
+        "the runtime's threads are there too: {tasks:?}"
+    );
+    for task in &tasks {
+        let status = std::fs::read_to_string(task.join("status")).expect("status");
+        let set = |name: &str| {
+            let line = status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {status}"));
+            u64::from_str_radix(line.trim(), 16).expect("hex")
+        };
+        for name in ["CapEff:", "CapPrm:", "CapBnd:"] {
+            assert_eq!(
+                set(name),
+                kept,
+                "{} {name} {:#x}",
+                task.display(),
+                set(name)
+            );
+        }
+        for name in ["CapInh:", "CapAmb:"] {
+            assert_eq!(set(name), 0, "{} {name}", task.display());
+        }
+    }
+    // With only those, it changes the maps and serves.
+    lb.ok(&["backend", "add", "web", &endpoint(&topo, 1, HTTP_PORT)]);
+    let vip = SocketAddrV4::new(topo.vip(), WEB_PORT);
+    let tally = http_tally(&topo.client, vip, 40, Duration::from_secs(60));
+    assert_eq!(tally.failures, 0, "{tally:?}");
+    assert!(tally.count("b1") > 0, "the added backend serves: {tally:?}");
+}

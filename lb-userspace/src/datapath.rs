@@ -391,6 +391,20 @@ impl Maps {
         })
     }
 
+    /// Sets backend `id`'s counters to zero on every CPU, for a backend
+    /// that takes over the id: its series start from nothing.
+    pub fn zero_backend_counters(&mut self, id: u32) -> Result<(), MapError> {
+        let failed = |io_error| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "reading the possible CPUs",
+                io_error,
+            })
+        };
+        let cpus = nr_cpus().map_err(|(_, e)| failed(e))?;
+        let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(failed)?;
+        self.backend_stats.set(id, zeros, 0)
+    }
+
     /// Sums a per-CPU counter array entry over all CPUs.
     pub fn sum_counters(values: &PerCpuValues<Counters>) -> Counters {
         values.iter().fold(Counters::default(), |a, c| Counters {

@@ -24,7 +24,7 @@ use crate::{
     docker::{DockerSink, DockerUpdate, Tracker},
     health::{HealthSink, HealthUpdater},
     model::{Refusal, RefusalKind},
-    reconcile::{Reader, Reconciler},
+    reconcile::{Reader, Reconciler, ServiceView},
     state::{Desired, Flush},
 };
 
@@ -389,20 +389,15 @@ impl Controller {
     async fn call(&mut self, req: Request, reply: Reply) {
         let r = match req {
             Request::ListBackends(name) => {
-                let Some(mut views) = self.rec.view(Some(&name)) else {
+                let Some(mut views) = self.view(Some(&name)) else {
                     let _ = reply.send(Err(Refusal::not_found(format!("no service {name}"))));
                     return;
                 };
-                let mut view = views.remove(0);
-                for (_, b) in &mut view.backends {
-                    if let Ok(addr) = b.address.parse() {
-                        b.container = self.docker.container(&name, addr).map(str::to_owned);
-                    }
-                }
+                let view = views.remove(0);
                 return self.read(reply, move |r| Ok(Response::Backends(r.backends(view))));
             }
             Request::Stats(name) => {
-                let Some(views) = self.rec.view(name.as_deref()) else {
+                let Some(views) = self.view(name.as_deref()) else {
                     let name = name.unwrap_or_default();
                     let _ = reply.send(Err(Refusal::not_found(format!("no service {name}"))));
                     return;
@@ -431,6 +426,21 @@ impl Controller {
             change => return self.commit(vec![(change, reply)], false).await,
         };
         let _ = reply.send(r);
+    }
+
+    /// Services (all, or the one named) for the read side, each backend
+    /// with the name of the container behind it, if one is; `None` for a
+    /// name that is not a service.
+    fn view(&self, name: Option<&str>) -> Option<Vec<ServiceView>> {
+        let mut views = self.rec.view(name)?;
+        for v in &mut views {
+            for (_, b) in &mut v.backends {
+                if let Ok(addr) = b.address.parse() {
+                    b.container = self.docker.container(&v.info.name, addr).map(str::to_owned);
+                }
+            }
+        }
+        Some(views)
     }
 
     /// Checks a change against the desired state and keeps it (saved by

@@ -12,19 +12,24 @@
 //! controller takes a cheap view of the membership and a blocking thread
 //! fills it in through the [`Reader`], so a scrape never holds up a change.
 
-use std::{net::SocketAddrV4, sync::Arc, time::Duration, time::Instant};
+use std::{
+    net::SocketAddrV4,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::{
     api::types::{
-        BackendInfo, InterfaceStatus, NewBackend, NewService, ServiceInfo, Stats, Status,
+        AttachmentStatus, BackendInfo, ContainersStatus, InterfaceStatus, NewBackend, NewService,
+        ServiceInfo, Stats, Status,
     },
     docker::{DockerSink, DockerUpdate, Tracker},
     health::{HealthSink, HealthUpdater},
     model::{Refusal, RefusalKind},
-    reconcile::{Reader, Reconciler},
+    reconcile::{Reader, Reconciler, ServiceView},
     state::{Desired, Flush},
 };
 
@@ -389,20 +394,15 @@ impl Controller {
     async fn call(&mut self, req: Request, reply: Reply) {
         let r = match req {
             Request::ListBackends(name) => {
-                let Some(mut views) = self.rec.view(Some(&name)) else {
+                let Some(mut views) = self.view(Some(&name)) else {
                     let _ = reply.send(Err(Refusal::not_found(format!("no service {name}"))));
                     return;
                 };
-                let mut view = views.remove(0);
-                for (_, b) in &mut view.backends {
-                    if let Ok(addr) = b.address.parse() {
-                        b.container = self.docker.container(&name, addr).map(str::to_owned);
-                    }
-                }
+                let view = views.remove(0);
                 return self.read(reply, move |r| Ok(Response::Backends(r.backends(view))));
             }
             Request::Stats(name) => {
-                let Some(views) = self.rec.view(name.as_deref()) else {
+                let Some(views) = self.view(name.as_deref()) else {
                     let name = name.unwrap_or_default();
                     let _ = reply.send(Err(Refusal::not_found(format!("no service {name}"))));
                     return;
@@ -412,6 +412,7 @@ impl Controller {
             Request::Status => {
                 let mut interfaces = self.info.externals.clone();
                 interfaces.extend(self.rec.backend_interfaces());
+                let attachments = self.attachments(&interfaces);
                 let status = Status {
                     version: env!("CARGO_PKG_VERSION").into(),
                     uptime_secs: self.info.started.elapsed().as_secs(),
@@ -421,6 +422,8 @@ impl Controller {
                     maps: self.rec.map_status(),
                     docker: self.docker.status().to_owned(),
                     services: self.rec.services_info().len(),
+                    containers: self.containers(),
+                    attachments,
                 };
                 return self.read(reply, move |r| {
                     let maps = r.map_status(status.maps.clone());
@@ -431,6 +434,67 @@ impl Controller {
             change => return self.commit(vec![(change, reply)], false).await,
         };
         let _ = reply.send(r);
+    }
+
+    /// Services (all, or the one named) for the read side, each backend
+    /// with the name of the container behind it, if one is; `None` for a
+    /// name that is not a service.
+    fn view(&self, name: Option<&str>) -> Option<Vec<ServiceView>> {
+        let mut views = self.rec.view(name)?;
+        for v in &mut views {
+            for (_, b) in &mut v.backends {
+                if let Ok(addr) = b.address.parse() {
+                    b.container = self.docker.container(&v.info.name, addr).map(str::to_owned);
+                }
+            }
+        }
+        Some(views)
+    }
+
+    /// Docker's containers for `status`.
+    fn containers(&self) -> ContainersStatus {
+        let listed = self
+            .docker
+            .listed_at()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        ContainersStatus {
+            running: self.docker.running(),
+            serving: self.docker.serving_containers(),
+            services: self.docker.serving(),
+            skipped: self.docker.skipped(),
+            last_list_unix_secs: listed.map(|t| t.as_secs()),
+            last_list_age_secs: listed.map(|t| now.saturating_sub(t).as_secs()),
+        }
+    }
+
+    /// The data path's attachments for `status`, named after `interfaces`
+    /// (the kernel's name when an interface is not among them).
+    fn attachments(&self, interfaces: &[InterfaceStatus]) -> Vec<AttachmentStatus> {
+        self.rec
+            .datapath()
+            .attachments()
+            .into_iter()
+            .map(|a| AttachmentStatus {
+                interface: interfaces
+                    .iter()
+                    .find(|i| i.ifindex == a.ifindex)
+                    .map(|i| i.name.clone())
+                    .or_else(|| {
+                        nix::net::if_::if_indextoname(a.ifindex)
+                            .ok()
+                            .map(|n| n.to_string_lossy().into_owned())
+                    })
+                    .unwrap_or_else(|| "?".into()),
+                ifindex: a.ifindex,
+                hook: a.hook.into(),
+                link_id: a.link_id,
+                program_id: a.program_id,
+                pin: a.pin.map(|p| p.display().to_string()),
+            })
+            .collect()
     }
 
     /// Checks a change against the desired state and keeps it (saved by

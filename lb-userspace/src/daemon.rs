@@ -265,7 +265,10 @@ impl DockerStart {
                     containers = session.containers.len(),
                     "docker: first list"
                 );
-                tracker.update(DockerUpdate::Sync(session.containers.clone()));
+                tracker.update(DockerUpdate::Sync {
+                    containers: session.containers.clone(),
+                    at: session.listed_at,
+                });
                 first = Some(session);
             }
             Ok(Err(e)) => {

@@ -136,6 +136,13 @@ enum Hook {
 }
 
 impl Hook {
+    fn name(self) -> &'static str {
+        match self {
+            Hook::Xdp => "xdp",
+            Hook::Tc => "tc",
+        }
+    }
+
     fn pin_name(self, ifindex: u32) -> String {
         match self {
             Hook::Xdp => format!("xdp-{ifindex}"),
@@ -152,6 +159,22 @@ impl Hook {
         };
         Some((hook, idx.parse().ok()?))
     }
+}
+
+/// One attachment of the data path, as the kernel knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    /// Interface index.
+    pub ifindex: u32,
+    /// `xdp`, or `tc` (ingress).
+    pub hook: &'static str,
+    /// The BPF link's id; `None` when the data path is not pinned (its
+    /// attachments are then held without a link handle of their own).
+    pub link_id: Option<u32>,
+    /// The attached program's id.
+    pub program_id: Option<u32>,
+    /// Where the link is pinned.
+    pub pin: Option<PathBuf>,
 }
 
 /// An attachment this process holds.
@@ -391,6 +414,20 @@ impl Maps {
         })
     }
 
+    /// Sets backend `id`'s counters to zero on every CPU, for a backend
+    /// that takes over the id: its series start from nothing.
+    pub fn zero_backend_counters(&mut self, id: u32) -> Result<(), MapError> {
+        let failed = |io_error| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "reading the possible CPUs",
+                io_error,
+            })
+        };
+        let cpus = nr_cpus().map_err(|(_, e)| failed(e))?;
+        let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(failed)?;
+        self.backend_stats.set(id, zeros, 0)
+    }
+
     /// Sums a per-CPU counter array entry over all CPUs.
     pub fn sum_counters(values: &PerCpuValues<Counters>) -> Counters {
         values.iter().fold(Counters::default(), |a, c| Counters {
@@ -500,6 +537,8 @@ pub struct Datapath {
     /// The maps, for the reconcile loop.
     pub maps: Maps,
     links: StdHashMap<(Hook, u32), Held>,
+    /// The kernel's (link id, program id) of each pinned attachment.
+    link_ids: StdHashMap<(Hook, u32), (u32, u32)>,
     /// Pinned attachments of a previous daemon, not yet taken over.
     orphans: StdHashMap<(Hook, u32), FdLink>,
     pin: Option<PathBuf>,
@@ -633,6 +672,7 @@ impl Datapath {
             ebpf,
             maps,
             links: StdHashMap::new(),
+            link_ids: StdHashMap::new(),
             orphans: StdHashMap::new(),
             pin: pin.map(Path::to_owned),
             adopted,
@@ -740,12 +780,44 @@ impl Datapath {
         let held = match self.pin.clone() {
             Some(root) => {
                 let fd = FdLink::try_from(link).map_err(pin_err(what.to_owned()))?;
+                match fd.info() {
+                    Ok(info) => {
+                        self.link_ids
+                            .insert((hook, ifindex), (info.id(), info.program_id()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(ifindex, hook = hook.name(), error = %e, "reading the attachment's link id")
+                    }
+                }
                 Held::Pinned(Self::pin_link(&root, hook, ifindex, fd)?)
             }
             None => unpinned(link),
         };
         self.links.insert((hook, ifindex), held);
         Ok(())
+    }
+
+    /// Every attachment this data path holds, by interface, XDP first.
+    pub fn attachments(&self) -> Vec<Attachment> {
+        let mut out: Vec<Attachment> = self
+            .links
+            .keys()
+            .map(|&(hook, ifindex)| {
+                let ids = self.link_ids.get(&(hook, ifindex));
+                Attachment {
+                    ifindex,
+                    hook: hook.name(),
+                    link_id: ids.map(|i| i.0),
+                    program_id: ids.map(|i| i.1),
+                    pin: self
+                        .pin
+                        .as_ref()
+                        .map(|root| root.join("links").join(hook.pin_name(ifindex))),
+                }
+            })
+            .collect();
+        out.sort_by_key(|a| (a.ifindex, a.hook != "xdp"));
+        out
     }
 
     fn pin_link(
@@ -765,6 +837,7 @@ impl Datapath {
     /// from a container's veth once no backend uses it. A no-op if it was
     /// not attached by this data path.
     pub fn detach_tc(&mut self, ifindex: u32) {
+        self.link_ids.remove(&(Hook::Tc, ifindex));
         if let Some(Held::Pinned(p)) = self.links.remove(&(Hook::Tc, ifindex)) {
             let _ = p.unpin();
         }

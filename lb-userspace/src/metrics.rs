@@ -6,6 +6,11 @@
 //! Counting active flows walks the whole flow table: scrapes closer together
 //! than [`MIN_SCRAPE_GAP`] get the previous answer instead of another walk.
 //!
+//! Backend series are labelled `service` and `backend` (its address), and
+//! `container` for a Docker container's backend, so that a container that
+//! later gets a dead one's address starts series of its own (from zero:
+//! the reconciler zeroes a backend id's counters before reusing it).
+//!
 //! The format is written here rather than with `prometheus-client`: that
 //! crate only writes OpenMetrics text (`# TYPE lb_packets counter` over
 //! samples named `lb_packets_total`, then `# EOF`), which a 0.0.4 parser
@@ -231,7 +236,19 @@ pub fn render(stats: &Stats) -> String {
         let mut f = Family::new(&mut out, name, kind, help);
         for s in &stats.services {
             for b in &s.backends {
-                f.sample(&[("service", &s.name), ("backend", &b.address)], value(b));
+                // A container's series carry its name: another container
+                // at the same address later is another series.
+                match &b.container {
+                    Some(c) => f.sample(
+                        &[
+                            ("service", &s.name),
+                            ("backend", &b.address),
+                            ("container", c),
+                        ],
+                        value(b),
+                    ),
+                    None => f.sample(&[("service", &s.name), ("backend", &b.address)], value(b)),
+                }
             }
         }
     }
@@ -442,6 +459,25 @@ mod tests {
         let outcome = |o| value(&s, "lb_datapath_packets_total", &[("outcome", o)]);
         assert_eq!(outcome("fwd_xdp"), Some(7));
         assert_eq!(outcome("pass_no_service"), Some(9));
+    }
+
+    #[test]
+    fn container_backends_carry_the_container_name() {
+        let mut stats = stats();
+        stats.services[0].backends[1].container = Some("web-2".into());
+        let (_, s) = parse(&render(&stats));
+        let plain = [("service", "web"), ("backend", "198.18.103.2:8080")];
+        let container = [
+            ("service", "web"),
+            ("backend", "198.18.104.2:8080"),
+            ("container", "web-2"),
+        ];
+        assert_eq!(value(&s, "lb_packets_total", &plain), Some(10));
+        assert_eq!(value(&s, "lb_packets_total", &container), Some(20));
+        assert_eq!(value(&s, "lb_backend_draining", &container), Some(1));
+        // The address alone no longer names that series.
+        let bare = [("service", "web"), ("backend", "198.18.104.2:8080")];
+        assert_eq!(value(&s, "lb_packets_total", &bare), None);
     }
 
     #[test]

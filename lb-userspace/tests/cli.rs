@@ -17,8 +17,8 @@ use lb::{
     api::{
         server,
         types::{
-            BackendInfo, BackendState, Counters, Health, InterfaceStatus, MapStatus, NewService,
-            ServiceInfo, ServiceStats, Stats, Status,
+            AttachmentStatus, BackendInfo, BackendState, ContainersStatus, Counters, Health,
+            InterfaceStatus, MapStatus, NewService, ServiceInfo, ServiceStats, Stats, Status,
         },
     },
     control::{Handle, Input, Request, Response},
@@ -261,8 +261,24 @@ fn status() -> Status {
             used: 256,
             capacity: 1024,
         }],
-        docker: "connected".into(),
+        docker: "connected to unix:///var/run/docker.sock (API 1.41)".into(),
         services: 1,
+        containers: ContainersStatus {
+            running: 2,
+            serving: 1,
+            services: BTreeMap::from([("api".into(), vec!["web-1".into()])]),
+            skipped: vec![],
+            last_list_unix_secs: Some(1_764_665_529),
+            last_list_age_secs: Some(5),
+        },
+        attachments: vec![AttachmentStatus {
+            interface: "eth1".into(),
+            ifindex: 2,
+            hook: "xdp".into(),
+            link_id: Some(7),
+            program_id: Some(41),
+            pin: Some("/sys/fs/bpf/lb/abi6/links/xdp-2".into()),
+        }],
     }
 }
 
@@ -484,11 +500,14 @@ fn tables() {
     let o = d.lb(&["status"]);
     let out = stdout(&o);
     for want in [
-        "uptime    1m 1s",
-        "adopted   yes",
-        "pin path  /sys/fs/bpf/lb",
-        "docker    connected",
+        "uptime      1m 1s",
+        "adopted     yes",
+        "pin path    /sys/fs/bpf/lb",
+        "docker      connected to unix:///var/run/docker.sock (API 1.41)",
+        "containers  1 serving of 2 running (api: 1)",
+        "last list   2025-12-02 08:52:09 UTC (5s ago)",
         "eth1             2  external  xdp, tc",
+        "   7  xdp   eth1             2       41  /sys/fs/bpf/lb/abi6/links/xdp-2",
         "LB_FLOWS   256      1024  25.0%",
     ] {
         assert!(out.contains(want), "{want:?} in\n{out}");

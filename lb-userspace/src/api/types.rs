@@ -183,6 +183,46 @@ pub struct MapStatus {
     pub capacity: u64,
 }
 
+/// One attachment of the data path (a BPF link), as `bpftool link show`
+/// lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentStatus {
+    /// Interface name.
+    pub interface: String,
+    /// Interface index.
+    pub ifindex: u32,
+    /// `xdp`, or `tc` (a TCX link on ingress).
+    pub hook: String,
+    /// The kernel's id of the link (`bpftool link show id N`); absent for
+    /// an attachment that is not a BPF link (an unpinned data path).
+    pub link_id: Option<u32>,
+    /// The kernel's id of the program attached (`bpftool prog show id N`).
+    pub program_id: Option<u32>,
+    /// Where the link is pinned in bpffs, if it is.
+    pub pin: Option<String>,
+}
+
+/// Docker's containers, for `GET /v1/status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainersStatus {
+    /// Running containers at the engine, as last reported.
+    pub running: usize,
+    /// Containers serving at least one service now.
+    pub serving: usize,
+    /// The containers serving each service, by name (services with none
+    /// are left out).
+    pub services: BTreeMap<String, Vec<String>>,
+    /// Containers that ask to serve (an `lb.*` label or an image rule) but
+    /// serve nothing: a malformed label, a missing service, no usable
+    /// network. The daemon's log says why.
+    pub skipped: Vec<String>,
+    /// When the engine last listed every running container, seconds since
+    /// the Unix epoch; absent before the first list.
+    pub last_list_unix_secs: Option<u64>,
+    /// How long ago that was, in seconds.
+    pub last_list_age_secs: Option<u64>,
+}
+
 /// `GET /v1/status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
@@ -198,8 +238,15 @@ pub struct Status {
     pub interfaces: Vec<InterfaceStatus>,
     /// Map fill levels.
     pub maps: Vec<MapStatus>,
-    /// Docker connection state (`disabled` until the Docker watcher exists).
+    /// The Docker engine connection: `disabled`, `connecting`, `connected
+    /// to HOST (API V)` or `disconnected: …`.
     pub docker: String,
     /// Services.
     pub services: usize,
+    /// Docker's containers: how many serve, in which services.
+    #[serde(default)]
+    pub containers: ContainersStatus,
+    /// The data path's attachments (BPF links).
+    #[serde(default)]
+    pub attachments: Vec<AttachmentStatus>,
 }

@@ -294,13 +294,75 @@ pub fn stats(s: &Stats, rates: Option<&Rates>, watching: bool, global: bool) -> 
     out
 }
 
+/// A time as `YYYY-MM-DD HH:MM:SS UTC`, from seconds since the Unix epoch.
+pub fn utc(unix_secs: u64) -> String {
+    // Every fourth year, but of the centuries only every fourth.
+    let leap = |y: u64| matches!((y % 4, y % 100, y % 400), (0, 1.., _) | (_, _, 0));
+    let mut days = unix_secs / 86_400;
+    let mut year = 1970;
+    while days >= if leap(year) { 366 } else { 365 } {
+        days -= if leap(year) { 366 } else { 365 };
+        year += 1;
+    }
+    let february = if leap(year) { 29 } else { 28 };
+    let mut month = 1;
+    for length in [31, february, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31] {
+        if days < length {
+            break;
+        }
+        days -= length;
+        month += 1;
+    }
+    let secs = unix_secs % 86_400;
+    format!(
+        "{year:04}-{month:02}-{:02} {:02}:{:02}:{:02} UTC",
+        days + 1,
+        secs / 3_600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// The Docker lines of `lb status`: how many containers serve, in which
+/// services, and when the engine last listed them.
+fn containers(s: &Status) -> Vec<(&'static str, String)> {
+    let c = &s.containers;
+    let mut serving = format!("{} serving of {} running", c.serving, c.running);
+    if !c.services.is_empty() {
+        let per: Vec<String> = c
+            .services
+            .iter()
+            .map(|(service, names)| format!("{service}: {}", names.len()))
+            .collect();
+        serving.push_str(&format!(" ({})", per.join(", ")));
+    }
+    if !c.skipped.is_empty() {
+        serving.push_str(&format!(
+            ", {} skipped ({})",
+            c.skipped.len(),
+            c.skipped.join(", ")
+        ));
+    }
+    let listed = match (c.last_list_unix_secs, c.last_list_age_secs) {
+        (Some(at), Some(age)) => format!("{} ({} ago)", utc(at), uptime(age)),
+        (Some(at), None) => utc(at),
+        _ => "not yet".into(),
+    };
+    vec![("containers", serving), ("last list", listed)]
+}
+
 /// `lb status`.
 pub fn status(s: &Status) -> String {
-    let mut out = key_values(&[
+    let mut pairs = vec![
         ("version", s.version.clone()),
         ("uptime", uptime(s.uptime_secs)),
         ("services", s.services.to_string()),
         ("docker", s.docker.clone()),
+    ];
+    if s.docker != "disabled" {
+        pairs.extend(containers(s));
+    }
+    pairs.extend([
         (
             "pin path",
             if s.pin_path.is_empty() {
@@ -311,6 +373,7 @@ pub fn status(s: &Status) -> String {
         ),
         ("adopted", if s.adopted { "yes" } else { "no" }.into()),
     ]);
+    let mut out = key_values(&pairs);
     let mut ifaces = Table::new(&[
         ("INTERFACE", Align::Left),
         ("IFINDEX", Align::Right),
@@ -343,8 +406,31 @@ pub fn status(s: &Status) -> String {
             fill(m.used, m.capacity),
         ]);
     }
+    let mut links = Table::new(&[
+        ("LINK", Align::Right),
+        ("HOOK", Align::Left),
+        ("INTERFACE", Align::Left),
+        ("IFINDEX", Align::Right),
+        ("PROGRAM", Align::Right),
+        ("PINNED AT", Align::Left),
+    ]);
+    let id = |n: Option<u32>| n.map_or("-".into(), |n| n.to_string());
+    for a in &s.attachments {
+        links.row(vec![
+            id(a.link_id),
+            a.hook.clone(),
+            a.interface.clone(),
+            a.ifindex.to_string(),
+            id(a.program_id),
+            a.pin.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
     out.push('\n');
     out.push_str(&ifaces.render());
+    if !s.attachments.is_empty() {
+        out.push('\n');
+        out.push_str(&links.render());
+    }
     out.push('\n');
     out.push_str(&maps.render());
     out
@@ -356,7 +442,8 @@ mod tests {
 
     use super::*;
     use crate::api::types::{
-        BackendInfo, Health, InterfaceStatus, MapStatus, Origin, Protocol, ServiceStats,
+        AttachmentStatus, BackendInfo, ContainersStatus, Health, InterfaceStatus, MapStatus,
+        Origin, Protocol, ServiceStats,
     };
 
     fn counters(packets: u64, bytes: u64, new_flows: u64) -> Counters {
@@ -547,7 +634,7 @@ mod tests {
 
     #[test]
     fn status_view() {
-        let s = Status {
+        let mut s = Status {
             version: "0.1.0".into(),
             uptime_secs: 3_723,
             adopted: false,
@@ -565,6 +652,8 @@ mod tests {
             }],
             docker: "disabled".into(),
             services: 3,
+            containers: ContainersStatus::default(),
+            attachments: Vec::new(),
         };
         assert_eq!(
             status(&s),
@@ -581,5 +670,55 @@ mod tests {
              MAP          USED  CAPACITY  FILL\n\
              LB_SERVICES     3        64  4.7%\n"
         );
+        s.docker = "connected to unix:///var/run/docker.sock (API 1.41)".into();
+        s.containers = ContainersStatus {
+            running: 4,
+            serving: 3,
+            services: BTreeMap::from([
+                ("echo".into(), vec!["c".into()]),
+                ("web".into(), vec!["a".into(), "b".into()]),
+            ]),
+            skipped: vec!["bad".into()],
+            last_list_unix_secs: Some(1_764_665_529),
+            last_list_age_secs: Some(12),
+        };
+        s.attachments = vec![
+            AttachmentStatus {
+                interface: "eth1".into(),
+                ifindex: 2,
+                hook: "xdp".into(),
+                link_id: Some(12),
+                program_id: Some(34),
+                pin: Some("/sys/fs/bpf/lb/x/links/xdp-2".into()),
+            },
+            AttachmentStatus {
+                interface: "eth1".into(),
+                ifindex: 2,
+                hook: "tc".into(),
+                link_id: None,
+                program_id: None,
+                pin: None,
+            },
+        ];
+        let out = status(&s);
+        for want in [
+            "docker      connected to unix:///var/run/docker.sock (API 1.41)\n",
+            "containers  3 serving of 4 running (echo: 1, web: 2), 1 skipped (bad)\n",
+            "last list   2025-12-02 08:52:09 UTC (12s ago)\n",
+            "LINK  HOOK  INTERFACE  IFINDEX  PROGRAM  PINNED AT\n  \
+               12  xdp   eth1             2       34  /sys/fs/bpf/lb/x/links/xdp-2\n   \
+                -  tc    eth1             2        -  -\n",
+        ] {
+            assert!(out.contains(want), "{want:?} in\n{out}");
+        }
+    }
+
+    #[test]
+    fn utc_times() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(1_709_251_199), "2024-02-29 23:59:59 UTC");
+        assert_eq!(utc(1_735_689_599), "2024-12-31 23:59:59 UTC");
+        assert_eq!(utc(1_764_665_529), "2025-12-02 08:52:09 UTC");
     }
 }

@@ -30,11 +30,22 @@ use crate::host::parse_mac;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DockerUpdate {
     /// Every running container: replaces what was known.
-    Sync(Vec<Container>),
+    Sync {
+        /// The containers.
+        containers: Vec<Container>,
+        /// When the engine listed them.
+        at: SystemTime,
+    },
     /// A container started or changed.
     Upsert(Container),
-    /// A container stopped or went away (by id).
-    Remove(String),
+    /// A container stopped or went away.
+    Remove {
+        /// Its engine id.
+        id: String,
+        /// The engine's event (`die`, `stop`, `destroy`), or what an
+        /// inspection found.
+        why: String,
+    },
     /// The connection's state, for `lb status`.
     Status(String),
 }
@@ -177,6 +188,8 @@ pub struct Session {
     events: BoxStream<'static, Result<EventMessage, BollardError>>,
     /// The running containers, inspected.
     pub containers: Vec<Container>,
+    /// When they were listed.
+    pub listed_at: SystemTime,
 }
 
 /// Connects to the engine at `host`, subscribes to its events, then lists
@@ -197,11 +210,13 @@ pub async fn open(host: &str) -> Result<Session, WatchError> {
             filters: Some(filters),
         }))
         .boxed();
+    let listed_at = SystemTime::now();
     let containers = list(&docker, host).await?;
     Ok(Session {
         docker,
         events,
         containers,
+        listed_at,
     })
 }
 
@@ -237,6 +252,7 @@ async fn follow(host: &str, sink: &impl DockerSink, session: Session) -> WatchEr
         docker,
         mut events,
         containers,
+        listed_at,
     } = session;
     let version = docker.client_version();
     info!(
@@ -245,15 +261,18 @@ async fn follow(host: &str, sink: &impl DockerSink, session: Session) -> WatchEr
         containers = containers.len(),
         "docker watcher connected"
     );
-    let count = containers.len();
     // Running containers as last reported: network events of others (a
     // container being created is connected before it starts) need no
     // inspection, which would wait for the engine to finish creating it
     // and hold up the events behind it.
     let mut running: HashSet<String> = containers.iter().map(|c| c.id.clone()).collect();
-    sink.report(DockerUpdate::Sync(containers)).await;
+    sink.report(DockerUpdate::Sync {
+        containers,
+        at: listed_at,
+    })
+    .await;
     sink.report(DockerUpdate::Status(format!(
-        "connected to {host} (API {version}), {count} running containers at the last list"
+        "connected to {host} (API {version})"
     )))
     .await;
     // A remote engine can vanish without closing the connection: a quiet
@@ -285,7 +304,7 @@ async fn follow(host: &str, sink: &impl DockerSink, session: Session) -> WatchEr
                 Ok(u) => {
                     match &u {
                         DockerUpdate::Upsert(c) => running.insert(c.id.clone()),
-                        DockerUpdate::Remove(id) => running.remove(id),
+                        DockerUpdate::Remove { id, .. } => running.remove(id),
                         _ => false,
                     };
                     sink.report(u).await;
@@ -319,17 +338,23 @@ async fn on_event(
     match action.as_str() {
         // Out at once, without asking the engine anything more: this is
         // the path whose latency matters.
-        "die" | "stop" | "destroy" => Some(Ok(DockerUpdate::Remove(id))),
+        "die" | "stop" | "destroy" => Some(Ok(DockerUpdate::Remove { id, why: action })),
         "connect" | "disconnect" if !running.contains(&id) => None,
         "start" | "restart" | "pause" | "unpause" | "rename" | "update" | "connect"
-        | "disconnect" => Some(refresh(docker, host, id).await),
-        a if a.starts_with("health_status") => Some(refresh(docker, host, id).await),
+        | "disconnect" => Some(refresh(docker, host, id, &action).await),
+        a if a.starts_with("health_status") => Some(refresh(docker, host, id, a).await),
         // kill, oom, exec_*, create, …: a die follows if the process ends.
         _ => None,
     }
 }
 
-async fn refresh(docker: &Docker, host: &str, id: String) -> Result<DockerUpdate, WatchError> {
+/// The container `id` as an inspection finds it after event `action`.
+async fn refresh(
+    docker: &Docker,
+    host: &str,
+    id: String,
+    action: &str,
+) -> Result<DockerUpdate, WatchError> {
     let started = std::time::Instant::now();
     let found = inspect(docker, host, &id).await?;
     debug!(
@@ -339,6 +364,9 @@ async fn refresh(docker: &Docker, host: &str, id: String) -> Result<DockerUpdate
     );
     Ok(match found {
         Some(c) => DockerUpdate::Upsert(c),
-        None => DockerUpdate::Remove(id),
+        None => DockerUpdate::Remove {
+            id,
+            why: format!("not running after {action}"),
+        },
     })
 }

@@ -7,10 +7,15 @@
 //! picks up the containers already running, and a label naming a service
 //! that appears later starts to count when it does.
 //!
-//! A container joins a service in two ways:
-//! - labels: `lb.service=<name>`, `lb.port=<port>`, optional `lb.weight=<n>`
-//!   and `lb.network=<network>`;
-//! - the service's image rule (`image` + `target_port`).
+//! One rule, explicit before implicit:
+//! - a container with an `lb.service` label serves that service alone, on
+//!   its `lb.port`; image rules do not apply to it;
+//! - a container without one serves every service whose image rule
+//!   (`image` + `target_port`) matches its image;
+//! - `lb.weight` and `lb.network` apply to whichever service it serves;
+//! - a container with any malformed `lb.*` label serves no service at all,
+//!   and one log line says which label and why ([`Tracker::assign`] logs
+//!   it once).
 //!
 //! A container that is paused, or whose health check is starting or failing,
 //! is drained: it keeps the flows it has and gets no new ones.
@@ -19,6 +24,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
+    time::SystemTime,
 };
 
 use super::DockerUpdate;
@@ -26,7 +32,7 @@ use crate::{
     model::{BackendSpec, ServiceSpec, Via},
     state::{Desired, Limits},
 };
-use tracing::warn;
+use tracing::{info, warn};
 
 /// The label naming a container's service.
 pub const LABEL_SERVICE: &str = "lb.service";
@@ -36,6 +42,8 @@ pub const LABEL_PORT: &str = "lb.port";
 pub const LABEL_WEIGHT: &str = "lb.weight";
 /// The label choosing one of the container's networks.
 pub const LABEL_NETWORK: &str = "lb.network";
+/// Every `lb.*` label there is; any other `lb.*` key is malformed.
+const LABELS: [&str; 4] = [LABEL_SERVICE, LABEL_PORT, LABEL_WEIGHT, LABEL_NETWORK];
 
 /// A container's health as its engine reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,18 +88,36 @@ pub struct Container {
     pub health: Health,
 }
 
+impl Container {
+    /// Why it is drained (keeps its flows, takes no new ones), if it is.
+    pub fn drained_by(&self) -> Option<&'static str> {
+        if self.paused {
+            Some("paused")
+        } else {
+            match self.health {
+                Health::Starting => Some("health check starting"),
+                Health::Unhealthy => Some("health check failing"),
+                Health::None | Health::Healthy => None,
+            }
+        }
+    }
+}
+
 /// One container serving one service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Member {
     /// The service.
     pub service: String,
+    /// The container's engine id.
+    pub container_id: String,
     /// The container's name.
     pub container: String,
     /// The backend entry.
     pub backend: BackendSpec,
 }
 
-/// Why a container is not (fully) a backend, for one log line.
+/// Why a container serves no service, or is left out of one: one log line
+/// that names the container.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Problem(pub String);
 
@@ -113,141 +139,174 @@ fn normalize_image(r: &str) -> String {
     }
 }
 
-/// The services `c` serves, with its backend entry for each, and what is
-/// wrong with its labels (the container then does not join the labelled
-/// service, and the rest keep working).
-pub fn members(c: &Container, services: &[ServiceSpec]) -> (Vec<Member>, Vec<Problem>) {
-    let mut out = Vec::new();
-    let mut problems = Vec::new();
-    let problem = |what: String| Problem(format!("container {}: {what}", c.name));
-    let label = |k: &str| c.labels.get(k).map(String::as_str);
-
-    let weight = match label(LABEL_WEIGHT) {
-        None => Ok(1),
-        Some(w) => match w.parse::<u32>() {
-            Ok(n) if n >= 1 => Ok(n),
-            _ => Err(problem(format!(
-                "label {LABEL_WEIGHT}={w:?} is not a whole number of at least 1; ignored"
-            ))),
-        },
-    };
-    let endpoint = match label(LABEL_NETWORK) {
-        Some(n) => c.networks.get(n).map(|e| (n, *e)).ok_or_else(|| {
-            let have: Vec<&str> = c.networks.keys().map(String::as_str).collect();
-            problem(format!(
-                "label {LABEL_NETWORK}={n:?} is not one of its networks ({}); ignored",
-                have.join(", ")
-            ))
-        }),
-        None if c.networks.len() == 1 => {
-            let (n, e) = c.networks.iter().next().expect("one network");
-            Ok((n.as_str(), *e))
-        }
-        None if c.networks.is_empty() => Err(problem(
-            "has no IPv4 address on any network (host or none network?); ignored".into(),
-        )),
-        None => {
-            let have: Vec<&str> = c.networks.keys().map(String::as_str).collect();
-            Err(problem(format!(
-                "is on several networks ({}): say which with label {LABEL_NETWORK}; ignored",
-                have.join(", ")
-            )))
-        }
-    };
-    let drained = c.paused || matches!(c.health, Health::Starting | Health::Unhealthy);
-    let backend = |port: u16, weight: u32, (_, e): (&str, Endpoint)| BackendSpec {
-        addr: SocketAddrV4::new(e.ip, port),
-        weight,
-        drained,
-        via: e
-            .mac
-            .filter(|_| c.pid > 0)
-            .map(|mac| Via { pid: c.pid, mac }),
-    };
-
-    // Labels.
-    let wanted = label(LABEL_SERVICE);
-    if let Some(name) = wanted {
-        let port = match label(LABEL_PORT) {
-            None => Err(problem(format!(
-                "label {LABEL_SERVICE}={name:?} without {LABEL_PORT}; ignored"
-            ))),
-            Some(p) => match p.parse::<u16>() {
-                Ok(n) if n > 0 => Ok(n),
-                _ => Err(problem(format!(
-                    "label {LABEL_PORT}={p:?} is not a port (1-65535); ignored"
-                ))),
-            },
-        };
-        let service = services.iter().find(|s| s.name == name).ok_or_else(|| {
-            problem(format!(
-                "label {LABEL_SERVICE}={name:?}: no such service; ignored until it exists"
-            ))
-        });
-        match (service, port, &weight, &endpoint) {
-            (Ok(s), Ok(port), Ok(w), Ok(e)) => out.push(Member {
-                service: s.name.clone(),
-                container: c.name.clone(),
-                backend: backend(port, *w, *e),
-            }),
-            (s, p, w, e) => problems.extend(
-                [s.err(), p.err(), w.clone().err(), e.clone().err()]
-                    .into_iter()
-                    .flatten(),
-            ),
-        }
-    } else if let Some(k) = [LABEL_PORT, LABEL_WEIGHT, LABEL_NETWORK]
-        .into_iter()
-        .find(|k| label(k).is_some())
-    {
-        // Only worth saying when no image rule takes the container.
-        let image = normalize_image(&c.image);
-        let by_image = services.iter().any(|s| {
-            s.image
-                .as_ref()
-                .is_some_and(|r| normalize_image(&r.image) == image)
-        });
-        if !by_image {
-            problems.push(problem(format!(
-                "label {k} without {LABEL_SERVICE}; ignored"
-            )));
-        }
-    }
-
-    // Image rules.
-    let image = normalize_image(&c.image);
-    for s in services {
-        let Some(rule) = &s.image else { continue };
-        if normalize_image(&rule.image) != image || out.iter().any(|m| m.service == s.name) {
-            continue;
-        }
-        match (&weight, &endpoint) {
-            (Ok(w), Ok(e)) => out.push(Member {
-                service: s.name.clone(),
-                container: c.name.clone(),
-                backend: backend(rule.target_port, *w, *e),
-            }),
-            (w, e) => {
-                for p in [w.clone().err(), e.clone().err()].into_iter().flatten() {
-                    if !problems.contains(&p) {
-                        problems.push(p);
-                    }
-                }
-            }
-        }
-    }
-    (out, problems)
+/// What a container's `lb.*` labels ask for, once every one is well formed.
+#[derive(Debug)]
+struct Labels<'a> {
+    /// `lb.service` with its `lb.port`.
+    service: Option<(&'a str, u16)>,
+    /// `lb.weight`, 1 without the label.
+    weight: u32,
+    /// `lb.network`, checked to be one of the container's networks.
+    network: Option<&'a str>,
 }
 
-/// Docker's backends, by service, that fit beside the declared services
-/// within the maps' limits, and a problem for each member left out.
-/// Members are taken in container-name order, so the same containers win
-/// every time.
+/// Reads `c`'s `lb.*` labels; the error names every malformed one and why.
+fn read_labels(c: &Container) -> Result<Labels<'_>, Vec<String>> {
+    let mut bad = Vec::new();
+    let label = |k: &str| c.labels.get(k).map(String::as_str);
+    for k in c.labels.keys() {
+        if k.starts_with("lb.") && !LABELS.contains(&k.as_str()) {
+            bad.push(format!("label {k} is not one of {}", LABELS.join(", ")));
+        }
+    }
+    let port = label(LABEL_PORT).and_then(|p| match p.parse::<u16>() {
+        Ok(n) if n > 0 => Some(n),
+        _ => {
+            bad.push(format!("label {LABEL_PORT}={p:?} is not a port (1-65535)"));
+            None
+        }
+    });
+    let service = match (label(LABEL_SERVICE), label(LABEL_PORT)) {
+        (Some(""), _) => {
+            bad.push(format!("label {LABEL_SERVICE} is empty"));
+            None
+        }
+        (Some(name), None) => {
+            bad.push(format!(
+                "label {LABEL_SERVICE}={name:?} without {LABEL_PORT}"
+            ));
+            None
+        }
+        (None, Some(p)) => {
+            bad.push(format!(
+                "label {LABEL_PORT}={p:?} without {LABEL_SERVICE} (an image rule gives its own port)"
+            ));
+            None
+        }
+        (Some(name), Some(_)) => port.map(|p| (name, p)),
+        (None, None) => None,
+    };
+    let weight = match label(LABEL_WEIGHT) {
+        None => 1,
+        Some(w) => match w.parse::<u32>() {
+            Ok(n) if n >= 1 => n,
+            _ => {
+                bad.push(format!(
+                    "label {LABEL_WEIGHT}={w:?} is not a whole number of at least 1"
+                ));
+                1
+            }
+        },
+    };
+    let network = label(LABEL_NETWORK);
+    if let Some(n) = network.filter(|n| !c.networks.contains_key(*n)) {
+        let have: Vec<&str> = c.networks.keys().map(String::as_str).collect();
+        bad.push(format!(
+            "label {LABEL_NETWORK}={n:?} is not one of its networks ({})",
+            have.join(", ")
+        ));
+    }
+    if bad.is_empty() {
+        Ok(Labels {
+            service,
+            weight,
+            network,
+        })
+    } else {
+        Err(bad)
+    }
+}
+
+/// The network `c` is reached on: the one `lb.network` names, else its only one.
+fn endpoint(c: &Container, network: Option<&str>) -> Result<Endpoint, String> {
+    if let Some(e) = network.and_then(|n| c.networks.get(n)) {
+        return Ok(*e);
+    }
+    let mut all = c.networks.values();
+    match (all.next(), all.next()) {
+        (Some(e), None) => Ok(*e),
+        (None, _) => Err("it has no IPv4 address on any network (host or none network?)".into()),
+        (Some(_), Some(_)) => {
+            let have: Vec<&str> = c.networks.keys().map(String::as_str).collect();
+            Err(format!(
+                "it is on several networks ({}): say which with label {LABEL_NETWORK}",
+                have.join(", ")
+            ))
+        }
+    }
+}
+
+/// The services `c` serves, with its backend entry for each (none for a
+/// container nothing asks for), or why it serves none although it asks to
+/// (a malformed label, a service that does not exist, no usable network).
+/// The rule is in the module docs.
+pub fn members(c: &Container, services: &[ServiceSpec]) -> Result<Vec<Member>, Problem> {
+    let skip = |why: String| {
+        Problem(format!(
+            "container {} skipped, serves no service: {why}",
+            c.name
+        ))
+    };
+    let labels = read_labels(c).map_err(|bad| skip(bad.join("; ")))?;
+    let targets: Vec<(&ServiceSpec, u16)> = match labels.service {
+        Some((name, port)) => {
+            let s = services.iter().find(|s| s.name == name).ok_or_else(|| {
+                skip(format!(
+                    "label {LABEL_SERVICE}={name:?}: no such service (it joins once one of that name is added)"
+                ))
+            })?;
+            vec![(s, port)]
+        }
+        None => {
+            let image = normalize_image(&c.image);
+            services
+                .iter()
+                .filter_map(|s| {
+                    let rule = s.image.as_ref()?;
+                    (normalize_image(&rule.image) == image).then_some((s, rule.target_port))
+                })
+                .collect()
+        }
+    };
+    if targets.is_empty() {
+        // Labels that only make sense for a service it does not get.
+        return match [LABEL_WEIGHT, LABEL_NETWORK].iter().find(|k| c.labels.contains_key(**k)) {
+            Some(k) => Err(skip(format!(
+                "label {k} is set, but it has no {LABEL_SERVICE} label and no image rule takes image {:?}",
+                c.image
+            ))),
+            None => Ok(Vec::new()),
+        };
+    }
+    let e = endpoint(c, labels.network).map_err(skip)?;
+    let drained = c.drained_by().is_some();
+    Ok(targets
+        .into_iter()
+        .map(|(s, port)| Member {
+            service: s.name.clone(),
+            container_id: c.id.clone(),
+            container: c.name.clone(),
+            backend: BackendSpec {
+                addr: SocketAddrV4::new(e.ip, port),
+                weight: labels.weight,
+                drained,
+                via: e
+                    .mac
+                    .filter(|_| c.pid > 0)
+                    .map(|mac| Via { pid: c.pid, mac }),
+            },
+        })
+        .collect())
+}
+
+/// The members that fit beside the declared services within the maps'
+/// limits, and a problem for each member left out. Members are taken in
+/// container-name order, so the same containers win every time.
 pub fn fit(
     declared: &[ServiceSpec],
     mut members: Vec<Member>,
     limits: &Limits,
-) -> (BTreeMap<String, Vec<BackendSpec>>, Vec<Problem>) {
+) -> (Vec<Member>, Vec<Problem>) {
     members.sort_by(|a, b| (&a.container, &a.service).cmp(&(&b.container, &b.service)));
     let mut total: usize = declared.iter().map(|s| s.backends.len()).sum();
     let mut per_service: HashMap<&str, usize> = declared
@@ -260,7 +319,8 @@ pub fn fit(
             *shared.entry((b.addr, s.protocol.number())).or_default() += 1;
         }
     }
-    let mut out: BTreeMap<String, Vec<BackendSpec>> = BTreeMap::new();
+    let mut taken: BTreeSet<(&str, SocketAddrV4)> = BTreeSet::new();
+    let mut kept = Vec::new();
     let mut problems = Vec::new();
     for m in &members {
         let Some(s) = declared.iter().find(|s| s.name == m.service) else {
@@ -279,10 +339,7 @@ pub fn fit(
             ));
             continue;
         }
-        if out
-            .get(&m.service)
-            .is_some_and(|v| v.iter().any(|b| b.addr == addr))
-        {
+        if taken.contains(&(m.service.as_str(), addr)) {
             problems.push(left_out("another container has the same address".into()));
             continue;
         }
@@ -310,18 +367,41 @@ pub fn fit(
         total += 1;
         *n += 1;
         *sharing += 1;
-        out.entry(m.service.clone()).or_default().push(m.backend);
+        taken.insert((m.service.as_str(), addr));
+        kept.push(m.clone());
     }
-    (out, problems)
+    (kept, problems)
 }
 
-/// The control task's view of the engine: the running containers, the
-/// problems already logged, and which container is behind which backend.
+/// One container serving one service, as last logged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Serving {
+    /// The container's name.
+    container: String,
+    /// Its backend address in the service.
+    addr: SocketAddrV4,
+    /// Its weight there.
+    weight: u32,
+    /// Why it is drained, if it is.
+    drained_by: Option<&'static str>,
+}
+
+/// The control task's view of the engine: the running containers, which of
+/// them serve which service, and the problems already logged.
 #[derive(Debug)]
 pub struct Tracker {
     status: String,
     containers: BTreeMap<String, Container>,
+    /// When the engine last listed every running container.
+    listed_at: Option<SystemTime>,
+    /// Containers gone since the last [`Tracker::assign`], by id, and why.
+    gone: HashMap<String, String>,
     reported: BTreeSet<Problem>,
+    /// Containers that serve no service because of a problem, by name.
+    skipped: BTreeSet<String>,
+    /// Who serves what now, by (container id, service).
+    serving: BTreeMap<(String, String), Serving>,
+    /// The container behind each (service, backend address).
     names: BTreeMap<(String, SocketAddrV4), String>,
 }
 
@@ -331,7 +411,11 @@ impl Tracker {
         Self {
             status: status.into(),
             containers: BTreeMap::new(),
+            listed_at: None,
+            gone: HashMap::new(),
             reported: BTreeSet::new(),
+            skipped: BTreeSet::new(),
+            serving: BTreeMap::new(),
             names: BTreeMap::new(),
         }
     }
@@ -341,19 +425,75 @@ impl Tracker {
         &self.status
     }
 
+    /// When the engine last listed every running container, if it has.
+    pub fn listed_at(&self) -> Option<SystemTime> {
+        self.listed_at
+    }
+
+    /// Running containers, as last reported.
+    pub fn running(&self) -> usize {
+        self.containers.len()
+    }
+
+    /// The names of the containers serving each service (services without
+    /// one are left out), sorted.
+    pub fn serving(&self) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for ((_, service), s) in &self.serving {
+            out.entry(service.clone())
+                .or_default()
+                .push(s.container.clone());
+        }
+        for names in out.values_mut() {
+            names.sort();
+        }
+        out
+    }
+
+    /// How many containers serve at least one service.
+    pub fn serving_containers(&self) -> usize {
+        self.serving
+            .keys()
+            .map(|(id, _)| id)
+            .collect::<BTreeSet<_>>()
+            .len()
+    }
+
+    /// Containers that ask to serve but serve nothing because of a
+    /// problem (a malformed label, a missing service, no usable network).
+    pub fn skipped(&self) -> Vec<String> {
+        self.skipped.iter().cloned().collect()
+    }
+
     /// Takes in what the watcher reported. `true` when the containers
     /// changed, so membership must be worked out again.
     pub fn update(&mut self, u: DockerUpdate) -> bool {
         match u {
-            DockerUpdate::Sync(all) => {
+            DockerUpdate::Sync { containers, at } => {
+                self.listed_at = Some(at);
                 let all: BTreeMap<String, Container> =
-                    all.into_iter().map(|c| (c.id.clone(), c)).collect();
-                let changed = all != self.containers;
+                    containers.into_iter().map(|c| (c.id.clone(), c)).collect();
+                if all == self.containers {
+                    return false;
+                }
+                for id in self.containers.keys().filter(|id| !all.contains_key(*id)) {
+                    self.gone
+                        .insert(id.clone(), "not running at the engine's last list".into());
+                }
                 self.containers = all;
-                changed
+                true
             }
-            DockerUpdate::Upsert(c) => self.containers.insert(c.id.clone(), c.clone()) != Some(c),
-            DockerUpdate::Remove(id) => self.containers.remove(&id).is_some(),
+            DockerUpdate::Upsert(c) => {
+                self.gone.remove(&c.id);
+                self.containers.insert(c.id.clone(), c.clone()) != Some(c)
+            }
+            DockerUpdate::Remove { id, why } => {
+                let known = self.containers.remove(&id).is_some();
+                if known {
+                    self.gone.insert(id, why);
+                }
+                known
+            }
             DockerUpdate::Status(s) => {
                 self.status = s;
                 false
@@ -362,28 +502,126 @@ impl Tracker {
     }
 
     /// Works out which containers serve which of `desired`'s services and
-    /// hands their backends to it. Each problem is logged once, when it
-    /// first appears.
+    /// hands their backends to it. Logs each change of membership once,
+    /// naming the container (joined, drained, back, left), and each
+    /// problem once, when it first appears.
     pub fn assign(&mut self, desired: &mut Desired) {
         let declared = desired.declared();
         let mut all = Vec::new();
         let mut problems = BTreeSet::new();
+        self.skipped.clear();
         for c in self.containers.values() {
-            let (m, p) = members(c, &declared);
-            all.extend(m);
-            problems.extend(p);
+            match members(c, &declared) {
+                Ok(m) => all.extend(m),
+                Err(p) => {
+                    self.skipped.insert(c.name.clone());
+                    problems.insert(p);
+                }
+            }
         }
-        self.names = all
-            .iter()
-            .map(|m| ((m.service.clone(), m.backend.addr), m.container.clone()))
-            .collect();
-        let (backends, p) = fit(&declared, all, desired.limits());
+        let (kept, p) = fit(&declared, all, desired.limits());
         problems.extend(p);
         for p in problems.difference(&self.reported) {
             warn!("{p}");
         }
         self.reported = problems;
+        let serving: BTreeMap<(String, String), Serving> = kept
+            .iter()
+            .map(|m| {
+                let serving = Serving {
+                    container: m.container.clone(),
+                    addr: m.backend.addr,
+                    weight: m.backend.weight,
+                    drained_by: self
+                        .containers
+                        .get(&m.container_id)
+                        .and_then(Container::drained_by),
+                };
+                ((m.container_id.clone(), m.service.clone()), serving)
+            })
+            .collect();
+        self.log_changes(&serving, &declared);
+        self.serving = serving;
+        self.gone.clear();
+        self.names = kept
+            .iter()
+            .map(|m| ((m.service.clone(), m.backend.addr), m.container.clone()))
+            .collect();
+        let mut backends: BTreeMap<String, Vec<BackendSpec>> = BTreeMap::new();
+        for m in kept {
+            backends.entry(m.service).or_default().push(m.backend);
+        }
         desired.set_docker(backends);
+    }
+
+    /// One line per container and service whose membership changed between
+    /// what was logged and `now`.
+    fn log_changes(&self, now: &BTreeMap<(String, String), Serving>, declared: &[ServiceSpec]) {
+        for ((id, service), was) in &self.serving {
+            if now.contains_key(&(id.clone(), service.clone())) {
+                continue;
+            }
+            let why = match self.gone.get(id) {
+                Some(why) => why.as_str(),
+                None if !declared.iter().any(|s| &s.name == service) => "service removed",
+                None => "no longer selected",
+            };
+            info!(
+                container = was.container,
+                service,
+                backend = %was.addr,
+                why,
+                "container left"
+            );
+        }
+        for ((id, service), is) in now {
+            let Some(was) = self.serving.get(&(id.clone(), service.clone())) else {
+                match is.drained_by {
+                    None => info!(
+                        container = is.container,
+                        service,
+                        backend = %is.addr,
+                        weight = is.weight,
+                        "container joined"
+                    ),
+                    Some(why) => info!(
+                        container = is.container,
+                        service,
+                        backend = %is.addr,
+                        weight = is.weight,
+                        drained = why,
+                        "container joined, drained"
+                    ),
+                }
+                continue;
+            };
+            if was.addr != is.addr {
+                info!(
+                    container = is.container,
+                    service,
+                    from = %was.addr,
+                    backend = %is.addr,
+                    "container moved to another address"
+                );
+            }
+            match (was.drained_by, is.drained_by) {
+                (None, Some(why)) => info!(
+                    container = is.container,
+                    service,
+                    backend = %is.addr,
+                    why,
+                    "container drained"
+                ),
+                (Some(was_by), None) => info!(
+                    container = is.container,
+                    service,
+                    backend = %is.addr,
+                    was = was_by,
+                    "container back"
+                ),
+                _ => {}
+            }
+        }
     }
 
     /// The container behind `service`'s backend `addr`, if it is one.

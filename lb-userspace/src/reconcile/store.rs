@@ -20,6 +20,8 @@ pub enum MapOp {
         /// The whole entry.
         value: Backend,
     },
+    /// Set backend `id`'s counters to zero, before a new backend uses the id.
+    ZeroCounters(u32),
     /// Write slots of the Maglev array, as (absolute index, backend id).
     Slots(Vec<(u32, u32)>),
     /// Insert or replace a service entry: the flip to a table copy.
@@ -98,6 +100,9 @@ impl MapStore for Maps {
                 .backends
                 .set(*id, value, 0)
                 .map_err(err(maps::BACKENDS)),
+            MapOp::ZeroCounters(id) => self
+                .zero_backend_counters(*id)
+                .map_err(err(maps::BACKEND_STATS)),
             MapOp::Slots(writes) => {
                 for &(index, id) in writes {
                     if !self.maglev_slots.set(index, id) {
@@ -187,6 +192,8 @@ mod mem {
         pub broken: Option<String>,
         /// Operations carried out.
         pub writes: usize,
+        /// Backend ids whose counters were set to zero, in order.
+        pub zeroed: Vec<u32>,
     }
 
     impl MemStore {
@@ -263,6 +270,9 @@ mod mem {
             match op {
                 MapOp::Backend { id, value } => {
                     self.backends.insert(*id, *value);
+                }
+                MapOp::ZeroCounters(id) => {
+                    self.zeroed.push(*id);
                 }
                 MapOp::Slots(writes) => {
                     for &(index, id) in writes {

@@ -390,51 +390,90 @@ impl Tables {
             .filter(|a| !wanted.contains_key(a))
             .copied()
             .collect();
+        // Another process at a container backend's address (a new
+        // container, or the same one restarted) is another backend: it
+        // gets an id of its own, with counters from zero.
+        let replaced: BTreeSet<SocketAddrV4> = wanted
+            .values()
+            .filter(|w| {
+                st.backends
+                    .get(&w.addr)
+                    .is_some_and(|b| b.via.map(|v| v.pid) != w.via.map(|v| v.pid))
+            })
+            .map(|w| w.addr)
+            .collect();
         let added: Vec<BackendSpec> = wanted
             .values()
-            .filter(|b| !st.backends.contains_key(&b.addr))
+            .filter(|b| !st.backends.contains_key(&b.addr) || replaced.contains(&b.addr))
             .map(|b| **b)
             .collect();
         let lookup =
             |addr: SocketAddrV4| resolved.get(&(spec.name.clone(), addr)).copied().flatten();
         for (addr, want) in &wanted {
+            if replaced.contains(addr) {
+                continue;
+            }
             if let Some(b) = st.backends.get_mut(addr) {
                 b.weight = want.weight;
                 b.drained = want.drained;
-                // A container restarted at the same address has a new interface.
+                // The same process with another interface (its network
+                // reconnected): reached anew, same backend.
                 if b.via != want.via {
                     b.via = want.via;
                     b.delivery = lookup(*addr);
                 }
             }
         }
-        for want in added {
-            let addr = want.addr;
+        // Ids first: when the maps are full, nothing of this service changes.
+        let mut ids = Vec::with_capacity(added.len());
+        for want in &added {
             // Replies must be recognisable before the first flow reaches it.
-            self.rev_nat_add(addr, spec, ops)?;
-            let id = self
-                .backend_ids
-                .alloc(now)
-                .ok_or_else(|| ReconcileError::BackendsFull(spec.name.clone()))?;
-            let st = self.services.get_mut(&spec.name).expect("present");
-            st.backends
-                .insert(addr, Member::new(id, &want, lookup(addr)));
-            info!(service = spec.name, backend = %addr, id, weight = want.weight, "backend added");
+            let id = self.rev_nat_add(want.addr, spec, ops).and_then(|()| {
+                self.backend_ids
+                    .alloc(now)
+                    .ok_or_else(|| ReconcileError::BackendsFull(spec.name.clone()))
+            });
+            match id {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    for id in ids {
+                        self.backend_ids.free_now(id);
+                    }
+                    return Err(e);
+                }
+            }
         }
-        // Removed backends leave the membership before the table is built,
-        // so the flip takes them out; their entries go down only after it.
+        // Removed and replaced backends leave the membership before the
+        // table is built, so the flip takes them out; their entries go down
+        // only after it.
         let st = self.services.get_mut(&spec.name).expect("present");
-        let leaving: Vec<(SocketAddrV4, Member)> = removed
+        let mut leaving: Vec<(SocketAddrV4, Member)> = removed
             .iter()
             .filter_map(|a| st.backends.remove(a).map(|m| (*a, m)))
             .collect();
+        for (want, id) in added.iter().zip(ids) {
+            // The id's counters may still hold an earlier tenant's.
+            ops.push(MapOp::ZeroCounters(id));
+            let addr = want.addr;
+            if let Some(old) = st
+                .backends
+                .insert(addr, Member::new(id, want, lookup(addr)))
+            {
+                leaving.push((addr, old));
+            }
+            info!(service = spec.name, backend = %addr, id, weight = want.weight, "backend added");
+        }
         let service_id = st.id;
         self.sync(&spec.name, ops)?;
         for (addr, m) in leaving {
             ops.push(backend_down(&m, service_id, addr));
             self.backend_ids.free(m.id, now);
-            self.rev_nat_remove(addr, spec.protocol, spec.vip, ops);
-            info!(service = spec.name, backend = %addr, id = m.id, "backend removed");
+            if replaced.contains(&addr) {
+                info!(service = spec.name, backend = %addr, id = m.id, "backend replaced: another process at its address");
+            } else {
+                self.rev_nat_remove(addr, spec.protocol, spec.vip, ops);
+                info!(service = spec.name, backend = %addr, id = m.id, "backend removed");
+            }
         }
         Ok(())
     }

@@ -405,6 +405,9 @@ impl Engine {
         if let Some(network) = &opts.network {
             args.extend(["--network".to_owned(), network.clone()]);
         }
+        if let Some(ip) = opts.ip {
+            args.extend(["--ip".to_owned(), ip.to_string()]);
+        }
         if opts.restart_always {
             args.extend(["--restart".to_owned(), "always".to_owned()]);
         }
@@ -764,6 +767,9 @@ pub struct RunOpts {
     pub health_timeout: Duration,
     /// The network (`--network`); the default bridge if `None`.
     pub network: Option<String>,
+    /// A fixed address on that network (`--ip`; a user-defined network
+    /// only); the engine picks one if `None`.
+    pub ip: Option<Ipv4Addr>,
     /// `--restart always`: the engine starts it again, e.g. after its own
     /// restart.
     pub restart_always: bool,
@@ -786,6 +792,7 @@ impl Default for RunOpts {
             health_retries: 1,
             health_timeout: Duration::from_secs(1),
             network: None,
+            ip: None,
             restart_always: false,
         }
     }
@@ -826,6 +833,12 @@ impl RunOpts {
     /// Attaches the container to `network` instead of the default bridge.
     pub fn network(mut self, network: &str) -> RunOpts {
         self.network = Some(network.to_owned());
+        self
+    }
+
+    /// Gives the container address `ip` on its (user-defined) network.
+    pub fn ip(mut self, ip: Ipv4Addr) -> RunOpts {
+        self.ip = Some(ip);
         self
     }
 }

@@ -1,7 +1,12 @@
 //! Membership rules, with containers described by hand (no engine: the
 //! end-to-end tests use a real one).
 
-use std::path::Path;
+use std::{
+    io,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, UNIX_EPOCH},
+};
 
 use super::*;
 use crate::config::Config;
@@ -38,6 +43,8 @@ fn services() -> Vec<ServiceSpec> {
 }
 
 const MAC: [u8; 6] = [2, 0x42, 198, 18, 0, 2];
+const API: &str = "lb-test/api:1";
+const OTHER: &str = "lb-test/busybox:1";
 
 fn container(name: &str, image: &str, labels: &[(&str, &str)]) -> Container {
     Container {
@@ -64,16 +71,29 @@ fn container(name: &str, image: &str, labels: &[(&str, &str)]) -> Container {
 fn labelled(name: &str, extra: &[(&str, &str)]) -> Container {
     let mut labels = vec![(LABEL_SERVICE, "web"), (LABEL_PORT, "8080")];
     labels.extend_from_slice(extra);
-    container(name, "lb-test/busybox:1", &labels)
+    container(name, OTHER, &labels)
+}
+
+/// The services `c` serves; panics on a problem.
+fn served(c: &Container) -> Vec<Member> {
+    members(c, &services()).unwrap_or_else(|p| panic!("{}: {p}", c.name))
+}
+
+/// Why `c` serves nothing; panics if it is not skipped.
+fn skipped(c: &Container) -> String {
+    match members(c, &services()) {
+        Ok(m) => panic!("{} was not skipped: {m:?}", c.name),
+        Err(p) => p.to_string(),
+    }
 }
 
 #[test]
 fn labels_make_a_backend_with_what_delivery_needs() {
-    let (m, p) = members(&labelled("w1", &[(LABEL_WEIGHT, "3")]), &services());
-    assert!(p.is_empty(), "{p:?}");
+    let m = served(&labelled("w1", &[(LABEL_WEIGHT, "3")]));
     assert_eq!(m.len(), 1);
     assert_eq!(m[0].service, "web");
     assert_eq!(m[0].container, "w1");
+    assert_eq!(m[0].container_id, "id-w1");
     let b = m[0].backend;
     assert_eq!(b.addr, "198.18.0.2:8080".parse().unwrap());
     assert_eq!(b.weight, 3);
@@ -88,11 +108,53 @@ fn labels_make_a_backend_with_what_delivery_needs() {
 }
 
 #[test]
-fn malformed_labels_are_one_problem_each_and_no_member() {
+fn a_label_beats_an_image_rule() {
+    // Its image matches api's rule, but it names web: web alone.
+    let c = container("both", API, &[(LABEL_SERVICE, "web"), (LABEL_PORT, "8080")]);
+    let m = served(&c);
+    let joined: Vec<&str> = m.iter().map(|m| m.service.as_str()).collect();
+    assert_eq!(joined, ["web"]);
+    assert_eq!(m[0].backend.addr.port(), 8080);
+    // Naming the rule's own service by label: once, on the label's port.
+    let c = container(
+        "api-l",
+        API,
+        &[(LABEL_SERVICE, "api"), (LABEL_PORT, "7000")],
+    );
+    let m = served(&c);
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].backend.addr.port(), 7000);
+}
+
+#[test]
+fn a_label_naming_no_service_serves_nothing_until_it_exists() {
+    let c = container(
+        "early",
+        API,
+        &[(LABEL_SERVICE, "later"), (LABEL_PORT, "80")],
+    );
+    let why = skipped(&c);
+    assert!(
+        why.contains("container early") && why.contains("lb.service=\"later\": no such service"),
+        "{why}"
+    );
+    // Not the image rule's service meanwhile.
+    let mut with_later = services();
+    let mut later = with_later[0].clone();
+    later.name = "later".into();
+    later.vip = "198.18.101.9:80".parse().unwrap();
+    with_later.push(later);
+    let m = members(&c, &with_later).unwrap();
+    let joined: Vec<&str> = m.iter().map(|m| m.service.as_str()).collect();
+    assert_eq!(joined, ["later"]);
+}
+
+#[test]
+fn a_malformed_label_serves_nothing_whatever_the_image() {
     let cases: &[(&[(&str, &str)], &str)] = &[
         (
             &[(LABEL_SERVICE, "web"), (LABEL_PORT, "http")],
-            "lb.port=\"http\"",
+            "lb.port=\"http\" is not a port",
         ),
         (
             &[(LABEL_SERVICE, "web"), (LABEL_PORT, "0")],
@@ -103,6 +165,10 @@ fn malformed_labels_are_one_problem_each_and_no_member() {
             "lb.port=\"70000\"",
         ),
         (&[(LABEL_SERVICE, "web")], "without lb.port"),
+        (
+            &[(LABEL_SERVICE, ""), (LABEL_PORT, "80")],
+            "lb.service is empty",
+        ),
         (
             &[
                 (LABEL_SERVICE, "web"),
@@ -120,76 +186,117 @@ fn malformed_labels_are_one_problem_each_and_no_member() {
             "lb.weight=\"-2\"",
         ),
         (
-            &[(LABEL_SERVICE, "nope"), (LABEL_PORT, "80")],
-            "no such service",
-        ),
-        (
             &[
                 (LABEL_SERVICE, "web"),
                 (LABEL_PORT, "80"),
                 (LABEL_NETWORK, "x"),
             ],
-            "lb.network=\"x\"",
+            "lb.network=\"x\" is not one of its networks (bridge)",
         ),
-        (&[(LABEL_PORT, "80")], "without lb.service"),
+        (&[(LABEL_PORT, "80")], "lb.port=\"80\" without lb.service"),
+        (&[(LABEL_WEIGHT, "many")], "lb.weight=\"many\""),
+        (&[(LABEL_NETWORK, "x")], "lb.network=\"x\""),
+        (&[("lb.wieght", "2")], "label lb.wieght is not one of"),
     ];
     for (labels, says) in cases {
-        let (m, p) = members(&container("bad", "lb-test/busybox:1", labels), &services());
-        assert!(m.is_empty(), "{labels:?} made a member: {m:?}");
-        assert_eq!(p.len(), 1, "{labels:?}: {p:?}");
-        let line = p[0].to_string();
-        assert!(
-            line.contains("container bad") && line.contains(says),
-            "{labels:?}: {line}"
-        );
-        assert!(!line.contains('\n'));
+        // With an image no rule takes, and with the image of api's rule:
+        // the rule does not take a container whose labels are wrong.
+        for image in [OTHER, API] {
+            let why = skipped(&container("bad", image, labels));
+            assert!(
+                why.contains("container bad skipped, serves no service") && why.contains(says),
+                "{labels:?} {image}: {why}"
+            );
+            assert!(!why.contains('\n'));
+        }
     }
 }
 
 #[test]
+fn every_malformed_label_is_named_in_one_line() {
+    let c = container(
+        "worse",
+        API,
+        &[
+            (LABEL_SERVICE, "web"),
+            (LABEL_PORT, "abc"),
+            (LABEL_WEIGHT, "0"),
+        ],
+    );
+    let why = skipped(&c);
+    assert!(
+        why.contains("lb.port=\"abc\"") && why.contains("lb.weight=\"0\""),
+        "{why}"
+    );
+}
+
+#[test]
 fn image_rules_take_matching_images_only() {
-    for image in ["lb-test/api:1", "docker.io/lb-test/api:1"] {
-        let (m, p) = members(&container("a1", image, &[]), &services());
-        assert!(p.is_empty(), "{p:?}");
+    for image in [API, "docker.io/lb-test/api:1"] {
+        let m = served(&container("a1", image, &[]));
         assert_eq!(m.len(), 1, "{image}");
         assert_eq!(m[0].service, "api");
         assert_eq!(m[0].backend.addr.port(), 9000);
+        assert_eq!(m[0].backend.weight, 1);
     }
-    for image in ["lb-test/api:2", "lb-test/api", "lb-test/busybox:1"] {
-        let (m, _) = members(&container("o1", image, &[]), &services());
-        assert!(m.is_empty(), "{image} joined: {m:?}");
+    for image in ["lb-test/api:2", "lb-test/api", OTHER] {
+        assert!(served(&container("o1", image, &[])).is_empty(), "{image}");
     }
     assert_eq!(normalize_image("nginx"), "nginx:latest");
     assert_eq!(normalize_image("docker.io/library/nginx:1"), "nginx:1");
 }
 
 #[test]
-fn a_container_can_join_by_label_and_by_image() {
-    let c = container(
-        "both",
-        "lb-test/api:1",
-        &[(LABEL_SERVICE, "web"), (LABEL_PORT, "8080")],
+fn weight_and_network_apply_to_an_image_rule_too() {
+    let mut c = container("a2", API, &[(LABEL_WEIGHT, "3")]);
+    c.networks.insert(
+        "lbnet".into(),
+        Endpoint {
+            ip: Ipv4Addr::new(198, 19, 1, 2),
+            mac: None,
+        },
     );
-    let (m, p) = members(&c, &services());
-    assert!(p.is_empty(), "{p:?}");
-    let joined: Vec<&str> = m.iter().map(|m| m.service.as_str()).collect();
-    assert_eq!(joined, ["web", "api"]);
+    // Two networks and no lb.network: which one is not guessed.
+    assert!(skipped(&c).contains("several networks (bridge, lbnet)"));
+    c.labels.insert(LABEL_NETWORK.into(), "lbnet".into());
+    let m = served(&c);
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].service, "api");
+    assert_eq!(m[0].backend.weight, 3);
+    assert_eq!(m[0].backend.addr, "198.19.1.2:9000".parse().unwrap());
+}
+
+#[test]
+fn labels_nothing_takes_are_said() {
+    // lb.weight on a container no rule takes: it asked for something.
+    let why = skipped(&container("w", OTHER, &[(LABEL_WEIGHT, "2")]));
+    assert!(
+        why.contains("lb.weight is set") && why.contains("no image rule"),
+        "{why}"
+    );
+    // A container with no lb.* label that nothing takes is no problem.
+    assert!(served(&container("plain", OTHER, &[("other", "x")])).is_empty());
 }
 
 #[test]
 fn unhealthy_starting_and_paused_containers_are_drained() {
     for (health, paused, drained) in [
-        (Health::None, false, false),
-        (Health::Healthy, false, false),
-        (Health::Starting, false, true),
-        (Health::Unhealthy, false, true),
-        (Health::Healthy, true, true),
+        (Health::None, false, None),
+        (Health::Healthy, false, None),
+        (Health::Starting, false, Some("health check starting")),
+        (Health::Unhealthy, false, Some("health check failing")),
+        (Health::Healthy, true, Some("paused")),
     ] {
         let mut c = labelled("h", &[]);
         c.health = health;
         c.paused = paused;
-        let (m, _) = members(&c, &services());
-        assert_eq!(m[0].backend.drained, drained, "{health:?} paused={paused}");
+        assert_eq!(c.drained_by(), drained);
+        let m = served(&c);
+        assert_eq!(
+            m[0].backend.drained,
+            drained.is_some(),
+            "{health:?} paused={paused}"
+        );
     }
 }
 
@@ -203,25 +310,21 @@ fn networks_must_be_chosen_when_there_are_several() {
             mac: None,
         },
     );
-    let (m, p) = members(&c, &services());
-    assert!(m.is_empty());
-    assert!(p[0].0.contains("bridge, lbnet"), "{p:?}");
+    assert!(skipped(&c).contains("bridge, lbnet"));
     c.labels.insert(LABEL_NETWORK.into(), "lbnet".into());
-    let (m, p) = members(&c, &services());
-    assert!(p.is_empty(), "{p:?}");
+    let m = served(&c);
     assert_eq!(m[0].backend.addr, "198.19.1.2:8080".parse().unwrap());
     // No MAC on that network: delivery is worked out from the routing table.
     assert_eq!(m[0].backend.via, None);
     c.labels.remove(LABEL_NETWORK);
     c.networks.clear();
-    let (m, p) = members(&c, &services());
-    assert!(m.is_empty());
-    assert!(p[0].0.contains("no IPv4 address"), "{p:?}");
+    assert!(skipped(&c).contains("no IPv4 address"));
 }
 
 fn member(container: &str, service: &str, ip: [u8; 4]) -> Member {
     Member {
         service: service.into(),
+        container_id: format!("id-{container}"),
         container: container.into(),
         backend: BackendSpec {
             addr: SocketAddrV4::new(ip.into(), 8080),
@@ -248,12 +351,19 @@ fn fit_keeps_within_the_limits_and_says_who_is_left_out() {
         member("dup", "web", [198, 18, 0, 2]),
         member("ghost", "gone", [198, 18, 0, 6]),
     ];
-    let (fit, problems) = fit(&c.services, members, &limits);
+    let (kept, problems) = fit(&c.services, members, &limits);
     // One static backend plus three containers fill max_backends = 4.
-    let addrs: Vec<String> = fit["web"].iter().map(|b| b.addr.to_string()).collect();
+    let kept: Vec<String> = kept
+        .iter()
+        .map(|m| format!("{} {}", m.container, m.backend.addr))
+        .collect();
     assert_eq!(
-        addrs,
-        ["198.18.0.2:8080", "198.18.0.3:8080", "198.18.0.4:8080"]
+        kept,
+        [
+            "c1 198.18.0.2:8080",
+            "c2 198.18.0.3:8080",
+            "c3 198.18.0.4:8080"
+        ]
     );
     let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
     assert_eq!(text.len(), 2, "{text:#?}");
@@ -266,12 +376,6 @@ fn fit_keeps_within_the_limits_and_says_who_is_left_out() {
         "{text:#?}"
     );
 
-    let (fit, problems) = fit_static_clash(&c);
-    assert!(fit.is_empty());
-    assert!(problems[0].0.contains("declared by hand"), "{problems:?}");
-}
-
-fn fit_static_clash(c: &Config) -> (BTreeMap<String, Vec<BackendSpec>>, Vec<Problem>) {
     let limits = Limits {
         max_services: 64,
         max_backends: 64,
@@ -279,45 +383,209 @@ fn fit_static_clash(c: &Config) -> (BTreeMap<String, Vec<BackendSpec>>, Vec<Prob
     };
     let mut m = member("clash", "static", [198, 18, 0, 9]);
     m.backend.addr = "198.18.0.9:80".parse().unwrap();
-    fit(&c.services, vec![m], &limits)
+    let (kept, problems) = fit(&c.services, vec![m], &limits);
+    assert!(kept.is_empty());
+    assert!(problems[0].0.contains("declared by hand"), "{problems:?}");
+}
+
+/// What `tracing` writes while `f` runs, without colours.
+fn logs(f: impl FnOnce()) -> String {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let out = buf.0.lock().unwrap().clone();
+    String::from_utf8(out).unwrap()
+}
+
+/// The lines of `log` that mention `what`.
+fn lines<'a>(log: &'a str, what: &str) -> Vec<&'a str> {
+    log.lines().filter(|l| l.contains(what)).collect()
+}
+
+fn web(d: &Desired) -> Vec<String> {
+    d.services()
+        .into_iter()
+        .find(|s| s.name == "web")
+        .unwrap()
+        .backends
+        .iter()
+        .map(|b| b.to_string())
+        .collect()
+}
+
+fn sync(containers: Vec<Container>, secs: u64) -> DockerUpdate {
+    DockerUpdate::Sync {
+        containers,
+        at: UNIX_EPOCH + Duration::from_secs(secs),
+    }
 }
 
 #[test]
-fn the_tracker_follows_updates_and_logs_each_problem_once() {
+fn the_tracker_follows_updates_and_says_what_serves() {
     let dir = std::env::temp_dir().join(format!("lb-docker-tracker-{}", std::process::id()));
     let mut desired = Desired::load(&config(), dir.join("none.json")).unwrap();
     let mut t = Tracker::new("connecting");
-    assert!(t.update(DockerUpdate::Sync(vec![labelled("w1", &[])])));
+    assert_eq!(t.listed_at(), None);
+    let mut w2 = labelled("w2", &[(LABEL_WEIGHT, "2")]);
+    w2.networks.get_mut("bridge").unwrap().ip = Ipv4Addr::new(198, 18, 0, 3);
+    let plain = container("a1", API, &[]);
+    let bad = container("bad", API, &[(LABEL_SERVICE, "web"), (LABEL_PORT, "abc")]);
+    assert!(t.update(sync(
+        vec![labelled("w1", &[]), w2, plain.clone(), bad],
+        1_000
+    )));
     t.assign(&mut desired);
-    let web = |d: &Desired| -> Vec<String> {
-        d.services()
-            .into_iter()
-            .find(|s| s.name == "web")
-            .unwrap()
-            .backends
-            .iter()
-            .map(|b| b.addr.to_string())
-            .collect()
-    };
-    assert_eq!(web(&desired), ["198.18.0.2:8080"]);
+    assert_eq!(web(&desired), ["198.18.0.2:8080", "198.18.0.3:8080@2"]);
     assert_eq!(
         t.container("web", "198.18.0.2:8080".parse().unwrap()),
         Some("w1")
     );
-    // The same list again changes nothing; a status is not a change.
-    assert!(!t.update(DockerUpdate::Sync(vec![labelled("w1", &[])])));
+    assert_eq!(t.running(), 4);
+    assert_eq!(t.serving_containers(), 3);
+    assert_eq!(
+        t.serving(),
+        BTreeMap::from([
+            ("api".to_owned(), vec!["a1".to_owned()]),
+            ("web".to_owned(), vec!["w1".to_owned(), "w2".to_owned()]),
+        ])
+    );
+    assert_eq!(t.skipped(), ["bad"]);
+    assert_eq!(t.listed_at(), Some(UNIX_EPOCH + Duration::from_secs(1_000)));
+    // The same list again changes nothing but the time; a status is not a
+    // change.
+    let again = vec![labelled("w1", &[])];
+    assert!(t.update(sync(again.clone(), 2_000)));
+    assert!(!t.update(sync(again, 3_000)));
+    assert_eq!(t.listed_at(), Some(UNIX_EPOCH + Duration::from_secs(3_000)));
     assert!(!t.update(DockerUpdate::Status("connected".into())));
     assert_eq!(t.status(), "connected");
-    let mut bad = labelled("bad", &[(LABEL_WEIGHT, "x")]);
-    bad.id = "id-bad".into();
-    assert!(t.update(DockerUpdate::Upsert(bad)));
     t.assign(&mut desired);
-    assert_eq!(t.reported.len(), 1);
-    assert_eq!(web(&desired), ["198.18.0.2:8080"]);
-    assert!(t.update(DockerUpdate::Remove("id-w1".into())));
-    assert!(!t.update(DockerUpdate::Remove("id-w1".into())));
+    assert!(t.skipped().is_empty());
+    assert!(t.update(DockerUpdate::Remove {
+        id: "id-w1".into(),
+        why: "die".into()
+    }));
+    assert!(!t.update(DockerUpdate::Remove {
+        id: "id-w1".into(),
+        why: "destroy".into()
+    }));
     t.assign(&mut desired);
     assert!(web(&desired).is_empty());
+    assert_eq!(t.serving_containers(), 0);
     // Docker's backends are never written to the state file.
     assert!(!dir.join("none.json").exists());
+}
+
+#[test]
+fn each_membership_event_is_logged_once_naming_the_container() {
+    let dir = std::env::temp_dir().join(format!("lb-docker-events-{}", std::process::id()));
+    let mut desired = Desired::load(&config(), dir.join("none.json")).unwrap();
+    let mut t = Tracker::new("connected");
+    let w1 = labelled("w1", &[]);
+    let bad = container("bad", API, &[(LABEL_SERVICE, "web"), (LABEL_PORT, "abc")]);
+    let log = logs(|| {
+        t.update(sync(vec![w1.clone(), bad.clone()], 1));
+        t.assign(&mut desired);
+        // A resync with the same containers, and assignments with nothing
+        // new (a service change elsewhere): nothing more is said.
+        t.update(sync(vec![w1.clone(), bad.clone()], 2));
+        t.assign(&mut desired);
+        t.assign(&mut desired);
+    });
+    let joined = lines(&log, "container joined");
+    assert_eq!(joined.len(), 1, "{log}");
+    assert!(
+        joined[0].contains("w1")
+            && joined[0].contains("web")
+            && joined[0].contains("198.18.0.2:8080"),
+        "{log}"
+    );
+    let about_bad = lines(&log, "bad");
+    assert_eq!(about_bad.len(), 1, "{log}");
+    assert!(
+        about_bad[0].contains("WARN") && about_bad[0].contains("lb.port=\"abc\""),
+        "{log}"
+    );
+
+    let mut paused = w1.clone();
+    paused.paused = true;
+    let mut sick = w1.clone();
+    sick.health = Health::Unhealthy;
+    let log = logs(|| {
+        t.update(DockerUpdate::Upsert(paused.clone()));
+        t.assign(&mut desired);
+        t.assign(&mut desired);
+        t.update(DockerUpdate::Upsert(w1.clone()));
+        t.assign(&mut desired);
+        t.update(DockerUpdate::Upsert(sick.clone()));
+        t.assign(&mut desired);
+        t.update(DockerUpdate::Remove {
+            id: w1.id.clone(),
+            why: "die".into(),
+        });
+        t.assign(&mut desired);
+    });
+    let events: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("w1"))
+        .map(|l| {
+            ["container drained", "container back", "container left"]
+                .into_iter()
+                .find(|e| l.contains(e))
+                .unwrap_or(l)
+        })
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "container drained",
+            "container back",
+            "container drained",
+            "container left"
+        ],
+        "{log}"
+    );
+    let drained = lines(&log, "container drained");
+    assert!(drained[0].contains("paused"), "{log}");
+    assert!(drained[1].contains("health check failing"), "{log}");
+    assert!(lines(&log, "container left")[0].contains("die"), "{log}");
+}
+
+#[test]
+fn leaving_says_why() {
+    let dir = std::env::temp_dir().join(format!("lb-docker-why-{}", std::process::id()));
+    let mut desired = Desired::load(&config(), dir.join("none.json")).unwrap();
+    let mut t = Tracker::new("connected");
+    let a1 = container("a1", API, &[]);
+    let mut a2 = container("a2", API, &[]);
+    a2.networks.get_mut("bridge").unwrap().ip = Ipv4Addr::new(198, 18, 0, 3);
+    t.update(sync(vec![a1.clone(), a2.clone()], 1));
+    let log = logs(|| {
+        // a2 died while the engine was out of reach: the next list lacks it.
+        t.assign(&mut desired);
+        t.update(sync(vec![a1.clone()], 2));
+        t.assign(&mut desired);
+    });
+    let left = lines(&log, "container left");
+    assert_eq!(left.len(), 1, "{log}");
+    assert!(
+        left[0].contains("a2") && left[0].contains("not running at the engine's last list"),
+        "{log}"
+    );
+    assert_eq!(lines(&log, "container joined").len(), 2, "{log}");
 }

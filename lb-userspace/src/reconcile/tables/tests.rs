@@ -257,6 +257,7 @@ mod write_order {
                 MapOp::VipFilter { .. } => "vip_filter",
                 MapOp::RevNat { .. } => "rev_nat",
                 MapOp::Backend { .. } => "backend",
+                MapOp::ZeroCounters(_) => "zero_counters",
                 MapOp::Slots(_) => "slots",
                 MapOp::Service { .. } => "service",
                 MapOp::RemoveService(_) => "remove_service",
@@ -267,9 +268,63 @@ mod write_order {
         kinds.dedup();
         assert_eq!(
             kinds,
-            ["vip_filter", "rev_nat", "backend", "slots", "service"]
+            [
+                "vip_filter",
+                "rev_nat",
+                "zero_counters",
+                "backend",
+                "slots",
+                "service"
+            ]
         );
         assert!(store.broken.is_none(), "{:?}", store.broken);
+    }
+
+    #[test]
+    fn another_process_at_a_backends_address_is_a_new_backend_with_zero_counters() {
+        let mut tables = Tables::new(SIZES);
+        let mut store = MemStore::new(SIZES.maglev_slots());
+        let (mut services, reach) = desired(&[Some((
+            false,
+            vec![(0, 1, false, true), (1, 1, false, true)],
+        ))]);
+        let via = |pid| {
+            Some(Via {
+                pid,
+                mac: [2, 0, 0, 0, 0, 9],
+            })
+        };
+        services[0].backends[0].via = via(100);
+        let now = Instant::now();
+        step(&mut tables, &mut store, &services, &reach, now);
+        let id = |t: &Tables, i: u8| t.services["svc0"].backends[&addr(i)].id;
+        let (old, other) = (id(&tables, 0), id(&tables, 1));
+        assert_eq!(store.zeroed, [old, other]);
+        store.zeroed.clear();
+
+        // The container died and another took its address in one batch.
+        services[0].backends[0].via = via(200);
+        step(&mut tables, &mut store, &services, &reach, now);
+        let new = id(&tables, 0);
+        assert_ne!(new, old, "the new container got the dead one's id");
+        assert_eq!(id(&tables, 1), other, "the other backend kept its id");
+        assert_eq!(store.zeroed, [new], "only the new id is zeroed");
+        assert_eq!(store.backends[&old].state, BACKEND_DOWN);
+        assert_eq!(store.backends[&new].state, BACKEND_ACTIVE);
+        assert!(store.broken.is_none(), "{:?}", store.broken);
+        // Its replies are still recognised: the address is still a backend.
+        assert_eq!(store.rev_nat.len(), 2);
+        check_end_state(&tables, &store, &services);
+
+        // The same process with another interface keeps its backend.
+        services[0].backends[0].via = Some(Via {
+            pid: 200,
+            mac: [2, 0, 0, 0, 0, 8],
+        });
+        store.zeroed.clear();
+        step(&mut tables, &mut store, &services, &reach, now);
+        assert_eq!(id(&tables, 0), new);
+        assert!(store.zeroed.is_empty());
     }
 
     #[test]

@@ -533,3 +533,104 @@ fn with_xdp_forwarding_the_daemon_turns_gro_on_inside_the_container() {
         daemon.output()
     );
 }
+
+/// The command of a container whose server finishes on SIGTERM, as a
+/// well-behaved one does: it keeps answering for a second, then exits.
+fn serve_until_a_second_after_sigterm() -> Vec<String> {
+    [
+        "sh",
+        "-c",
+        "echo -n $(hostname) > /www/index.html; \
+         httpd -f -p 8080 -h /www & pid=$!; \
+         trap 'sleep 1; kill $pid; exit 0' TERM; \
+         wait $pid",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// `docker stop` sends SIGTERM first (the engine's `kill` event): the
+/// container is drained at that moment and leaves at `die`, so a server
+/// that finishes its requests on SIGTERM loses none, and replacing every
+/// container of a service one by one (a rolling update, containers with a
+/// health check) under a steady stream of requests fails none of them.
+#[test]
+fn docker_stop_and_a_rolling_update_fail_no_request() {
+    require_root();
+    let engine = Engine::ensure();
+    let topo = Topology::new("lbd9", 0);
+    let files = Files::new(&topo);
+    // A health check, as a rolling update needs: a container whose server
+    // is not listening yet joins drained ("health: starting") and takes
+    // new flows only once it answers.
+    let opts = || {
+        labelled().cmd(serve_until_a_second_after_sigterm()).health(
+            "wget -q -O /dev/null http://127.0.0.1:8080/",
+            Duration::from_millis(200),
+        )
+    };
+    let old: Vec<Container> = (1..=3)
+        .map(|i| engine.run(&format!("lbd9-a{i}"), opts()))
+        .collect();
+    let daemon = files.start();
+    let cli = files.cli();
+    let mut live: BTreeSet<String> = old.iter().map(|c| c.name().to_owned()).collect();
+    wait_active(&cli, &daemon, "web", &live);
+
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (tally, new) = std::thread::scope(|scope| {
+        let client = scope.spawn(|| {
+            let mut all = HttpTally::default();
+            // Bounded: the updates below take a few seconds; 120 s at most.
+            let end = Instant::now() + Duration::from_secs(120);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
+                let t = web_tally(&topo, 10);
+                all.requested += t.requested;
+                all.failures += t.failures;
+                all.errors.extend(t.errors);
+                for (name, n) in t.counts {
+                    *all.counts.entry(name).or_default() += n;
+                }
+            }
+            all
+        });
+        // One by one: a new container in, then an old one stopped.
+        let mut new = Vec::new();
+        for (i, c) in old.iter().enumerate() {
+            let n = engine.run(&format!("lbd9-b{}", i + 1), opts());
+            live.insert(n.name().to_owned());
+            wait_active(&cli, &daemon, "web", &live);
+            c.stop(10);
+            live.remove(c.name());
+            wait_active(&cli, &daemon, "web", &live);
+            new.push(n);
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (client.join().expect("the client thread"), new)
+    });
+    assert_eq!(
+        tally.failures, 0,
+        "requests failed during the rolling update: {tally:?}"
+    );
+    assert!(
+        tally.successes() >= 30,
+        "too few requests to show anything: {tally:?}"
+    );
+    for n in &new {
+        assert!(
+            tally.count(n.name()) > 0,
+            "{} served nothing: {tally:?}",
+            n.name()
+        );
+    }
+    let log = daemon.output();
+    for c in &old {
+        assert!(
+            log.lines().any(|l| l.contains("container drained")
+                && l.contains(c.name())
+                && l.contains("stopping")),
+            "{} was not drained when asked to stop:\n{log}",
+            c.name()
+        );
+    }
+}

@@ -38,6 +38,14 @@ pub enum DockerUpdate {
     },
     /// A container started or changed.
     Upsert(Container),
+    /// A container was sent a signal (`docker stop` sends its stop signal
+    /// first, then SIGKILL after a grace period; `docker kill` one signal).
+    Kill {
+        /// Its engine id.
+        id: String,
+        /// The signal's number.
+        signal: i32,
+    },
     /// A container stopped or went away.
     Remove {
         /// Its engine id.
@@ -178,7 +186,28 @@ fn from_inspect(r: ContainerInspectResponse) -> Option<Container> {
         pid,
         paused: state.paused == Some(true),
         health,
+        stop_signal: config
+            .stop_signal
+            .as_deref()
+            .and_then(signal_number)
+            .unwrap_or(libc::SIGTERM),
+        stopping: false,
     })
+}
+
+/// The number of a signal as Docker writes it: `SIGQUIT`, `QUIT` or `3`.
+fn signal_number(s: &str) -> Option<i32> {
+    if let Ok(n) = s.parse() {
+        return Some(n);
+    }
+    let name = if s.starts_with("SIG") {
+        s.to_owned()
+    } else {
+        format!("SIG{s}")
+    };
+    name.parse::<nix::sys::signal::Signal>()
+        .ok()
+        .map(|s| s as i32)
 }
 
 /// A connection to the engine: its event stream (from just before the
@@ -325,12 +354,13 @@ async fn on_event(
 ) -> Option<Result<DockerUpdate, WatchError>> {
     let action = event.action.unwrap_or_default();
     let actor = event.actor.unwrap_or_default();
+    let mut attributes = actor.attributes.unwrap_or_default();
     let id = match event.typ {
         Some(EventMessageTypeEnum::CONTAINER) => actor.id?,
         Some(EventMessageTypeEnum::NETWORK)
             if matches!(action.as_str(), "connect" | "disconnect") =>
         {
-            actor.attributes.unwrap_or_default().remove("container")?
+            attributes.remove("container")?
         }
         _ => return None,
     };
@@ -340,10 +370,17 @@ async fn on_event(
         // the path whose latency matters.
         "die" | "stop" | "destroy" => Some(Ok(DockerUpdate::Remove { id, why: action })),
         "connect" | "disconnect" if !running.contains(&id) => None,
+        // Drained at once when it is asked to stop: a server that finishes
+        // its requests on SIGTERM loses none, as nothing new reaches it
+        // between its exit and the `die` event.
+        "kill" => {
+            let signal = attributes.get("signal")?.parse().ok()?;
+            Some(Ok(DockerUpdate::Kill { id, signal }))
+        }
         "start" | "restart" | "pause" | "unpause" | "rename" | "update" | "connect"
         | "disconnect" => Some(refresh(docker, host, id, &action).await),
         a if a.starts_with("health_status") => Some(refresh(docker, host, id, a).await),
-        // kill, oom, exec_*, create, …: a die follows if the process ends.
+        // oom, exec_*, create, …: a die follows if the process ends.
         _ => None,
     }
 }
@@ -369,4 +406,18 @@ async fn refresh(
             why: format!("not running after {action}"),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::signal_number;
+
+    #[test]
+    fn signals_by_name_or_number() {
+        assert_eq!(signal_number("SIGQUIT"), Some(libc::SIGQUIT));
+        assert_eq!(signal_number("QUIT"), Some(libc::SIGQUIT));
+        assert_eq!(signal_number("15"), Some(libc::SIGTERM));
+        assert_eq!(signal_number("SIGWINCH"), Some(libc::SIGWINCH));
+        assert_eq!(signal_number("NOPE"), None);
+    }
 }

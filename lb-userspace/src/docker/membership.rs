@@ -86,12 +86,29 @@ pub struct Container {
     pub paused: bool,
     /// Health check state.
     pub health: Health,
+    /// The signal `docker stop` sends it (its image's or its own
+    /// `StopSignal`; SIGTERM unless set).
+    pub stop_signal: i32,
+    /// Sent a signal that stops it (see [`stops`]) and not yet gone: it
+    /// finishes what it serves and takes nothing new.
+    pub stopping: bool,
+}
+
+/// Whether `signal`, sent to a container whose stop signal is
+/// `stop_signal`, asks it to stop: its own stop signal (what `docker stop`
+/// sends first), or SIGTERM, SIGINT, SIGQUIT or SIGKILL. Other signals
+/// (SIGHUP to reload, SIGUSR1, …) leave it serving.
+pub fn stops(signal: i32, stop_signal: i32) -> bool {
+    signal == stop_signal
+        || [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGKILL].contains(&signal)
 }
 
 impl Container {
     /// Why it is drained (keeps its flows, takes no new ones), if it is.
     pub fn drained_by(&self) -> Option<&'static str> {
-        if self.paused {
+        if self.stopping {
+            Some("stopping (signalled by docker stop or kill)")
+        } else if self.paused {
             Some("paused")
         } else {
             match self.health {
@@ -471,8 +488,10 @@ impl Tracker {
         match u {
             DockerUpdate::Sync { containers, at } => {
                 self.listed_at = Some(at);
-                let all: BTreeMap<String, Container> =
-                    containers.into_iter().map(|c| (c.id.clone(), c)).collect();
+                let all: BTreeMap<String, Container> = containers
+                    .into_iter()
+                    .map(|c| (c.id.clone(), self.still_stopping(c)))
+                    .collect();
                 if all == self.containers {
                     return false;
                 }
@@ -485,8 +504,16 @@ impl Tracker {
             }
             DockerUpdate::Upsert(c) => {
                 self.gone.remove(&c.id);
+                let c = self.still_stopping(c);
                 self.containers.insert(c.id.clone(), c.clone()) != Some(c)
             }
+            DockerUpdate::Kill { id, signal } => match self.containers.get_mut(&id) {
+                Some(c) if !c.stopping && stops(signal, c.stop_signal) => {
+                    c.stopping = true;
+                    true
+                }
+                _ => false,
+            },
             DockerUpdate::Remove { id, why } => {
                 let known = self.containers.remove(&id).is_some();
                 if known {
@@ -499,6 +526,16 @@ impl Tracker {
                 false
             }
         }
+    }
+
+    /// `c` as the engine describes it, still stopping if it was signalled
+    /// to stop and is the same process (a restart starts another one).
+    fn still_stopping(&self, mut c: Container) -> Container {
+        c.stopping = self
+            .containers
+            .get(&c.id)
+            .is_some_and(|old| old.stopping && old.pid == c.pid);
+        c
     }
 
     /// Works out which containers serve which of `desired`'s services and

@@ -899,6 +899,13 @@ impl Container {
         }
     }
 
+    /// `docker stop -t GRACE`: the engine sends its stop signal, then
+    /// SIGKILL after `grace` seconds if it still runs; returns once it has
+    /// stopped. Panics if that fails.
+    pub fn stop(&self, grace: u32) {
+        docker_ok(&["stop", "-t", &grace.to_string(), &self.id]);
+    }
+
     /// `docker kill`: the engine SIGKILLs it; panics if that fails.
     pub fn kill(&self) {
         docker_ok(&["kill", &self.id]);

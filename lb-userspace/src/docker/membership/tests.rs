@@ -65,6 +65,8 @@ fn container(name: &str, image: &str, labels: &[(&str, &str)]) -> Container {
         pid: 4242,
         paused: false,
         health: Health::None,
+        stop_signal: libc::SIGTERM,
+        stopping: false,
     }
 }
 
@@ -588,4 +590,80 @@ fn leaving_says_why() {
         "{log}"
     );
     assert_eq!(lines(&log, "container joined").len(), 2, "{log}");
+}
+
+/// Whether web's backend `addr` is drained in `d`.
+fn drained(d: &Desired, addr: &str) -> bool {
+    d.services()
+        .into_iter()
+        .find(|s| s.name == "web")
+        .unwrap()
+        .backends
+        .iter()
+        .find(|b| b.addr.to_string() == addr)
+        .unwrap_or_else(|| panic!("{addr} not in web"))
+        .drained
+}
+
+#[test]
+fn a_container_asked_to_stop_is_drained_until_it_is_gone_or_restarted() {
+    let dir = std::env::temp_dir().join(format!("lb-docker-stop-{}", std::process::id()));
+    let mut desired = Desired::load(&config(), dir.join("none.json")).unwrap();
+    let mut t = Tracker::new("connected");
+    let mut nginx = labelled("w1", &[]);
+    nginx.stop_signal = libc::SIGQUIT;
+    t.update(sync(vec![nginx.clone()], 1));
+    t.assign(&mut desired);
+    let addr = "198.18.0.2:8080";
+    assert!(!drained(&desired, addr));
+
+    // Signals that do not stop it change nothing.
+    for signal in [libc::SIGHUP, libc::SIGUSR1, libc::SIGWINCH] {
+        assert!(!t.update(DockerUpdate::Kill {
+            id: nginx.id.clone(),
+            signal
+        }));
+    }
+    // Its own stop signal drains it, at once; once is enough.
+    assert!(t.update(DockerUpdate::Kill {
+        id: nginx.id.clone(),
+        signal: libc::SIGQUIT
+    }));
+    assert!(!t.update(DockerUpdate::Kill {
+        id: nginx.id.clone(),
+        signal: libc::SIGKILL
+    }));
+    t.assign(&mut desired);
+    assert!(drained(&desired, addr));
+    // A health report of the same process keeps it drained; so does a list.
+    let mut healthy = nginx.clone();
+    healthy.health = Health::Healthy;
+    t.update(DockerUpdate::Upsert(healthy.clone()));
+    t.update(sync(vec![healthy.clone()], 2));
+    t.assign(&mut desired);
+    assert!(drained(&desired, addr));
+    // A restart is another process: it serves again.
+    let mut restarted = healthy.clone();
+    restarted.pid += 1;
+    assert!(t.update(DockerUpdate::Upsert(restarted)));
+    t.assign(&mut desired);
+    assert!(!drained(&desired, addr));
+    // SIGTERM stops any container; a signal to an unknown one is nothing.
+    assert!(t.update(DockerUpdate::Kill {
+        id: nginx.id.clone(),
+        signal: libc::SIGTERM
+    }));
+    assert!(!t.update(DockerUpdate::Kill {
+        id: "id-unknown".into(),
+        signal: libc::SIGTERM
+    }));
+    t.assign(&mut desired);
+    assert!(drained(&desired, addr));
+}
+
+#[test]
+fn stop_signals_as_docker_writes_them() {
+    assert!(stops(libc::SIGTERM, libc::SIGWINCH));
+    assert!(stops(libc::SIGWINCH, libc::SIGWINCH));
+    assert!(!stops(libc::SIGHUP, libc::SIGTERM));
 }

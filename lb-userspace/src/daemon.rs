@@ -89,7 +89,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     rec.set_xdp_forward(attached.iter().any(|a| a.xdp));
     let services = desired.services();
     if adopted {
-        let n = rec.adopt(&services)?;
+        let n = rec.adopt(&services).await?;
         info!(services = n, "services taken over with their flows");
     }
     rec.apply(&services).await?;

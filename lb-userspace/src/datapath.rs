@@ -114,6 +114,14 @@ fn format_dir(sizes: &MapSizes) -> String {
     )
 }
 
+/// Whether `name` is a pin directory as [`format_dir`] names them, of this
+/// layout version or any other (`abi<N>-…`).
+fn is_layout_dir(name: &str) -> bool {
+    name.strip_prefix("abi")
+        .and_then(|rest| rest.split_once('-'))
+        .is_some_and(|(v, _)| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Every map of the object, all pinned when the data path is pinned.
 const ALL_MAPS: [&str; 10] = [
     maps::SERVICES,
@@ -142,23 +150,195 @@ impl Hook {
             Hook::Tc => "tc",
         }
     }
+}
 
-    fn pin_name(self, ifindex: u32) -> String {
-        match self {
-            Hook::Xdp => format!("xdp-{ifindex}"),
-            Hook::Tc => format!("tc-{ifindex}"),
+/// The name of a pinned link: `{hook}-{ifindex}-{interface}`. The
+/// interface's name is kept so that, once the interface is gone, the
+/// warning about its leftover link can still say which it was. bpffs
+/// refuses names with a dot, which interface names may have (`eth0.100`):
+/// `.` and `%` are written `%2e` and `%25`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct LinkPin {
+    hook: Hook,
+    ifindex: u32,
+    /// `None` for a pin written before names were kept (`tc-12`).
+    iface: Option<String>,
+}
+
+impl LinkPin {
+    fn file_name(&self) -> String {
+        let mut name = format!("{}-{}", self.hook.name(), self.ifindex);
+        if let Some(iface) = &self.iface {
+            name.push('-');
+            for c in iface.chars() {
+                match c {
+                    '.' => name.push_str("%2e"),
+                    '%' => name.push_str("%25"),
+                    c => name.push(c),
+                }
+            }
         }
+        name
     }
 
-    fn parse(name: &str) -> Option<(Hook, u32)> {
-        let (kind, idx) = name.split_once('-')?;
+    fn parse(name: &str) -> Option<LinkPin> {
+        let (kind, rest) = name.split_once('-')?;
         let hook = match kind {
             "xdp" => Hook::Xdp,
             "tc" => Hook::Tc,
             _ => return None,
         };
-        Some((hook, idx.parse().ok()?))
+        let (index, iface) = match rest.split_once('-') {
+            Some((index, iface)) => (index, Some(unescape(iface)?)),
+            None => (rest, None),
+        };
+        Some(LinkPin {
+            hook,
+            ifindex: index.parse().ok()?,
+            iface,
+        })
     }
+
+    /// The interface, for messages: its name, or its index when the pin
+    /// does not say.
+    fn iface_label(&self) -> String {
+        match &self.iface {
+            Some(name) => name.clone(),
+            None => format!("(index {})", self.ifindex),
+        }
+    }
+}
+
+/// Undoes the escaping of [`LinkPin::file_name`]; `None` for a malformed name.
+fn unescape(s: &str) -> Option<String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let code = rest.get(at + 1..at + 3)?;
+        out.push(char::from(u8::from_str_radix(code, 16).ok()?));
+        rest = &rest[at + 3..];
+    }
+    out.push_str(rest);
+    (!out.is_empty()).then_some(out)
+}
+
+/// What became of the interface a pinned link was made for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LinkTarget {
+    /// Still attached to the interface its pin names, which exists.
+    Attached,
+    /// The kernel cut the link when its interface went (deleted, or its
+    /// namespace removed): it reports no interface.
+    Severed,
+    /// Attached to another interface than its pin names.
+    Elsewhere(u32),
+    /// Its interface index no longer names an interface here.
+    Missing,
+}
+
+impl LinkTarget {
+    /// From the interface the kernel reports for the link (`0`: none) and
+    /// whether the pin's interface index still names an interface.
+    fn judge(pinned: u32, reported: u32, exists: bool) -> LinkTarget {
+        match reported {
+            0 => LinkTarget::Severed,
+            i if i != pinned => LinkTarget::Elsewhere(i),
+            _ if !exists => LinkTarget::Missing,
+            _ => LinkTarget::Attached,
+        }
+    }
+
+    fn reason(self) -> String {
+        match self {
+            LinkTarget::Attached => "attached".into(),
+            LinkTarget::Severed => "its interface is gone (the link was severed)".into(),
+            LinkTarget::Elsewhere(i) => format!("it is attached to interface index {i} instead"),
+            LinkTarget::Missing => "its interface index no longer exists".into(),
+        }
+    }
+}
+
+/// The interface index a BPF link's `/proc/self/fdinfo` reports (XDP and
+/// TCX links print `ifindex:`, 0 once the interface is gone).
+fn fdinfo_ifindex(fdinfo: &str) -> Option<u32> {
+    fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("ifindex:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Opens the pinned object at `path` (`BPF_OBJ_GET`): a descriptor of our
+/// own, to read its fdinfo (aya does not show a link's descriptor).
+fn open_pinned(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    /// `union bpf_attr` as `BPF_OBJ_GET` reads it.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let attr = ObjGet {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: `attr` is a valid BPF_OBJ_GET attribute of the size passed,
+    // and `c_path` outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGet,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| std::io::Error::other("descriptor out of range"))?;
+    // SAFETY: the kernel just returned this descriptor to us alone.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Where the link pinned at `path` is attached now.
+fn pinned_link_target(path: &Path, pin: &LinkPin) -> std::io::Result<LinkTarget> {
+    use std::os::fd::AsRawFd as _;
+    let fd = open_pinned(path)?;
+    let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    let reported = fdinfo_ifindex(&info).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not an interface's link (no ifindex in its fdinfo)",
+        )
+    })?;
+    let exists = crate::host::interface_name(pin.ifindex).is_some();
+    Ok(LinkTarget::judge(pin.ifindex, reported, exists))
+}
+
+/// The one warning about a pinned link that is dropped rather than taken over.
+fn warn_dropped(path: &Path, pin: &LinkPin, reason: &str) {
+    tracing::warn!(
+        pin = %path.display(),
+        iface = pin.iface_label(),
+        "dropping a pinned attachment left by an earlier daemon: {reason}"
+    );
+}
+
+/// A pinned attachment of an earlier daemon, not yet taken over.
+struct Orphan {
+    link: FdLink,
+    /// Its pin, removed when it is taken over (and pinned again under the
+    /// interface's current name) or released.
+    path: PathBuf,
 }
 
 /// One attachment of the data path, as the kernel knows it.
@@ -539,8 +719,10 @@ pub struct Datapath {
     links: StdHashMap<(Hook, u32), Held>,
     /// The kernel's (link id, program id) of each pinned attachment.
     link_ids: StdHashMap<(Hook, u32), (u32, u32)>,
+    /// Where each pinned attachment's link is pinned.
+    link_pins: StdHashMap<(Hook, u32), PathBuf>,
     /// Pinned attachments of a previous daemon, not yet taken over.
-    orphans: StdHashMap<(Hook, u32), FdLink>,
+    orphans: StdHashMap<(Hook, u32), Orphan>,
     pin: Option<PathBuf>,
     adopted: bool,
 }
@@ -556,30 +738,16 @@ impl Datapath {
     /// already pinned there by an earlier daemon with the same layout and
     /// sizes are reused, and its attachments are taken over by the first
     /// `attach_*` on the same interface (the program is replaced in place,
-    /// atomically). A directory of another layout is cleared first.
+    /// atomically); attachments whose interface is gone are dropped. A data
+    /// path pinned there with another layout or sizes is detached and
+    /// removed first (see [`Datapath::remove_other_layouts`]).
     pub fn open(sizes: &MapSizes, root: &Path) -> Result<Self, DatapathError> {
         ensure_bpffs(root)?;
         fs::create_dir_all(root).map_err(pin_err(format!("creating {}", root.display())))?;
         let _ = fs::set_permissions(root, fs::Permissions::from_mode(0o700));
         let name = format_dir(sizes);
         let dir = root.join(&name);
-        // Pins of another layout or other sizes cannot be taken over.
-        let entries = fs::read_dir(root).map_err(pin_err(format!("reading {}", root.display())))?;
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy() == name {
-                continue;
-            }
-            tracing::warn!(
-                pins = %e.path().display(),
-                "a pinned data path with another map layout or sizes: removing it \
-                 (its established flows will be re-balanced)"
-            );
-            if e.path().is_dir() {
-                Self::remove_pins(&e.path());
-            } else {
-                let _ = fs::remove_file(e.path());
-            }
-        }
+        Self::remove_other_layouts(root, &name)?;
         let reuse = dir.join(maps::SERVICES).exists();
         let links = dir.join("links");
         fs::create_dir_all(&links).map_err(pin_err(format!("creating {}", links.display())))?;
@@ -590,25 +758,96 @@ impl Datapath {
             let _ = dp.maps.ifaces.remove(&k);
         }
         if reuse {
-            let entries =
-                fs::read_dir(&links).map_err(pin_err(format!("reading {}", links.display())))?;
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let Some(key) = Hook::parse(&name) else {
-                    continue;
-                };
-                match PinnedLink::from_pin(e.path()) {
-                    Ok(p) => {
-                        dp.orphans.insert(key, FdLink::from(p));
-                    }
-                    Err(err) => {
-                        tracing::warn!(pin = %e.path().display(), error = %err, "dropping an unreadable pinned link");
-                        let _ = fs::remove_file(e.path());
+            dp.take_pinned_links(&links)?;
+        }
+        Ok(dp)
+    }
+
+    /// Removes the data paths pinned under `root` with another layout or
+    /// other sizes than `keep` (directories named like [`format_dir`]'s):
+    /// this binary cannot take them over, and left in place their programs
+    /// would stay attached next to this daemon's. Their links are detached
+    /// before this returns, so the interfaces are free to attach to; their
+    /// established flows are re-balanced. Anything else under `root` is not
+    /// lb's and is left alone.
+    fn remove_other_layouts(root: &Path, keep: &str) -> Result<(), DatapathError> {
+        let entries = fs::read_dir(root).map_err(pin_err(format!("reading {}", root.display())))?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == keep {
+                continue;
+            }
+            if !is_layout_dir(&name) || !e.path().is_dir() {
+                tracing::warn!(path = %e.path().display(), "not a data path of lb: left alone");
+                continue;
+            }
+            tracing::warn!(
+                pins = %e.path().display(),
+                layout = keep,
+                "a data path pinned with another map layout or sizes cannot be taken over: \
+                 detaching and removing it (its established flows are re-balanced)"
+            );
+            if let Ok(links) = fs::read_dir(e.path().join("links")) {
+                for link in links.flatten() {
+                    // Unpinned while held, then closed: the last reference
+                    // goes synchronously, so the interface is free at once
+                    // (a bare unlink detaches later, from a kernel worker).
+                    if let Ok(held) = PinnedLink::from_pin(link.path()) {
+                        let _ = held.unpin();
                     }
                 }
             }
+            fs::remove_dir_all(e.path())
+                .map_err(pin_err(format!("removing {}", e.path().display())))?;
         }
-        Ok(dp)
+        Ok(())
+    }
+
+    /// Collects the attachments an earlier daemon pinned under `links`, to
+    /// be taken over by the first `attach_*` on their interface. A link
+    /// whose interface is gone (deleted, its namespace removed: the kernel
+    /// severs the link) or that cannot be read is unpinned and dropped with
+    /// one warning: it can never be taken over, and an interface of the
+    /// same name that is still wanted is attached afresh.
+    fn take_pinned_links(&mut self, links: &Path) -> Result<(), DatapathError> {
+        let entries =
+            fs::read_dir(links).map_err(pin_err(format!("reading {}", links.display())))?;
+        for e in entries.flatten() {
+            let path = e.path();
+            let Some(pin) = LinkPin::parse(&e.file_name().to_string_lossy()) else {
+                continue;
+            };
+            let link = match PinnedLink::from_pin(&path) {
+                Ok(link) => link,
+                Err(e) => {
+                    warn_dropped(&path, &pin, &format!("it cannot be opened ({e})"));
+                    let _ = fs::remove_file(&path);
+                    continue;
+                }
+            };
+            match pinned_link_target(&path, &pin) {
+                Ok(LinkTarget::Attached) => {
+                    self.orphans.insert(
+                        (pin.hook, pin.ifindex),
+                        Orphan {
+                            link: FdLink::from(link),
+                            path,
+                        },
+                    );
+                }
+                target => {
+                    let reason = match target {
+                        Ok(t) => t.reason(),
+                        Err(e) => format!("where it is attached cannot be read ({e})"),
+                    };
+                    warn_dropped(&path, &pin, &reason);
+                    // Unpinned while held, so it goes at once (see
+                    // `remove_other_layouts`).
+                    let _ = link.unpin();
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Removes every pin under `root`: the maps and attachments there go away
@@ -673,6 +912,7 @@ impl Datapath {
             maps,
             links: StdHashMap::new(),
             link_ids: StdHashMap::new(),
+            link_pins: StdHashMap::new(),
             orphans: StdHashMap::new(),
             pin: pin.map(Path::to_owned),
             adopted,
@@ -710,8 +950,10 @@ impl Datapath {
         let orphan = self.orphans.remove(&(Hook::Xdp, ifindex));
         let prog = self.xdp_program();
         let id = match orphan {
-            Some(fd) => {
-                let link = XdpLink::try_from(fd).map_err(pin_err(what.clone()))?;
+            Some(orphan) => {
+                // Re-pinned below under the interface's current name.
+                let _ = fs::remove_file(&orphan.path);
+                let link = XdpLink::try_from(orphan.link).map_err(pin_err(what.clone()))?;
                 prog.attach_to_link(link)
             }
             None => prog.attach_to_if_index(ifindex, mode),
@@ -726,9 +968,12 @@ impl Datapath {
                 what: what.clone(),
                 source,
             })?;
-        self.hold(Hook::Xdp, ifindex, link, &what, |link| Held::Xdp {
-            _link: link,
-        })
+        let pin = LinkPin {
+            hook: Hook::Xdp,
+            ifindex,
+            iface: Some(iface.to_owned()),
+        };
+        self.hold(pin, link, &what, |link| Held::Xdp { _link: link })
     }
 
     /// Attaches the TC program to `iface`'s ingress, taking over an earlier
@@ -741,8 +986,11 @@ impl Datapath {
         let orphan = self.orphans.remove(&(Hook::Tc, ifindex));
         let prog = self.tc_program();
         let id = match orphan {
-            Some(fd) => {
-                let link = SchedClassifierLink::try_from(fd).map_err(pin_err(what.clone()))?;
+            Some(orphan) => {
+                // Re-pinned below under the interface's current name.
+                let _ = fs::remove_file(&orphan.path);
+                let link =
+                    SchedClassifierLink::try_from(orphan.link).map_err(pin_err(what.clone()))?;
                 prog.attach_to_link(link)
             }
             None => prog.attach(iface, TcAttachType::Ingress),
@@ -757,9 +1005,12 @@ impl Datapath {
                 what: what.clone(),
                 source,
             })?;
-        self.hold(Hook::Tc, ifindex, link, &what, |link| Held::Tc {
-            _link: link,
-        })
+        let pin = LinkPin {
+            hook: Hook::Tc,
+            ifindex,
+            iface: Some(iface.to_owned()),
+        };
+        self.hold(pin, link, &what, |link| Held::Tc { _link: link })
     }
 
     /// Keeps a just-attached link: pinned in the pin directory (so it
@@ -767,8 +1018,7 @@ impl Datapath {
     /// as `unpinned` makes it so that dropping it detaches.
     fn hold<L>(
         &mut self,
-        hook: Hook,
-        ifindex: u32,
+        pin: LinkPin,
         link: L,
         what: &str,
         unpinned: fn(L) -> Held,
@@ -783,17 +1033,22 @@ impl Datapath {
                 match fd.info() {
                     Ok(info) => {
                         self.link_ids
-                            .insert((hook, ifindex), (info.id(), info.program_id()));
+                            .insert((pin.hook, pin.ifindex), (info.id(), info.program_id()));
                     }
                     Err(e) => {
-                        tracing::warn!(ifindex, hook = hook.name(), error = %e, "reading the attachment's link id")
+                        tracing::warn!(ifindex = pin.ifindex, hook = pin.hook.name(), error = %e, "reading the attachment's link id")
                     }
                 }
-                Held::Pinned(Self::pin_link(&root, hook, ifindex, fd)?)
+                let path = Self::pin_link(&root, &pin, fd)?;
+                self.link_pins.insert(
+                    (pin.hook, pin.ifindex),
+                    root.join("links").join(pin.file_name()),
+                );
+                Held::Pinned(path)
             }
             None => unpinned(link),
         };
-        self.links.insert((hook, ifindex), held);
+        self.links.insert((pin.hook, pin.ifindex), held);
         Ok(())
     }
 
@@ -809,10 +1064,7 @@ impl Datapath {
                     hook: hook.name(),
                     link_id: ids.map(|i| i.0),
                     program_id: ids.map(|i| i.1),
-                    pin: self
-                        .pin
-                        .as_ref()
-                        .map(|root| root.join("links").join(hook.pin_name(ifindex))),
+                    pin: self.link_pins.get(&(hook, ifindex)).cloned(),
                 }
             })
             .collect();
@@ -820,15 +1072,8 @@ impl Datapath {
         out
     }
 
-    fn pin_link(
-        root: &Path,
-        hook: Hook,
-        ifindex: u32,
-        fd: FdLink,
-    ) -> Result<PinnedLink, DatapathError> {
-        let path = root.join("links").join(hook.pin_name(ifindex));
-        // A taken-over link is still pinned under this name: same link, re-pin.
-        let _ = fs::remove_file(&path);
+    fn pin_link(root: &Path, pin: &LinkPin, fd: FdLink) -> Result<PinnedLink, DatapathError> {
+        let path = root.join("links").join(pin.file_name());
         fd.pin(&path)
             .map_err(pin_err(format!("pinning {}", path.display())))
     }
@@ -838,19 +1083,19 @@ impl Datapath {
     /// not attached by this data path.
     pub fn detach_tc(&mut self, ifindex: u32) {
         self.link_ids.remove(&(Hook::Tc, ifindex));
+        self.link_pins.remove(&(Hook::Tc, ifindex));
         if let Some(Held::Pinned(p)) = self.links.remove(&(Hook::Tc, ifindex)) {
             let _ = p.unpin();
         }
     }
 
     /// Detaches an earlier daemon's attachments that nothing took over
-    /// (interfaces no longer configured, or gone).
+    /// (interfaces no longer configured).
     pub fn release_orphans(&mut self) {
-        let Some(root) = self.pin.clone() else { return };
-        for ((hook, ifindex), fd) in self.orphans.drain() {
-            let _ = fs::remove_file(root.join("links").join(hook.pin_name(ifindex)));
-            drop(fd);
-            tracing::info!(ifindex, hook = ?hook, "detached a stale attachment of an earlier daemon");
+        for ((hook, ifindex), orphan) in self.orphans.drain() {
+            let _ = fs::remove_file(&orphan.path);
+            drop(orphan.link);
+            tracing::info!(ifindex, hook = ?hook, pin = %orphan.path.display(), "detached a stale attachment of an earlier daemon");
         }
     }
 
@@ -878,7 +1123,7 @@ impl Datapath {
         }
     }
 
-    /// Records `IFACE_F_*` flags for `ifindex` for the programs to read.    /// Records `IFACE_F_*` flags for `ifindex` for the programs to read.
+    /// Records `IFACE_F_*` flags for `ifindex` for the programs to read.
     pub fn set_iface_flags(&mut self, ifindex: u32, flags: u32) -> Result<(), DatapathError> {
         self.maps
             .ifaces
@@ -887,5 +1132,85 @@ impl Datapath {
                 name: maps::IFACES,
                 source,
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pin(hook: Hook, ifindex: u32, iface: Option<&str>) -> LinkPin {
+        LinkPin {
+            hook,
+            ifindex,
+            iface: iface.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn link_pin_names_round_trip() {
+        for p in [
+            pin(Hook::Tc, 12, Some("lbp1b1")),
+            pin(Hook::Xdp, 3, Some("eth0.100")),
+            pin(Hook::Tc, 7, Some("odd%name-with-dash")),
+            pin(Hook::Tc, 9, None),
+        ] {
+            let name = p.file_name();
+            assert!(!name.contains('.'), "bpffs refuses dots: {name}");
+            assert_eq!(LinkPin::parse(&name), Some(p), "{name}");
+        }
+        assert_eq!(
+            pin(Hook::Xdp, 3, Some("eth0.100")).file_name(),
+            "xdp-3-eth0%2e100"
+        );
+    }
+
+    #[test]
+    fn link_pins_of_an_earlier_daemon_and_junk() {
+        // Written before interface names were kept.
+        assert_eq!(LinkPin::parse("tc-12"), Some(pin(Hook::Tc, 12, None)));
+        assert_eq!(LinkPin::parse("xdp-4"), Some(pin(Hook::Xdp, 4, None)));
+        for junk in [
+            "",
+            "tc",
+            "tc-",
+            "tc-x",
+            "tcx-1",
+            "xdp-1-",
+            "tc-1-a%2",
+            "tc-1-a%zz",
+        ] {
+            assert_eq!(LinkPin::parse(junk), None, "{junk:?}");
+        }
+        assert_eq!(pin(Hook::Tc, 12, None).iface_label(), "(index 12)");
+    }
+
+    #[test]
+    fn a_link_is_reused_only_while_on_its_own_interface() {
+        assert_eq!(LinkTarget::judge(12, 12, true), LinkTarget::Attached);
+        assert_eq!(LinkTarget::judge(12, 0, false), LinkTarget::Severed);
+        assert_eq!(LinkTarget::judge(12, 0, true), LinkTarget::Severed);
+        assert_eq!(LinkTarget::judge(12, 15, true), LinkTarget::Elsewhere(15));
+        assert_eq!(LinkTarget::judge(12, 12, false), LinkTarget::Missing);
+    }
+
+    #[test]
+    fn fdinfo_of_links() {
+        let tcx = "pos:\t0\nflags:\t02000000\nmnt_id:\t15\nino:\t1057\nlink_type:\ttcx\n\
+                   link_id:\t4\nprog_tag:\tabc\nprog_id:\t20\nifindex:\t12\nattach_type:\t46 (tcx_ingress)\n";
+        assert_eq!(fdinfo_ifindex(tcx), Some(12));
+        let severed = "link_type:\txdp\nlink_id:\t5\nprog_id:\t21\nifindex:\t0\n";
+        assert_eq!(fdinfo_ifindex(severed), Some(0));
+        assert_eq!(fdinfo_ifindex("link_type:\tcgroup\nlink_id:\t6\n"), None);
+    }
+
+    #[test]
+    fn layout_directories() {
+        let sizes = MapSizes::default();
+        assert!(is_layout_dir(&format_dir(&sizes)));
+        assert!(is_layout_dir("abi1-s64-b4096-t65537-f1048576"));
+        for other in ["abi-s64", "abix-1", "abi6", "lb", "links", "not-lb"] {
+            assert!(!is_layout_dir(other), "{other}");
+        }
     }
 }

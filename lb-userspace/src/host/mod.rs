@@ -596,14 +596,27 @@ pub fn container_link(pid: u32, mac: [u8; 6]) -> Result<ContainerLink, HostError
     Err(err(format!("not in {}", dir.display())))
 }
 
+/// The name of interface `ifindex` in this process's namespace; `None`
+/// when no interface has that index (any more). nix's `if_indextoname`
+/// is not used: it misses the C function's NULL return and answers an
+/// empty name for an index that does not exist.
+pub fn interface_name(ifindex: u32) -> Option<String> {
+    let mut buf = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: `buf` holds IF_NAMESIZE bytes, as if_indextoname requires.
+    let ret = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
+    if ret.is_null() {
+        return None;
+    }
+    let name = std::ffi::CStr::from_bytes_until_nul(&buf).ok()?;
+    let name = name.to_string_lossy().into_owned();
+    (!name.is_empty()).then_some(name)
+}
+
 /// The host side (`ifindex`) of a container's veth, read from sysfs: no
 /// subprocess, since this is on the path of a container joining a service.
 pub fn container_veth(ifindex: u32) -> Result<Link, HostError> {
     let missing = || HostError::NoInterface(format!("with index {ifindex}"));
-    let name = nix::net::if_::if_indextoname(ifindex)
-        .map_err(|_| missing())?
-        .to_string_lossy()
-        .into_owned();
+    let name = interface_name(ifindex).ok_or_else(missing)?;
     let address = std::fs::read_to_string(Path::new("/sys/class/net").join(&name).join("address"))
         .map_err(|_| missing())?;
     Ok(Link {

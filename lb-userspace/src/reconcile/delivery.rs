@@ -78,7 +78,8 @@ impl Deliveries {
             .collect()
     }
 
-    /// Takes over the reverse path of the interfaces adopted backends use;
+    /// Takes over the reverse path of the interfaces adopted backends use
+    /// (one that is gone is skipped: its backends were resolved again);
     /// `containers` are those of container backends.
     pub fn adopt(
         &mut self,
@@ -86,10 +87,12 @@ impl Deliveries {
         used: &BTreeSet<u32>,
         containers: BTreeSet<u32>,
     ) -> Result<(), DatapathError> {
-        self.container_ifaces = containers;
+        self.container_ifaces.extend(containers);
         for &ifindex in used {
-            if let Ok(name) = nix::net::if_::if_indextoname(ifindex) {
-                let name = name.to_string_lossy().into_owned();
+            if self.ready_ifaces.contains_key(&ifindex) {
+                continue;
+            }
+            if let Some(name) = host::interface_name(ifindex) {
                 dp.attach_tc(&name, ifindex)?;
                 self.ready_ifaces.insert(ifindex, name);
             }
@@ -99,7 +102,8 @@ impl Deliveries {
 
     /// Detaches the reverse path from container interfaces (a bridge, or a
     /// veth) no backend uses any more (its containers are gone, or left every
-    /// service). `used`: the interfaces backends are delivered through.
+    /// service), and from any interface that no longer exists. `used`: the
+    /// interfaces backends are delivered through.
     pub fn release_unused(&mut self, dp: &mut Datapath, used: &BTreeSet<u32>) {
         let unused: Vec<u32> = self
             .container_ifaces
@@ -119,6 +123,25 @@ impl Deliveries {
         }
         // A gone container's veth takes its GRO state with it.
         self.gro_ready.retain(|i| used.contains(i));
+        // An interface deleted under a running daemon severed its link:
+        // unpinned now, so no stale pin outlives it and status does not
+        // list it (an interface of the same name is attached afresh when a
+        // backend is resolved to it).
+        let gone: Vec<(u32, String)> = self
+            .ready_ifaces
+            .iter()
+            .filter(|(i, _)| host::interface_name(**i).is_none())
+            .map(|(i, n)| (*i, n.clone()))
+            .collect();
+        for (ifindex, name) in gone {
+            self.ready_ifaces.remove(&ifindex);
+            self.container_ifaces.remove(&ifindex);
+            dp.detach_tc(ifindex);
+            info!(
+                iface = name,
+                ifindex, "reverse path dropped: the interface is gone"
+            );
+        }
     }
 
     /// Works out how to reach each of `backends` (service, address,

@@ -18,7 +18,7 @@ pub mod tables;
 
 use std::{collections::BTreeSet, net::SocketAddrV4, time::Instant};
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 pub use self::{
     read::{Reader, ServiceView},
@@ -28,7 +28,7 @@ pub use self::{
 use crate::{
     api::types::{InterfaceStatus, MapStatus, ServiceInfo},
     datapath::{Datapath, DatapathError, MapSizes},
-    host::Host,
+    host::{self, Host},
     maglev::MaglevError,
     model::{ServiceSpec, Via},
 };
@@ -149,12 +149,31 @@ impl Reconciler {
 
     /// Takes over what an earlier daemon left in pinned maps, before the
     /// first [`Reconciler::apply`] (see [`Tables::adopt`]); backend-facing
-    /// interfaces keep their reverse path. Returns how many services were
-    /// taken over.
-    pub fn adopt(&mut self, desired: &[ServiceSpec]) -> Result<usize, ReconcileError> {
+    /// interfaces keep their reverse path. Backends delivered through an
+    /// interface that went while no daemon ran (deleted, or its namespace
+    /// removed) are resolved again at once: through an interface of the
+    /// same name, or whatever the routes say now. Returns how many services
+    /// were taken over.
+    pub async fn adopt(&mut self, desired: &[ServiceSpec]) -> Result<usize, ReconcileError> {
         let mut ops = Vec::new();
         let adopted = self.tables.adopt(&self.dp.maps, desired, &mut ops)?;
         self.write(&ops)?;
+        let gone: BTreeSet<u32> = self
+            .tables
+            .used_ifindexes()
+            .into_iter()
+            .filter(|&i| host::interface_name(i).is_none())
+            .collect();
+        if !gone.is_empty() {
+            let stale = self.tables.backends_through(&gone);
+            info!(
+                backends = stale.len(),
+                "resolving again the backends whose interface is gone"
+            );
+            for (name, addr, new) in self.delivery.resolve_all(&mut self.dp, stale).await? {
+                self.tables.set_delivery(&name, addr, new);
+            }
+        }
         let used = self.tables.used_ifindexes();
         let containers = self.tables.container_ifindexes();
         self.delivery.adopt(&mut self.dp, &used, containers)?;
@@ -254,7 +273,10 @@ impl Reconciler {
                 warn!(service = name, error = %e, "refresh: table not rebuilt");
             }
         }
-        self.write(&ops)
+        self.write(&ops)?;
+        self.delivery
+            .release_unused(&mut self.dp, &self.tables.used_ifindexes());
+        Ok(())
     }
 
     /// Removes the neighbour entries this daemon made managed.

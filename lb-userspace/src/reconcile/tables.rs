@@ -888,6 +888,28 @@ impl Tables {
             .collect()
     }
 
+    /// Every (service, backend, container interface) delivered through one
+    /// of `ifindexes` (egress or replies), e.g. interfaces that are gone.
+    pub fn backends_through(
+        &self,
+        ifindexes: &BTreeSet<u32>,
+    ) -> Vec<(String, SocketAddrV4, Option<Via>)> {
+        let through = |m: &Member| {
+            m.delivery.is_some_and(|d| {
+                ifindexes.contains(&d.ifindex) || ifindexes.contains(&d.reply_ifindex)
+            })
+        };
+        self.services
+            .iter()
+            .flat_map(|(n, s)| {
+                s.backends
+                    .iter()
+                    .filter(move |(_, m)| through(m))
+                    .map(move |(a, m)| (n.clone(), *a, m.via))
+            })
+            .collect()
+    }
+
     /// The reply interfaces of container backends.
     pub fn container_ifindexes(&self) -> BTreeSet<u32> {
         self.members()

@@ -191,6 +191,50 @@ impl Topology {
             .collect()
     }
 
+    /// Deletes the client's veth (both ends) and makes a new one with the
+    /// same names and addresses, as when a container's interface is
+    /// replaced: a new interface index behind the same name.
+    pub fn replace_client_link(&self) {
+        let host_if = self.client_host_if();
+        run_ok("ip", &["link", "del", &host_if]);
+        link_veth(&self.client, &host_if, CLIENT_HOST_ADDR, CLIENT_ADDR);
+        wait_oper_up(&host_if, Duration::from_secs(5));
+    }
+
+    /// Like [`Topology::replace_client_link`] for backend `i`'s veth.
+    pub fn replace_backend_link(&self, i: usize) {
+        let host_if = self.backend_host_if(i);
+        run_ok("ip", &["link", "del", &host_if]);
+        link_veth(
+            &self.backends[i],
+            &host_if,
+            self.backend_host_addr(i),
+            self.backend_addr(i),
+        );
+        wait_oper_up(&host_if, Duration::from_secs(5));
+    }
+
+    /// Deletes backend `i`'s namespace (`ip netns del`), which takes its
+    /// veth with it once nothing uses the namespace any more (stop its
+    /// servers first), and waits (bounded) until the host side is gone.
+    /// Panics if it stays.
+    pub fn remove_backend_netns(&self, i: usize) {
+        run_ok("ip", &["netns", "del", self.backends[i].name()]);
+        let host_if = self.backend_host_if(i);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::path::Path::new("/sys/class/net")
+            .join(&host_if)
+            .exists()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{host_if} still exists 10 s after its peer's namespace was deleted \
+                 (is a process or socket still in it?)"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Panics unless the client's `eth0` is still as a fresh veth comes up:
     /// GRO off (`ethtool -k`), no XDP program (`ip link show`), and no
     /// `clsact`/`ingress` qdisc (`tc qdisc show`).

@@ -358,4 +358,50 @@ mod write_order {
         check_end_state(&tables, &wiped, &services);
         assert_eq!(wiped.rev_nat.len(), 2);
     }
+    #[test]
+    fn adopted_backends_behind_a_gone_interface_are_found_and_rewritten() {
+        let now = Instant::now();
+        let (services, _) = desired(&[Some((
+            false,
+            vec![(0, 1, false, true), (1, 1, false, true)],
+        ))]);
+        // An earlier daemon delivered backend 0 through interface 7 and
+        // backend 1 through interface 8.
+        let mut earlier = Tables::new(SIZES);
+        let mut store = MemStore::new(SIZES.maglev_slots());
+        let resolved: Resolved = [(0, 7), (1, 8)]
+            .into_iter()
+            .map(|(i, ifindex)| (("svc0".to_owned(), addr(i)), Some(delivery(ifindex))))
+            .collect();
+        let mut ops = Vec::new();
+        earlier
+            .plan(&services, &resolved, now, &mut ops)
+            .expect("within the limits");
+        store::apply(&mut store, &ops).expect("the memory store takes everything");
+
+        // Interface 8 went while no daemon ran.
+        let mut tables = Tables::new(SIZES);
+        let mut ops = Vec::new();
+        tables
+            .adopt(&store, &services, &mut ops)
+            .expect("adoptable");
+        store::apply(&mut store, &ops).expect("the memory store takes everything");
+        let gone = BTreeSet::from([8]);
+        assert_eq!(
+            tables.backends_through(&gone),
+            [("svc0".to_owned(), addr(1), None)]
+        );
+        // Resolved again: a new interface under the same name.
+        assert!(tables.set_delivery("svc0", addr(1), Some(delivery(9))));
+        let mut ops = Vec::new();
+        tables
+            .plan(&services, &Resolved::new(), now, &mut ops)
+            .expect("within the limits");
+        store::apply(&mut store, &ops).expect("the memory store takes everything");
+        assert_eq!(tables.used_ifindexes(), BTreeSet::from([7, 9]));
+        let in_maps: BTreeSet<u32> = store.backends.values().map(|b| b.ifindex).collect();
+        assert_eq!(in_maps, BTreeSet::from([7, 9]));
+        assert!(store.broken.is_none(), "{:?}", store.broken);
+        check_end_state(&tables, &store, &services);
+    }
 }

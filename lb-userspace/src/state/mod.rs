@@ -1508,12 +1508,19 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
         }
     }
 
-    #[test]
-    fn changes_are_appended_and_folded_into_the_snapshot_now_and_then() {
-        let dir = tmp("journal-fold");
+    /// A fresh state in its own directory: the directory, the state file,
+    /// its journal and the loaded state.
+    fn fresh(tag: &str) -> (Tmp, PathBuf, PathBuf, Desired) {
+        let dir = tmp(tag);
         let path = dir.0.join("lb.state.json");
         let journal = journal::path_of(&path);
-        let mut d = Desired::load(&config(), path.clone()).unwrap();
+        let d = Desired::load(&config(), path.clone()).unwrap();
+        (dir, path, journal, d)
+    }
+
+    #[test]
+    fn changes_are_appended_and_folded_into_the_snapshot_now_and_then() {
+        let (_dir, path, journal, mut d) = fresh("journal-fold");
         d.add_service(&new_service("api", "198.18.101.2:80"))
             .unwrap();
         assert!(
@@ -1536,10 +1543,7 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
 
     #[test]
     fn a_crash_before_the_journal_is_emptied_replays_nothing_twice() {
-        let dir = tmp("journal-crash");
-        let path = dir.0.join("lb.state.json");
-        let journal = journal::path_of(&path);
-        let mut d = Desired::load(&config(), path.clone()).unwrap();
+        let (_dir, path, journal, mut d) = fresh("journal-crash");
         d.add_service(&new_service("api", "198.18.101.2:80"))
             .unwrap();
         d.add_backend("api", &backend("198.18.105.2:80")).unwrap();
@@ -1556,10 +1560,7 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
 
     #[test]
     fn a_torn_last_line_is_dropped_and_the_next_save_cleans_it() {
-        let dir = tmp("journal-torn");
-        let path = dir.0.join("lb.state.json");
-        let journal = journal::path_of(&path);
-        let mut d = Desired::load(&config(), path.clone()).unwrap();
+        let (_dir, path, journal, mut d) = fresh("journal-torn");
         d.add_service(&new_service("api", "198.18.101.2:80"))
             .unwrap();
         let before = d.services();
@@ -1584,10 +1585,7 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
 
     #[test]
     fn a_bad_line_inside_the_journal_is_one_clear_error() {
-        let dir = tmp("journal-bad");
-        let path = dir.0.join("lb.state.json");
-        let journal = journal::path_of(&path);
-        let mut d = Desired::load(&config(), path.clone()).unwrap();
+        let (_dir, path, journal, mut d) = fresh("journal-bad");
         d.add_service(&new_service("api", "198.18.101.2:80"))
             .unwrap();
         let good = fs::read_to_string(&journal).unwrap();

@@ -113,20 +113,12 @@ impl LbCli {
     /// Like [`LbCli::run`], as user and group `uid` with no supplementary
     /// groups (through util-linux `setpriv`).
     pub fn run_as(&self, uid: u32, args: &[&str]) -> CliOutput {
-        let reuid = format!("--reuid={uid}");
-        let regid = format!("--regid={uid}");
-        let prefix = ["setpriv", reuid.as_str(), regid.as_str(), "--clear-groups"];
-        let mut cmd = Command::new(prefix[0]);
-        cmd.args(&prefix[1..])
-            .arg(&self.binary)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args);
-        LbCli::finish(self.command_line(&prefix, args), &mut cmd)
+        self.run_as_member(uid, &[], args)
     }
 
-    /// Like [`LbCli::run_as`], as user `uid` whose primary group is `uid`
-    /// and whose supplementary groups are exactly `groups`.
+    /// Like [`LbCli::run`], as user `uid` whose primary group is `uid` and
+    /// whose supplementary groups are exactly `groups` (through util-linux
+    /// `setpriv`).
     pub fn run_as_member(&self, uid: u32, groups: &[u32], args: &[&str]) -> CliOutput {
         let reuid = format!("--reuid={uid}");
         let regid = format!("--regid={uid}");

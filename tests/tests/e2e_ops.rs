@@ -808,10 +808,33 @@ fn wait_for_more(ok: &AtomicUsize, from: usize, limit: Duration) -> bool {
     false
 }
 
+/// How the first daemon of [`restart_serves_throughout`] ends.
+enum Ending {
+    /// `lb run --keep-datapath`, then SIGTERM: a planned restart.
+    KeepDatapath,
+    /// A plain `lb run`, then SIGKILL: a crash.
+    Crash,
+}
+
 #[test]
 fn restart_keeps_connections_and_serves_throughout() {
+    restart_serves_throughout("lbo4", Ending::KeepDatapath);
+}
+
+/// `kill -9` of the daemon under load: the pinned data path forwards alone,
+/// and the next plain `lb run` takes it over as `--keep-datapath` would; no
+/// request fails and the held connection carries on.
+#[test]
+fn a_crashed_daemon_fails_no_request_and_the_next_one_takes_over() {
+    restart_serves_throughout("lbo11", Ending::Crash);
+}
+
+/// A first daemon under HTTP requests and a held connection, ended as
+/// `ending` says, a while with no daemon, then a plain second one: every
+/// request answered, the connection unbroken, the second daemon adopting.
+fn restart_serves_throughout(prefix: &str, ending: Ending) {
     require_root();
-    let topo = Topology::new("lbo4", 2);
+    let topo = Topology::new(prefix, 2);
     let _http = http_servers(&topo);
     let _streams = stream_servers(&topo);
     let _forward = ForwardDrop::new();
@@ -819,7 +842,10 @@ fn restart_keeps_connections_and_serves_throughout() {
     let lb = files.cli();
     let web_vip = SocketAddrV4::new(topo.vip(), WEB_PORT);
     let stream_vip = SocketAddrV4::new(topo.vip(), STREAM_PORT);
-    let daemon_a = files.start(&["--keep-datapath"]);
+    let mut daemon_a = match ending {
+        Ending::KeepDatapath => files.start(&["--keep-datapath"]),
+        Ending::Crash => files.start(&[]),
+    };
 
     let stop = AtomicBool::new(false);
     let ok = AtomicUsize::new(0);
@@ -837,15 +863,23 @@ fn restart_keeps_connections_and_serves_throughout() {
             "no HTTP request succeeded in 1 s with daemon A running"
         );
 
-        let (status, out) = stop_with_output(daemon_a);
-        assert!(
-            status.success(),
-            "daemon A (--keep-datapath) exited with {status} on SIGTERM; its output:\n{out}"
-        );
-        assert!(
-            out.contains(KEEP_MARKER),
-            "daemon A did not log {KEEP_MARKER:?}; its output:\n{out}"
-        );
+        match ending {
+            Ending::KeepDatapath => {
+                let (status, out) = stop_with_output(daemon_a);
+                assert!(
+                    status.success(),
+                    "daemon A (--keep-datapath) exited with {status} on SIGTERM; its output:\n{out}"
+                );
+                assert!(
+                    out.contains(KEEP_MARKER),
+                    "daemon A did not log {KEEP_MARKER:?}; its output:\n{out}"
+                );
+            }
+            Ending::Crash => {
+                daemon_a.kill();
+                assert!(!daemon_a.is_running(), "daemon A survived SIGKILL");
+            }
+        }
 
         let gap_start = ok.load(Ordering::Relaxed);
         thread::sleep(Duration::from_secs(1));

@@ -238,6 +238,15 @@ impl Daemon {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// SIGKILLs it, as a crash would end it (nothing of its own clean-up
+    /// runs), and reaps it; its output stays readable.
+    pub fn kill(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Sends SIGTERM, waits up to [`STOP_GRACE`] for it to exit, then
     /// SIGKILLs it; returns its exit status.
     pub fn stop(mut self) -> ExitStatus {

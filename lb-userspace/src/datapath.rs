@@ -359,8 +359,14 @@ pub struct Attachment {
 
 /// An attachment this process holds.
 enum Held {
-    /// Pinned: survives this process if the pin is kept.
-    Pinned(PinnedLink),
+    /// Pinned at `path`: survives this process if the pin is kept. `ids`:
+    /// the kernel's (link id, program id), for `lb status`, when they could
+    /// be read.
+    Pinned {
+        link: PinnedLink,
+        path: PathBuf,
+        ids: Option<(u32, u32)>,
+    },
     /// Not pinned (no pin directory): held only so that dropping it detaches.
     Xdp { _link: XdpLink },
     /// Not pinned TC link, likewise.
@@ -717,10 +723,6 @@ pub struct Datapath {
     /// The maps, for the reconcile loop.
     pub maps: Maps,
     links: StdHashMap<(Hook, u32), Held>,
-    /// The kernel's (link id, program id) of each pinned attachment.
-    link_ids: StdHashMap<(Hook, u32), (u32, u32)>,
-    /// Where each pinned attachment's link is pinned.
-    link_pins: StdHashMap<(Hook, u32), PathBuf>,
     /// Pinned attachments of a previous daemon, not yet taken over.
     orphans: StdHashMap<(Hook, u32), Orphan>,
     pin: Option<PathBuf>,
@@ -911,8 +913,6 @@ impl Datapath {
             ebpf,
             maps,
             links: StdHashMap::new(),
-            link_ids: StdHashMap::new(),
-            link_pins: StdHashMap::new(),
             orphans: StdHashMap::new(),
             pin: pin.map(Path::to_owned),
             adopted,
@@ -1030,21 +1030,18 @@ impl Datapath {
         let held = match self.pin.clone() {
             Some(root) => {
                 let fd = FdLink::try_from(link).map_err(pin_err(what.to_owned()))?;
-                match fd.info() {
-                    Ok(info) => {
-                        self.link_ids
-                            .insert((pin.hook, pin.ifindex), (info.id(), info.program_id()));
-                    }
-                    Err(e) => {
+                let ids = fd
+                    .info()
+                    .map(|info| (info.id(), info.program_id()))
+                    .inspect_err(|e| {
                         tracing::warn!(ifindex = pin.ifindex, hook = pin.hook.name(), error = %e, "reading the attachment's link id")
-                    }
-                }
-                let path = Self::pin_link(&root, &pin, fd)?;
-                self.link_pins.insert(
-                    (pin.hook, pin.ifindex),
-                    root.join("links").join(pin.file_name()),
-                );
-                Held::Pinned(path)
+                    })
+                    .ok();
+                let path = root.join("links").join(pin.file_name());
+                let link = fd
+                    .pin(&path)
+                    .map_err(pin_err(format!("pinning {}", path.display())))?;
+                Held::Pinned { link, path, ids }
             }
             None => unpinned(link),
         };
@@ -1056,15 +1053,18 @@ impl Datapath {
     pub fn attachments(&self) -> Vec<Attachment> {
         let mut out: Vec<Attachment> = self
             .links
-            .keys()
-            .map(|&(hook, ifindex)| {
-                let ids = self.link_ids.get(&(hook, ifindex));
+            .iter()
+            .map(|(&(hook, ifindex), held)| {
+                let (ids, pin) = match held {
+                    Held::Pinned { path, ids, .. } => (*ids, Some(path.clone())),
+                    Held::Xdp { .. } | Held::Tc { .. } => (None, None),
+                };
                 Attachment {
                     ifindex,
                     hook: hook.name(),
                     link_id: ids.map(|i| i.0),
                     program_id: ids.map(|i| i.1),
-                    pin: self.link_pins.get(&(hook, ifindex)).cloned(),
+                    pin,
                 }
             })
             .collect();
@@ -1072,20 +1072,12 @@ impl Datapath {
         out
     }
 
-    fn pin_link(root: &Path, pin: &LinkPin, fd: FdLink) -> Result<PinnedLink, DatapathError> {
-        let path = root.join("links").join(pin.file_name());
-        fd.pin(&path)
-            .map_err(pin_err(format!("pinning {}", path.display())))
-    }
-
     /// Detaches the TC program from `ifindex` (and removes its pin), e.g.
     /// from a container's veth once no backend uses it. A no-op if it was
     /// not attached by this data path.
     pub fn detach_tc(&mut self, ifindex: u32) {
-        self.link_ids.remove(&(Hook::Tc, ifindex));
-        self.link_pins.remove(&(Hook::Tc, ifindex));
-        if let Some(Held::Pinned(p)) = self.links.remove(&(Hook::Tc, ifindex)) {
-            let _ = p.unpin();
+        if let Some(Held::Pinned { link, .. }) = self.links.remove(&(Hook::Tc, ifindex)) {
+            let _ = link.unpin();
         }
     }
 
@@ -1111,8 +1103,8 @@ impl Datapath {
             return;
         }
         for (_, held) in self.links.drain() {
-            if let Held::Pinned(p) = held {
-                let _ = p.unpin();
+            if let Held::Pinned { link, .. } = held {
+                let _ = link.unpin();
             }
         }
         self.release_orphans();

@@ -306,17 +306,14 @@ impl Controller {
         // The state file is written on a blocking thread while the maps
         // are applied here: a change costs the slower of the two, not both.
         // Callers are answered only once both are done.
-        let (writing, refused) = match flushed {
-            Ok(Some(Flush { write, before })) => (
-                Some((tokio::task::spawn_blocking(move || write.write()), before)),
-                None,
-            ),
-            Ok(None) => (None, None),
-            Err(e) => (None, Some(e)),
-        };
+        let writing = flushed.map(|f| {
+            f.map(|Flush { write, before }| {
+                (tokio::task::spawn_blocking(move || write.write()), before)
+            })
+        });
         let mut applied = if changed { self.apply().await } else { Ok(()) };
-        let saved = match (writing, refused) {
-            (Some((write, undo)), _) => {
+        let saved = match writing {
+            Ok(Some((write, undo))) => {
                 let written = write.await.unwrap_or_else(|e| {
                     Err(Refusal::failed(format!("writing the state file: {e}")))
                 });
@@ -330,8 +327,8 @@ impl Controller {
                 }
                 written
             }
-            (None, Some(e)) => Err(e),
-            (None, None) => Ok(()),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
         };
         if let Err(e) = &applied {
             warn!(

@@ -54,7 +54,7 @@ use tokio::{
 };
 use tracing::warn;
 
-use super::access::{Access, Peer, Role};
+use super::access::{Peer, Role};
 use super::types::{ApiError, NewBackend, Weight};
 use crate::config::ApiSpec;
 use crate::control::{Handle, Request, Response};
@@ -125,16 +125,13 @@ pub async fn serve(
     spec: ApiSpec,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    let limits = Arc::new(Limits {
-        access: spec.access.clone(),
-        request_timeout: spec.request_timeout,
-    });
-    let app = router(handle).layer(middleware::from_fn_with_state(limits, guard));
-    let permits = Arc::new(Semaphore::new(spec.max_connections as usize));
-    let graceful = GracefulShutdown::new();
+    let max_connections = spec.max_connections;
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(spec.request_timeout);
+    let app = router(handle).layer(middleware::from_fn_with_state(Arc::new(spec), guard));
+    let permits = Arc::new(Semaphore::new(max_connections as usize));
+    let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -151,7 +148,7 @@ pub async fn serve(
             },
         };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            tokio::spawn(too_many(stream, spec.max_connections));
+            tokio::spawn(too_many(stream, max_connections));
             continue;
         };
         let peer = Peer::of(&stream);
@@ -191,17 +188,10 @@ async fn too_many(mut stream: UnixStream, max: u32) {
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(reply.as_bytes())).await;
 }
 
-/// What every request is checked against.
-#[derive(Debug)]
-struct Limits {
-    access: Access,
-    request_timeout: Duration,
-}
-
 /// Checks the peer's role for the request's method, then reads the body
 /// within [`MAX_BODY`] and the request timeout.
 async fn guard(
-    State(limits): State<Arc<Limits>>,
+    State(spec): State<Arc<ApiSpec>>,
     Extension(peer): Extension<Option<Peer>>,
     req: axum::extract::Request,
     next: Next,
@@ -217,19 +207,19 @@ async fn guard(
             "permission denied: the kernel gave no credentials for this connection".into(),
         );
     };
-    match (limits.access.role(&peer), wanted) {
+    match (spec.access.role(&peer), wanted) {
         (Some(Role::Admin), _) | (Some(Role::Read), Role::Read) => {}
-        _ => return refuse(StatusCode::FORBIDDEN, limits.access.refusal(&peer, wanted)),
+        _ => return refuse(StatusCode::FORBIDDEN, spec.access.refusal(&peer, wanted)),
     }
     let (parts, body) = req.into_parts();
     let read = Limited::new(body, MAX_BODY).collect();
-    let bytes = match tokio::time::timeout(limits.request_timeout, read).await {
+    let bytes = match tokio::time::timeout(spec.request_timeout, read).await {
         Err(_) => {
             return refuse(
                 StatusCode::REQUEST_TIMEOUT,
                 format!(
                     "request body not received within {} ms",
-                    limits.request_timeout.as_millis()
+                    spec.request_timeout.as_millis()
                 ),
             )
         }

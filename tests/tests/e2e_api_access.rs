@@ -9,14 +9,14 @@
 use std::{
     io::{Read as _, Write as _},
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
 use lb::api::types::{BackendInfo, ServiceInfo};
 use lb_harness::{
-    ops::{with_pin_path, CliOutput, LbCli, PinDir},
-    render_config, require_root, Daemon, ServiceConfig, TempDir, Topology, READY_MARKER,
+    ops::{CliOutput, DaemonFiles, LbCli},
+    render_config, require_root, Daemon, ServiceConfig, Topology,
 };
 
 /// Group ids the config names; no such groups need exist on the host.
@@ -30,21 +30,18 @@ const REQUEST_TIMEOUT: Duration = Duration::from_millis(1_000);
 
 /// A daemon whose config names both groups and small bounds.
 struct Api {
-    // Dropped in order: daemon, pins, files, topology.
+    // Dropped in order: daemon, files (pins included), topology.
     _daemon: Daemon,
-    _pins: PinDir,
-    _dir: TempDir,
-    socket: PathBuf,
+    files: DaemonFiles,
     topo: Topology,
 }
 
 impl Api {
     fn start(prefix: &str) -> Api {
         let topo = Topology::new(prefix, 1);
-        let pins = PinDir::new(&format!("/sys/fs/bpf/lb-e2e-{prefix}"));
-        let dir = TempDir::new(&format!("api-{prefix}"));
+        let files = DaemonFiles::new(&topo, "api");
         // Other users must reach the socket's directory.
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        std::fs::set_permissions(files.dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod 755 the test directory");
         let web = ServiceConfig::new(
             "web",
@@ -52,43 +49,21 @@ impl Api {
             "tcp",
             &[format!("{}:8080", topo.backend_addr(0))],
         );
-        let config = format!(
+        files.write_config(&format!(
             "{}\n[api]\nadmin_group = \"{ADMIN_GID}\"\nread_group = \"{READ_GID}\"\n\
              max_connections = {MAX_CONNECTIONS}\nrequest_timeout_ms = {}\n",
-            with_pin_path(
-                &render_config(&[&topo.client_host_if()], &[web]),
-                pins.as_str()
-            ),
+            render_config(&[&topo.client_host_if()], &[web]),
             REQUEST_TIMEOUT.as_millis()
-        );
-        let config = dir.write("lb.toml", &config);
-        let state = dir.path().join("lb.state.json");
-        let socket = dir.path().join("lb.sock");
-        let s = |p: &Path| p.to_str().expect("UTF-8 path").to_owned();
-        let daemon = Daemon::start(
-            &[
-                "run",
-                "--config",
-                &s(&config),
-                "--state",
-                &s(&state),
-                "--socket",
-                &s(&socket),
-            ],
-            READY_MARKER,
-            Duration::from_secs(30),
-        );
+        ));
         Api {
-            _daemon: daemon,
-            _pins: pins,
-            _dir: dir,
-            socket,
+            _daemon: files.start(&[]),
+            files,
             topo,
         }
     }
 
     fn cli(&self) -> LbCli {
-        LbCli::new(&self.socket)
+        self.files.cli()
     }
 
     fn backend(&self, port: u16) -> String {
@@ -113,7 +88,7 @@ fn root_admins_readers_and_outsiders_get_what_they_may() {
     require_root();
     let api = Api::start("lbq1");
     let lb = api.cli();
-    let mode = std::fs::metadata(&api.socket)
+    let mode = std::fs::metadata(&api.files.socket)
         .expect("socket")
         .permissions()
         .mode();
@@ -235,6 +210,32 @@ fn read_answer(s: &mut UnixStream) -> Result<(u16, String), String> {
     Ok((code, body))
 }
 
+/// A connection that holds one of the daemon's slots and sends nothing.
+/// The slot of a connection the test just closed may not be free yet (the
+/// daemon notices the close a moment later), so one answered at once (a
+/// 503) is dropped and tried again, 50 times at most.
+fn held_idle(socket: &Path) -> UnixStream {
+    for _ in 0..50 {
+        let mut c = UnixStream::connect(socket).expect("connect");
+        c.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut buf = [0u8; 512];
+        match c.read(&mut buf) {
+            // Nothing within 100 ms: it holds a slot.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return c
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    panic!("no free slot for an idle connection after 50 tries");
+}
+
 #[test]
 fn oversized_slow_idle_and_surplus_clients_get_an_answer_and_stall_nothing() {
     require_root();
@@ -248,24 +249,23 @@ fn oversized_slow_idle_and_surplus_clients_get_an_answer_and_stall_nothing() {
         "POST {path} HTTP/1.1\r\nhost: lb\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
         big.len()
     );
-    let (code, body) = raw(&api.socket, &head, &big).expect("an answer");
+    let (code, body) = raw(&api.files.socket, &head, &big).expect("an answer");
     assert_eq!(code, 413, "{body}");
     assert!(body.contains("larger than 4 MiB"), "{body}");
 
     // A body that never finishes: 408 once the request timeout passes.
     let head = format!("POST {path} HTTP/1.1\r\nhost: lb\r\ncontent-length: 100\r\n\r\n");
     let t = Instant::now();
-    let (code, body) = raw(&api.socket, &head, b"{\"addr").expect("an answer");
+    let (code, body) = raw(&api.files.socket, &head, b"{\"addr").expect("an answer");
     assert_eq!(code, 408, "{body}");
     assert!(t.elapsed() < REQUEST_TIMEOUT * 3, "{:?}", t.elapsed());
 
     // Idle connections fill every slot: one more gets a 503 at once.
     let idle: Vec<UnixStream> = (0..MAX_CONNECTIONS)
-        .map(|_| UnixStream::connect(&api.socket).expect("connect"))
+        .map(|_| held_idle(&api.files.socket))
         .collect();
-    std::thread::sleep(Duration::from_millis(100));
     let (code, body) = raw(
-        &api.socket,
+        &api.files.socket,
         "GET /v1/services HTTP/1.1\r\nhost: lb\r\n\r\n",
         b"",
     )

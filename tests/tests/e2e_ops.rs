@@ -24,14 +24,12 @@ use lb::api::types::{
 };
 use lb_harness::{
     attachments, http_get_here, http_tally,
-    ops::{free_loopback_port, stop_with_output, with_pin_path, LbCli, PinDir},
+    ops::{free_loopback_port, stop_with_output, DaemonFiles, LbCli},
     render_config, require_root,
     stream::{StreamConn, StreamServer},
-    Daemon, ForwardDrop, HttpServer, HttpTally, ServiceConfig, TempDir, Topology, READY_MARKER,
+    ForwardDrop, HttpServer, HttpTally, ServiceConfig, Topology,
 };
 
-/// How long the daemon may take to attach and write its maps.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The HTTP service's port on the VIP, and the backends' HTTP port.
 const WEB_PORT: u16 = 80;
 const HTTP_PORT: u16 = 8080;
@@ -49,51 +47,12 @@ const KEEP_MARKER: &str = "the data path keeps forwarding";
 /// What a daemon logs when it adopts a running data path.
 const TAKEOVER_MARKER: &str = "taking over the running data path";
 
-/// One test's files: config, state file and admin socket in a temporary
-/// directory, and the bpffs pin directory of its daemons.
-struct Files {
-    /// Dropped after every daemon (it is declared before them).
-    pins: PinDir,
-    config: PathBuf,
-    state: PathBuf,
-    socket: PathBuf,
-    dir: TempDir,
-}
-
-impl Files {
-    /// Writes the config of `services` on the topology's client interface,
-    /// pinned under `/sys/fs/bpf/lb-e2e-{prefix}`.
-    fn new(topo: &Topology, services: &[ServiceConfig]) -> Files {
-        let pins = PinDir::new(&format!("/sys/fs/bpf/lb-e2e-{}", topo.prefix()));
-        let dir = TempDir::new(&format!("ops-{}", topo.prefix()));
-        let text = with_pin_path(
-            &render_config(&[&topo.client_host_if()], services),
-            pins.as_str(),
-        );
-        let config = dir.write("lb.toml", &text);
-        Files {
-            config,
-            state: dir.path().join("lb.state.json"),
-            socket: dir.path().join("lb.sock"),
-            pins,
-            dir,
-        }
-    }
-
-    fn cli(&self) -> LbCli {
-        LbCli::new(&self.socket)
-    }
-
-    /// Starts `lb run` with this config, state file and socket, plus `extra`.
-    fn start(&self, extra: &[&str]) -> Daemon {
-        let s = |p: &Path| p.to_str().expect("UTF-8 path").to_owned();
-        let (config, state, socket) = (s(&self.config), s(&self.state), s(&self.socket));
-        let mut args = vec![
-            "run", "--config", &config, "--state", &state, "--socket", &socket,
-        ];
-        args.extend_from_slice(extra);
-        Daemon::start(&args, READY_MARKER, READY_TIMEOUT)
-    }
+/// The files of a test on `topo`: the config of `services` on the
+/// topology's client interface.
+fn ops_files(topo: &Topology, services: &[ServiceConfig]) -> DaemonFiles {
+    let files = DaemonFiles::new(topo, "ops");
+    files.write_config(&render_config(&[&topo.client_host_if()], services));
+    files
 }
 
 /// `"ip:port"` of backend `i`.
@@ -224,7 +183,7 @@ fn cli_commands_match_what_traffic_did() {
     let topo = Topology::new("lbo1", 3);
     let _http = http_servers(&topo);
     let _forward = ForwardDrop::new();
-    let files = Files::new(&topo, &[web_service(&topo, &[0, 1])]);
+    let files = ops_files(&topo, &[web_service(&topo, &[0, 1])]);
     let daemon = files.start(&[]);
     let lb = files.cli();
     let (b0, b1, b2) = (
@@ -420,7 +379,7 @@ fn cli_commands_match_what_traffic_did() {
 fn bad_inputs_are_refused_and_change_nothing() {
     require_root();
     let topo = Topology::new("lbo2", 3);
-    let files = Files::new(&topo, &[web_service(&topo, &[0, 1])]);
+    let files = ops_files(&topo, &[web_service(&topo, &[0, 1])]);
     let _daemon = files.start(&[]);
     let lb = files.cli();
     let b2 = endpoint(&topo, 2, HTTP_PORT);
@@ -642,7 +601,7 @@ fn bad_inputs_are_refused_and_change_nothing() {
 fn socket_is_root_only() {
     require_root();
     let topo = Topology::new("lbo3", 1);
-    let files = Files::new(&topo, &[web_service(&topo, &[0])]);
+    let files = ops_files(&topo, &[web_service(&topo, &[0])]);
     // Others may reach the socket's directory: only the socket's own mode
     // keeps them out.
     std::fs::set_permissions(files.dir.path(), std::fs::Permissions::from_mode(0o755))
@@ -838,7 +797,7 @@ fn restart_serves_throughout(prefix: &str, ending: Ending) {
     let _http = http_servers(&topo);
     let _streams = stream_servers(&topo);
     let _forward = ForwardDrop::new();
-    let files = Files::new(&topo, &[stream_service(&topo), web_service(&topo, &[0, 1])]);
+    let files = ops_files(&topo, &[stream_service(&topo), web_service(&topo, &[0, 1])]);
     let lb = files.cli();
     let web_vip = SocketAddrV4::new(topo.vip(), WEB_PORT);
     let stream_vip = SocketAddrV4::new(topo.vip(), STREAM_PORT);
@@ -966,7 +925,7 @@ fn drain_keeps_flows_and_takes_no_new_ones() {
     let topo = Topology::new("lbo5", 2);
     let _streams = stream_servers(&topo);
     let _forward = ForwardDrop::new();
-    let files = Files::new(&topo, &[stream_service(&topo)]);
+    let files = ops_files(&topo, &[stream_service(&topo)]);
     let _daemon = files.start(&[]);
     let lb = files.cli();
     let vip = SocketAddrV4::new(topo.vip(), STREAM_PORT);
@@ -1095,7 +1054,7 @@ fn batches_weights_and_undrain_keep_established_flows() {
     let topo = Topology::new("lbo8", 3);
     let _streams = stream_servers(&topo);
     let _forward = ForwardDrop::new();
-    let files = Files::new(&topo, &[stream_service(&topo)]);
+    let files = ops_files(&topo, &[stream_service(&topo)]);
     let _daemon = files.start(&[]);
     let lb = files.cli();
     let vip = SocketAddrV4::new(topo.vip(), STREAM_PORT);
@@ -1199,7 +1158,7 @@ fn health_check_takes_out_and_puts_back() {
     let topo = Topology::new("lbo6", 2);
     let mut http: Vec<Option<HttpServer>> = http_servers(&topo).into_iter().map(Some).collect();
     let _forward = ForwardDrop::new();
-    let files = Files::new(&topo, &[web_service(&topo, &[0, 1])]);
+    let files = ops_files(&topo, &[web_service(&topo, &[0, 1])]);
     let _daemon = files.start(&[]);
     let lb = files.cli();
     let (b0, b1) = (endpoint(&topo, 0, HTTP_PORT), endpoint(&topo, 1, HTTP_PORT));
@@ -1285,7 +1244,7 @@ fn metrics_are_scraped_over_http() {
     let topo = Topology::new("lbo7", 2);
     let _http = http_servers(&topo);
     let _forward = ForwardDrop::new();
-    let files = Files::new(&topo, &[web_service(&topo, &[0, 1])]);
+    let files = ops_files(&topo, &[web_service(&topo, &[0, 1])]);
     let port = free_loopback_port();
     let listen = format!("127.0.0.1:{port}");
     let _daemon = files.start(&["--metrics", &listen]);
@@ -1379,7 +1338,7 @@ fn a_change_that_cannot_be_saved_is_refused_and_not_applied() {
             endpoint(&topo, 1, STREAM_PORT),
         ],
     );
-    let files = Files::new(&topo, &[two]);
+    let files = ops_files(&topo, &[two]);
     let _daemon = files.start(&[]);
     let lb = files.cli();
     let vip = SocketAddrV4::new(topo.vip(), STREAM_PORT);
@@ -1423,7 +1382,7 @@ fn the_daemon_keeps_only_the_capabilities_it_needs() {
     let topo = Topology::new("lbo10", 2);
     let _servers = http_servers(&topo);
     let _forward = ForwardDrop::new();
-    let files = Files::new(&topo, &[web_service(&topo, &[0])]);
+    let files = ops_files(&topo, &[web_service(&topo, &[0])]);
     let daemon = files.start(&[]);
     let lb = files.cli();
     let pid = daemon.pid().expect("running");

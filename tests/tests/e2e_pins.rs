@@ -11,21 +11,14 @@
 //! topology prefix, socket, state file and bpffs pin path, and removes its
 //! pins even when it fails.
 
-use std::{
-    net::SocketAddrV4,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
 
 use lb_harness::{
     attachments, http_tally,
-    ops::{stop_with_output, with_pin_path, PinDir},
+    ops::{stop_with_output, DaemonFiles},
     render_config, require_root, Daemon, ForwardDrop, HttpServer, HttpTally, ServiceConfig,
-    TempDir, Topology, READY_MARKER,
+    Topology,
 };
-
-/// How long the daemon may take to attach and write its maps.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The service's port on the VIP, and the backends' HTTP port.
 const WEB_PORT: u16 = 80;
 const HTTP_PORT: u16 = 8080;
@@ -40,55 +33,20 @@ const DROPPED_MARKER: &str = "dropping a pinned attachment left by an earlier da
 /// The warning about a data path pinned with another layout.
 const LAYOUT_MARKER: &str = "another map layout or sizes";
 
-/// One test's config, state file and socket, and its daemons' pin path.
-struct Files {
-    /// Dropped after every daemon (it is declared before them).
-    pins: PinDir,
-    config: PathBuf,
-    state: PathBuf,
-    socket: PathBuf,
-    dir: TempDir,
-}
-
-impl Files {
-    fn new(topo: &Topology) -> Files {
-        let pins = PinDir::new(&format!("/sys/fs/bpf/lb-e2e-{}", topo.prefix()));
-        let dir = TempDir::new(&format!("pins-{}", topo.prefix()));
-        Files {
-            config: dir.path().join("lb.toml"),
-            state: dir.path().join("lb.state.json"),
-            socket: dir.path().join("lb.sock"),
-            pins,
-            dir,
-        }
-    }
-
-    /// Writes the config: service `web` on the VIP over `backends`, the
-    /// client's veth as external, `extra` lines in `[datapath]`.
-    fn write_config(&self, topo: &Topology, backends: &[usize], extra: &str) {
-        let eps: Vec<String> = backends
-            .iter()
-            .map(|&i| format!("{}:{HTTP_PORT}", topo.backend_addr(i)))
-            .collect();
-        let web = ServiceConfig::new("web", &format!("{}:{WEB_PORT}", topo.vip()), "tcp", &eps);
-        let text = with_pin_path(
-            &render_config(&[&topo.client_host_if()], &[web]),
-            self.pins.as_str(),
-        )
-        .replacen("[datapath]\n", &format!("[datapath]\n{extra}"), 1);
-        self.dir.write("lb.toml", &text);
-    }
-
-    /// Starts `lb run` with this config, state file and socket, plus `extra`.
-    fn start(&self, extra: &[&str]) -> Daemon {
-        let s = |p: &Path| p.to_str().expect("UTF-8 path").to_owned();
-        let (config, state, socket) = (s(&self.config), s(&self.state), s(&self.socket));
-        let mut args = vec![
-            "run", "--config", &config, "--state", &state, "--socket", &socket,
-        ];
-        args.extend_from_slice(extra);
-        Daemon::start(&args, READY_MARKER, READY_TIMEOUT)
-    }
+/// Writes the config of `files`: service `web` on the VIP over `backends`,
+/// the client's veth as external, `extra` lines in `[datapath]`.
+fn write_config(files: &DaemonFiles, topo: &Topology, backends: &[usize], extra: &str) {
+    let eps: Vec<String> = backends
+        .iter()
+        .map(|&i| format!("{}:{HTTP_PORT}", topo.backend_addr(i)))
+        .collect();
+    let web = ServiceConfig::new("web", &format!("{}:{WEB_PORT}", topo.vip()), "tcp", &eps);
+    let text = render_config(&[&topo.client_host_if()], &[web]).replacen(
+        "[datapath]\n",
+        &format!("[datapath]\n{extra}"),
+        1,
+    );
+    files.write_config(&text);
 }
 
 fn http_servers(topo: &Topology) -> Vec<HttpServer> {
@@ -118,7 +76,7 @@ fn assert_serves(topo: &Topology, answering: &[usize], when: &str) -> HttpTally 
 
 /// Runs daemon A with `--keep-datapath`, checks it serves `answering`, and
 /// stops it leaving the data path pinned.
-fn run_and_keep(files: &Files, topo: &Topology, answering: &[usize]) {
+fn run_and_keep(files: &DaemonFiles, topo: &Topology, answering: &[usize]) {
     let daemon_a = files.start(&["--keep-datapath"]);
     assert_serves(topo, answering, "daemon A");
     let (status, out) = stop_with_output(daemon_a);
@@ -160,7 +118,7 @@ fn assert_one_warning_for(output: &str, iface: &str) {
 }
 
 /// Stops daemon B (plain stop): it must exit 0 and remove its pins.
-fn stop_plain(files: &Files, daemon_b: Daemon) {
+fn stop_plain(files: &DaemonFiles, daemon_b: Daemon) {
     let (status, out) = stop_with_output(daemon_b);
     assert!(
         status.success(),
@@ -179,8 +137,8 @@ fn backend_veth_replaced_while_stopped() {
     let topo = Topology::new("lbp1", 2);
     let _http = http_servers(&topo);
     let _forward = ForwardDrop::new();
-    let files = Files::new(&topo);
-    files.write_config(&topo, &[0, 1], "");
+    let files = DaemonFiles::new(&topo, "pins");
+    write_config(&files, &topo, &[0, 1], "");
     run_and_keep(&files, &topo, &[0, 1]);
 
     // b1's veth goes (its link on the host side is severed) and a new one
@@ -205,8 +163,8 @@ fn external_veth_replaced_while_stopped() {
     let topo = Topology::new("lbp2", 2);
     let _http = http_servers(&topo);
     let _forward = ForwardDrop::new();
-    let files = Files::new(&topo);
-    files.write_config(&topo, &[0, 1], "");
+    let files = DaemonFiles::new(&topo, "pins");
+    write_config(&files, &topo, &[0, 1], "");
     run_and_keep(&files, &topo, &[0, 1]);
 
     topo.replace_client_link();
@@ -231,8 +189,8 @@ fn backend_namespace_removed_while_stopped() {
     let topo = Topology::new("lbp3", 2);
     let mut http = http_servers(&topo);
     let _forward = ForwardDrop::new();
-    let files = Files::new(&topo);
-    files.write_config(&topo, &[0, 1], "");
+    let files = DaemonFiles::new(&topo, "pins");
+    write_config(&files, &topo, &[0, 1], "");
     run_and_keep(&files, &topo, &[0, 1]);
 
     // b1 is decommissioned while no daemon runs: its server stops, its
@@ -240,7 +198,7 @@ fn backend_namespace_removed_while_stopped() {
     // it. The pins still hold its backend entry and a link on its veth.
     drop(http.pop());
     topo.remove_backend_netns(1);
-    files.write_config(&topo, &[0], "");
+    write_config(&files, &topo, &[0], "");
     let daemon_b = files.start(&[]);
     assert_one_warning_for(&daemon_b.output(), &topo.backend_host_if(1));
     assert_serves(&topo, &[0], "daemon B after b1's namespace was removed");
@@ -253,10 +211,10 @@ fn pin_directory_of_another_layout() {
     let topo = Topology::new("lbp4", 2);
     let _http = http_servers(&topo);
     let _forward = ForwardDrop::new();
-    let files = Files::new(&topo);
+    let files = DaemonFiles::new(&topo, "pins");
     // Daemon A pins its data path with other map sizes (so another pin
     // directory) and leaves it attached.
-    files.write_config(&topo, &[0, 1], "max_services = 32\n");
+    write_config(&files, &topo, &[0, 1], "max_services = 32\n");
     run_and_keep(&files, &topo, &[0, 1]);
     let old_layout: Vec<PathBuf> = std::fs::read_dir(files.pins.path())
         .expect("reading the pin path")
@@ -270,7 +228,7 @@ fn pin_directory_of_another_layout() {
     let foreign = files.pins.path().join("not-lb");
     std::fs::create_dir(&foreign).expect("creating a foreign directory");
 
-    files.write_config(&topo, &[0, 1], "");
+    write_config(&files, &topo, &[0, 1], "");
     let daemon_b = files.start(&[]);
     let out = daemon_b.output();
     assert_eq!(

@@ -20,11 +20,72 @@ use serde::de::DeserializeOwned;
 
 use crate::{
     cmd::output_with_timeout,
-    lb_process::{lb_binary, Daemon, STOP_GRACE},
+    lb_process::{lb_binary, Daemon, READY_MARKER, STOP_GRACE},
+    TempDir, Topology,
 };
 
 /// The longest one CLI command may take.
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long a daemon started by [`DaemonFiles::start`] may take to attach
+/// and write its maps.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One test's config file, state file and admin socket in a temporary
+/// directory, and its daemons' pin directory `/sys/fs/bpf/lb-e2e-{prefix}`.
+/// All of it goes when dropped: declare it before the daemons that use it.
+#[derive(Debug)]
+pub struct DaemonFiles {
+    /// The daemons' pin directory; the first field, so dropped first.
+    pub pins: PinDir,
+    /// The config file (written by [`DaemonFiles::write_config`]).
+    pub config: PathBuf,
+    /// The state file (`--state`); its journal sits next to it.
+    pub state: PathBuf,
+    /// The admin socket (`--socket`).
+    pub socket: PathBuf,
+    /// The temporary directory holding the three.
+    pub dir: TempDir,
+}
+
+impl DaemonFiles {
+    /// The files of a test on `topo`, in a temporary directory named after
+    /// `tag` and the topology's prefix; no config written yet.
+    pub fn new(topo: &Topology, tag: &str) -> DaemonFiles {
+        let pins = PinDir::new(&format!("/sys/fs/bpf/lb-e2e-{}", topo.prefix()));
+        let dir = TempDir::new(&format!("{tag}-{}", topo.prefix()));
+        DaemonFiles {
+            config: dir.path().join("lb.toml"),
+            state: dir.path().join("lb.state.json"),
+            socket: dir.path().join("lb.sock"),
+            pins,
+            dir,
+        }
+    }
+
+    /// Writes `config` as the config file, pinned under [`DaemonFiles::pins`].
+    pub fn write_config(&self, config: &str) {
+        self.dir
+            .write("lb.toml", &with_pin_path(config, self.pins.as_str()));
+    }
+
+    /// Starts `lb run` with this config, state file and socket, plus
+    /// `extra`, and waits (up to [`READY_TIMEOUT`]) until it is ready.
+    pub fn start(&self, extra: &[&str]) -> Daemon {
+        let s = |p: &Path| p.to_str().expect("UTF-8 path").to_owned();
+        let (config, state, socket) = (s(&self.config), s(&self.state), s(&self.socket));
+        let mut args = vec![
+            "run", "--config", &config, "--state", &state, "--socket", &socket,
+        ];
+        args.extend_from_slice(extra);
+        Daemon::start(&args, READY_MARKER, READY_TIMEOUT)
+    }
+
+    /// The admin CLI pointed at this socket.
+    pub fn cli(&self) -> LbCli {
+        LbCli::new(&self.socket)
+    }
+}
 
 /// What one `lb` admin command did.
 #[derive(Clone, Debug)]

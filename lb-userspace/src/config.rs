@@ -279,7 +279,8 @@ impl Config {
             Some(v) => Ok(v),
             None => Ok(default),
         };
-        let max_table_size = positive(d.max_table_size, defaults::TABLE_SIZE, "max_table_size")?;
+        let max_table_size =
+            positive(d.max_table_size, defaults::MAX_TABLE_SIZE, "max_table_size")?;
         if max_table_size > MAX_TABLE_SIZE {
             return Err(invalid(
                 "datapath.max_table_size".into(),
@@ -558,7 +559,11 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080@2"]   # ip:port, optional @w
         assert_eq!(s.name, "web");
         assert_eq!(s.vip, "198.18.101.1:80".parse().unwrap());
         assert_eq!(s.protocol, Protocol::Tcp);
-        assert_eq!(s.table_size, 65_537);
+        assert_eq!(s.table_size, 16_381, "the default table size");
+        assert_eq!(
+            c.datapath.max_table_size, 65_537,
+            "room for 65,537 if asked"
+        );
         assert_eq!(s.backends[0].weight, 1);
         assert_eq!(s.backends[1].weight, 2);
         assert_eq!(s.backends[1].addr, "198.18.104.2:8080".parse().unwrap());

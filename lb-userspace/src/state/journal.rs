@@ -10,7 +10,6 @@
 //! replays nothing twice.
 
 use std::{
-    collections::HashMap,
     fs,
     io::Write as _,
     os::unix::fs::OpenOptionsExt as _,
@@ -52,54 +51,6 @@ struct Line {
 /// The journal next to state file `state`.
 pub(super) fn path_of(state: &Path) -> PathBuf {
     state.with_extension("journal")
-}
-
-/// The entries that turn `before` into `after`, in `after`'s order.
-pub(super) fn delta(before: &Overlay, after: &Overlay) -> Vec<Entry> {
-    let mut out = Vec::new();
-    let old: HashMap<&str, &StoredService> = before
-        .services
-        .iter()
-        .map(|s| (s.name.as_str(), s))
-        .collect();
-    let new: HashMap<&str, &StoredService> = after
-        .services
-        .iter()
-        .map(|s| (s.name.as_str(), s))
-        .collect();
-    for s in &before.services {
-        if !new.contains_key(s.name.as_str()) {
-            out.push(Entry::Service {
-                name: s.name.clone(),
-                value: None,
-            });
-        }
-    }
-    for s in &after.services {
-        if old.get(s.name.as_str()) != Some(&s) {
-            out.push(Entry::Service {
-                name: s.name.clone(),
-                value: Some(s.clone()),
-            });
-        }
-    }
-    for name in before.changes.keys() {
-        if !after.changes.contains_key(name) {
-            out.push(Entry::Changes {
-                service: name.clone(),
-                value: None,
-            });
-        }
-    }
-    for (name, c) in &after.changes {
-        if before.changes.get(name) != Some(c) {
-            out.push(Entry::Changes {
-                service: name.clone(),
-                value: Some(c.clone()),
-            });
-        }
-    }
-    out
 }
 
 /// Applies `entries` to `o` as the commits that wrote them changed it: a

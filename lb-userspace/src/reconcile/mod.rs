@@ -1,8 +1,9 @@
 //! The one owner of the maps: turns the desired services into map contents.
 //!
 //! Sources of desired state (config file, API, Docker) never write maps;
-//! the controller hands whole service lists to [`Reconciler::apply`], which
-//! goes through three steps:
+//! the controller hands the services that changed to
+//! [`Reconciler::apply_changes`] (the whole list to [`Reconciler::apply`] at
+//! start), which goes through three steps:
 //! 1. [`delivery`]: how each new backend is reached (netlink, and the
 //!    reverse path attached where its replies enter);
 //! 2. [`tables`]: the plan, pure: the map writes, in an order that never

@@ -122,6 +122,88 @@ struct Changes {
     weights: BTreeMap<SocketAddrV4, u32>,
 }
 
+/// What the API changed of one backend of a config service: one journal
+/// line's worth of [`Changes`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Override {
+    /// Added through the API (not in the config file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    added: Option<StoredBackend>,
+    /// A config backend removed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    removed: bool,
+    /// A config backend drained.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    drained: bool,
+    /// A config backend's weight changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    weight: Option<u32>,
+}
+
+impl Changes {
+    /// Every address the changes name, with what they say of it.
+    fn by_address(&self) -> HashMap<SocketAddrV4, Override> {
+        let mut out: HashMap<SocketAddrV4, Override> = HashMap::new();
+        for b in &self.added {
+            out.entry(b.address).or_default().added = Some(b.clone());
+        }
+        for a in &self.removed {
+            out.entry(*a).or_default().removed = true;
+        }
+        for a in &self.drained {
+            out.entry(*a).or_default().drained = true;
+        }
+        for (a, w) in &self.weights {
+            out.entry(*a).or_default().weight = Some(*w);
+        }
+        out
+    }
+
+    /// Sets what the changes say of `address` (`None`: nothing); an added
+    /// backend keeps its place, or goes last if it is new.
+    fn put(&mut self, address: SocketAddrV4, value: Option<Override>) {
+        let o = value.unwrap_or_default();
+        journal::put(&mut self.added, address, o.added, |b| b.address);
+        self.removed.retain(|a| *a != address);
+        if o.removed {
+            self.removed.push(address);
+        }
+        self.drained.retain(|a| *a != address);
+        if o.drained {
+            self.drained.push(address);
+        }
+        match o.weight {
+            Some(w) => self.weights.insert(address, w),
+            None => self.weights.remove(&address),
+        };
+    }
+
+    /// The per-backend entries that turn `before` into `self`, if putting
+    /// them rebuilds the order of the added backends (see
+    /// [`journal::list_patch`]).
+    fn patch_from(&self, before: &Changes) -> Option<Vec<(SocketAddrV4, Option<Override>)>> {
+        journal::list_patch(&before.added, &self.added, |b| b.address)?;
+        let (old, new) = (before.by_address(), self.by_address());
+        let new_added: HashSet<SocketAddrV4> = (self.added.iter())
+            .map(|b| b.address)
+            .filter(|a| !old.get(a).is_some_and(|o| o.added.is_some()))
+            .collect();
+        // Added backends that are new go last, in their order.
+        let mut out: Vec<(SocketAddrV4, Option<Override>)> = (old.keys().chain(new.keys()))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter(|a| !new_added.contains(a) && old.get(a) != new.get(a))
+            .map(|a| (*a, new.get(a).cloned()))
+            .collect();
+        out.extend(
+            (self.added.iter())
+                .filter(|b| new_added.contains(&b.address))
+                .map(|b| (b.address, new.get(&b.address).cloned())),
+        );
+        Some(out)
+    }
+}
+
 /// The state file's contents.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Overlay {
@@ -820,20 +902,54 @@ impl Desired {
             let Some(before) = first.get(s.name.as_str()) else {
                 continue;
             };
-            if before.service.as_ref().map(|(_, old)| old) != Some(s) {
-                out.push(journal::Entry::Service {
+            let old = before.service.as_ref().map(|(_, old)| old);
+            if old == Some(s) {
+                continue;
+            }
+            // A line per backend changed, not the whole service: adding one
+            // backend to a thousand then writes one short line.
+            let patch = old
+                .filter(|old| same_but_backends(old, s))
+                .and_then(|old| journal::list_patch(&old.backends, &s.backends, |b| b.address));
+            match patch {
+                Some(patch) => {
+                    out.extend(
+                        patch
+                            .into_iter()
+                            .map(|(address, value)| journal::Entry::Backend {
+                                service: s.name.clone(),
+                                address,
+                                value: value.cloned(),
+                            }),
+                    )
+                }
+                None => out.push(journal::Entry::Service {
                     name: s.name.clone(),
                     value: Some(s.clone()),
-                });
+                }),
             }
         }
         for (name, before) in &first {
             let now = self.overlay.changes.get(*name);
-            if before.changes.as_ref() != now {
-                out.push(journal::Entry::Changes {
+            if before.changes.as_ref() == now {
+                continue;
+            }
+            let patch = now.and_then(|now| {
+                let empty = Changes::default();
+                now.patch_from(before.changes.as_ref().unwrap_or(&empty))
+            });
+            match patch {
+                Some(patch) => out.extend(patch.into_iter().map(|(address, value)| {
+                    journal::Entry::ConfigBackend {
+                        service: (*name).to_owned(),
+                        address,
+                        value,
+                    }
+                })),
+                None => out.push(journal::Entry::Changes {
                     service: (*name).to_owned(),
                     value: now.cloned(),
-                });
+                }),
             }
         }
         out
@@ -1016,6 +1132,31 @@ impl StateWrite {
             }
         }
     }
+}
+
+/// Whether two API services differ in their backends at most.
+fn same_but_backends(a: &StoredService, b: &StoredService) -> bool {
+    // Every field named, so a new one cannot be forgotten here.
+    let StoredService {
+        name,
+        vip,
+        protocol,
+        table_size,
+        health,
+        image,
+        target_port,
+        backends: _,
+    } = a;
+    (name, vip, protocol, table_size, health, image, target_port)
+        == (
+            &b.name,
+            &b.vip,
+            &b.protocol,
+            &b.table_size,
+            &b.health,
+            &b.image,
+            &b.target_port,
+        )
 }
 
 /// A service created through the API, as a spec.
@@ -1383,6 +1524,33 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
     }
 
     #[test]
+    fn one_backend_more_is_one_short_journal_line() {
+        let (_dir, _path, journal, mut d) = fresh("journal-patch");
+        d.disk.compact_above = u64::MAX;
+        d.add_service(&new_service("api", "198.18.101.2:80"))
+            .unwrap();
+        let many = |n: u8| -> Vec<NewBackend> {
+            (1..=n)
+                .map(|i| backend(&format!("198.18.105.{i}:80")))
+                .collect()
+        };
+        d.add_backends("api", &many(200)).unwrap();
+        d.add_backends("web", &many(200)).unwrap();
+        for (service, address) in [("api", "198.18.106.1:80"), ("web", "198.18.106.1:80")] {
+            let before = fs::metadata(&journal).unwrap().len();
+            d.add_backend(service, &backend(address)).unwrap();
+            let line = fs::metadata(&journal).unwrap().len() - before;
+            assert!(line < 200, "{service}: {line} bytes for one backend");
+        }
+        let before = fs::metadata(&journal).unwrap().len();
+        d.drain_backend("web", "198.18.103.2:8080").unwrap();
+        d.set_weight("web", "198.18.105.7:80", 3).unwrap();
+        assert!(fs::metadata(&journal).unwrap().len() - before < 400);
+        let again = Desired::load(&config(), d.path().to_owned()).unwrap();
+        assert_eq!(again.services(), d.services());
+    }
+
+    #[test]
     fn a_refused_batch_changes_nothing() {
         let dir = tmp("batch-bad");
         let path = dir.0.join("lb.state.json");
@@ -1642,8 +1810,13 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
         }
     }
 
+    /// Backend `b`; 5 is one of the config's `web` backends.
     fn addr(b: u8) -> String {
-        format!("198.18.105.{b}:80")
+        if b == 5 {
+            "198.18.103.2:8080".into()
+        } else {
+            format!("198.18.105.{b}:80")
+        }
     }
 
     fn run(d: &mut Desired, op: &Op) {

@@ -336,6 +336,13 @@ impl Rig {
     /// Writes service `sid` = VIP:`port`/`proto` whose table holds `members`,
     /// and records it as the one service of each member for the reverse path.
     pub fn service(&mut self, sid: u32, port: u16, proto: u8, members: &[u32]) {
+        self.service_at(sid, VIP, port, proto, members);
+    }
+
+    /// Writes service `sid` = `vip`:`port`/`proto` whose table holds
+    /// `members`, and adds it to each member's services for the reverse
+    /// path.
+    pub fn service_at(&mut self, sid: u32, vip: [u8; 4], port: u16, proto: u8, members: &[u32]) {
         for &id in members {
             let b = self
                 .dp
@@ -352,7 +359,7 @@ impl Rig {
             // Add this service to the backend's list, as the reconcile loop does.
             let mut rev: RevNat = self.dp.maps.rev_nat.get(&key, 0).unwrap_or_default();
             let i = rev.count as usize;
-            rev.vip[i] = u32::from_ne_bytes(VIP);
+            rev.vip[i] = u32::from_ne_bytes(vip);
             rev.vport[i] = port.to_be();
             rev.count += 1;
             self.dp
@@ -385,7 +392,7 @@ impl Rig {
             flags: 0,
         };
         // Let the VIP's packets past the early filter, as the reconciler does.
-        let bit = lb_common::vip_filter_bit(u32::from_ne_bytes(VIP));
+        let bit = lb_common::vip_filter_bit(u32::from_ne_bytes(vip));
         let word = self
             .dp
             .maps
@@ -400,7 +407,7 @@ impl Rig {
         self.dp
             .maps
             .services
-            .insert(ServiceKey::new(VIP, port, proto), value, 0)
+            .insert(ServiceKey::new(vip, port, proto), value, 0)
             .expect("service written");
     }
 

@@ -458,7 +458,212 @@ fn reversed(input: &[u8], out: &[u8], model: &Model) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use lb_harness::packets::{BACKENDS, BACKEND_MACS, CLIENT_MAC, HOST_MAC, LB_MAC, VIP};
+
     use super::*;
+    use crate::wire::{ethernet, push_ipv4, tcp, Ipv4Spec, TCP};
+
+    /// A SYN from the client's port 40000, built whole (checksums from
+    /// scratch) with these MACs, destination and TTL.
+    fn syn(macs: ([u8; 6], [u8; 6]), dst: ([u8; 4], u16), ttl: u8) -> Vec<u8> {
+        segment(macs, ([198, 18, 100, 2], 40000), dst, ttl)
+    }
+
+    /// A TCP segment built whole, from `src` to `dst`.
+    fn segment(
+        macs: ([u8; 6], [u8; 6]),
+        src: ([u8; 4], u16),
+        dst: ([u8; 4], u16),
+        ttl: u8,
+    ) -> Vec<u8> {
+        let mut f = ethernet(macs.0, macs.1, &[], ETH_IPV4);
+        let ip = Ipv4Spec {
+            tos: 0,
+            id: 1,
+            frag: 0x4000,
+            ttl,
+            proto: TCP,
+            src: src.0,
+            dst: dst.0,
+            options: vec![1, 1, 1, 0],
+        };
+        push_ipv4(
+            &mut f,
+            &ip,
+            &tcp(src.1, dst.1, 7, 0, 0x02, &[2, 4, 5, 0xb4], b"hi"),
+            true,
+        );
+        f
+    }
+
+    fn run(action: u32, output: Vec<u8>) -> Result<Run, String> {
+        Ok(Run {
+            action,
+            output,
+            duration: Duration::ZERO,
+        })
+    }
+
+    /// The client's SYN to service 0, and that SYN as backend `i` must get it.
+    fn forward_pair(i: usize) -> (Vec<u8>, Vec<u8>) {
+        (
+            syn((LB_MAC, CLIENT_MAC), (VIP, 80), 64),
+            syn((BACKEND_MACS[i], HOST_MAC), (BACKENDS[i], 8080), 64),
+        )
+    }
+
+    fn forward(input: &[u8], output: Vec<u8>, model: &mut Model) -> Result<Option<u32>, String> {
+        let want = expect(Prog::Xdp, input, model);
+        assert_eq!(want, Expect::Forward(0));
+        check(
+            Prog::Xdp,
+            input,
+            want,
+            run(XDP_REDIRECT, output),
+            model,
+            true,
+        )
+    }
+
+    #[test]
+    fn a_right_rewrite_passes_and_records_its_flow() {
+        let (input, output) = forward_pair(1);
+        let mut model = Model::default();
+        assert_eq!(forward(&input, output, &mut model), Ok(Some(stat::FWD_XDP)));
+        let Class::Ipv4(p) = classify(&input) else {
+            panic!()
+        };
+        assert_eq!(model.flow(&key_of(&p)).map(|r| r.backend), Some(1));
+    }
+
+    #[test]
+    fn each_wrong_rewrite_is_caught() {
+        let (input, good) = forward_pair(0);
+        let l3 = 14;
+        let l4 = l3 + 24;
+        let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
+        // The TTL decremented, with the header checksum made right again.
+        cases.push((
+            "ttl",
+            syn((BACKEND_MACS[0], HOST_MAC), (BACKENDS[0], 8080), 63),
+            "byte 22 changed",
+        ));
+        let mut c = good.clone();
+        c[l3 + 10] ^= 1;
+        cases.push(("ip checksum", c, "IPv4 header checksum"));
+        let mut c = good.clone();
+        c[l4 + 17] = c[l4 + 17].wrapping_add(1);
+        cases.push(("tcp checksum", c, "L4 checksum"));
+        cases.push((
+            "port",
+            syn((BACKEND_MACS[0], HOST_MAC), (BACKENDS[0], 8081), 64),
+            "not a backend of service 0",
+        ));
+        cases.push((
+            "macs",
+            syn((BACKEND_MACS[1], HOST_MAC), (BACKENDS[0], 8080), 64),
+            "not backend 0's",
+        ));
+        let mut c = good.clone();
+        c.push(0);
+        cases.push(("length", c, "64 expected"));
+        for (name, out, says) in cases {
+            let e = forward(&input, out, &mut Model::default()).expect_err(name);
+            assert!(e.contains(says), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_flow_that_moves_is_caught() {
+        let mut model = Model::default();
+        let (input, on_0) = forward_pair(0);
+        forward(&input, on_0, &mut model).unwrap();
+        let (_, on_1) = forward_pair(1);
+        let e = forward(&input, on_1, &mut model).unwrap_err();
+        assert!(e.contains("moved from backend 0 to backend 1"), "{e}");
+    }
+
+    #[test]
+    fn a_changed_pass_and_a_wrong_action_are_caught() {
+        let input = syn((LB_MAC, CLIENT_MAC), ([198, 18, 101, 9], 80), 64);
+        let want = expect(Prog::Tc, &input, &Model::default());
+        assert_eq!(want, Expect::Pass(stat::PASS_NO_SERVICE));
+        let mut model = Model::default();
+        assert_eq!(
+            check(
+                Prog::Tc,
+                &input,
+                want,
+                run(TC_ACT_OK, input.clone()),
+                &mut model,
+                true
+            ),
+            Ok(Some(stat::PASS_NO_SERVICE))
+        );
+        let mut changed = input.clone();
+        changed[0] ^= 1;
+        let e = check(
+            Prog::Tc,
+            &input,
+            want,
+            run(TC_ACT_OK, changed),
+            &mut model,
+            true,
+        )
+        .unwrap_err();
+        assert!(e.contains("a passed frame changed"), "{e}");
+        let e = check(
+            Prog::Tc,
+            &input,
+            want,
+            run(TC_ACT_SHOT, input.clone()),
+            &mut model,
+            true,
+        )
+        .unwrap_err();
+        assert!(e.contains("got action 2"), "{e}");
+        let e = check(
+            Prog::Tc,
+            &input,
+            want,
+            Err("EINVAL".into()),
+            &mut model,
+            true,
+        )
+        .unwrap_err();
+        assert!(e.contains("the test run failed"), "{e}");
+    }
+
+    #[test]
+    fn a_reply_reversed_without_its_flow_is_caught() {
+        // Backend 0's SYN-ACK to the client, rewritten as service 0's.
+        let reply = segment(
+            (HOST_MAC, BACKEND_MACS[0]),
+            (BACKENDS[0], 8080),
+            ([198, 18, 100, 2], 40000),
+            64,
+        );
+        let mut model = Model::default();
+        assert_eq!(
+            expect(Prog::Tc, &reply, &model),
+            Expect::Pass(stat::PASS_NO_FLOW)
+        );
+        let e = check(
+            Prog::Tc,
+            &reply,
+            Expect::Reverse(0),
+            run(TC_ACT_REDIRECT, reply.clone()),
+            &mut model,
+            true,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("not a service of its backend") || e.contains("no flow"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn outcomes_read_back_as_written() {

@@ -368,23 +368,7 @@ impl Rig {
                 .insert(key, rev, 0)
                 .expect("rev nat written");
         }
-        let members: Vec<MaglevBackend> = members
-            .iter()
-            .map(|&id| MaglevBackend {
-                key: u64::from(id) + 1,
-                id,
-                weight: 1,
-            })
-            .collect();
-        let table = maglev::build(&members, TABLE).expect("table builds");
-        let base = sid * 2 * TABLE;
-        for (i, slot) in table.iter().enumerate() {
-            self.dp
-                .maps
-                .maglev
-                .set(base + i as u32, slot, 0)
-                .expect("slot written");
-        }
+        let base = self.table(sid, members);
         let value = ServiceValue {
             id: sid,
             table_base: base,
@@ -409,6 +393,30 @@ impl Rig {
             .services
             .insert(ServiceKey::new(vip, port, proto), value, 0)
             .expect("service written");
+    }
+
+    /// Writes service `sid`'s Maglev table (its first copy) over
+    /// `members`, as the reconciler does when they change; returns the
+    /// table's first slot.
+    pub fn table(&mut self, sid: u32, members: &[u32]) -> u32 {
+        let members: Vec<MaglevBackend> = members
+            .iter()
+            .map(|&id| MaglevBackend {
+                key: u64::from(id) + 1,
+                id,
+                weight: 1,
+            })
+            .collect();
+        let table = maglev::build(&members, TABLE).expect("table builds");
+        let base = sid * 2 * TABLE;
+        for (i, slot) in table.iter().enumerate() {
+            self.dp
+                .maps
+                .maglev
+                .set(base + i as u32, slot, 0)
+                .expect("slot written");
+        }
+        base
     }
 
     /// Service 0 = TCP VIP:80 with fixture backends `0..n` on :8080.

@@ -5,13 +5,15 @@
 //! every [`BATCH`] frames: each counter must have moved by exactly the
 //! number of runs that ended in its outcome, so together they add up to
 //! the runs. A frame that breaks an invariant is saved as a fixture
-//! ([`Fixture`]) that [`replay`] runs again.
+//! ([`Fixture`]) that [`replay`] runs again. [`churn`] adds backends that
+//! change state under traffic.
 //!
 //! Needs root (BPF).
 
 #![warn(missing_docs)]
 
 pub mod check;
+pub mod churn;
 pub mod generate;
 pub mod scenario;
 pub mod wire;

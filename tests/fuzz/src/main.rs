@@ -1,6 +1,7 @@
 //! `lb-fuzz`, run by `cargo xtask fuzz`: sends generated frames through
 //! the data path's programs with `BPF_PROG_TEST_RUN` and checks every one
-//! (see the `lb_fuzz` library). Prints the seed first, then the outcome
+//! (see the `lb_fuzz` library), then runs the churn check (backends
+//! changing state under traffic). Prints the seed first, then the outcome
 //! counts and the rate; exits 1 if an invariant broke or the time limit
 //! stopped it, after saving each failing frame as a fixture.
 
@@ -10,7 +11,7 @@ use std::{
 };
 
 use clap::Parser;
-use lb_fuzz::{fixtures_dir, fuzz, Options};
+use lb_fuzz::{churn::churn, fixtures_dir, fuzz, Options};
 
 /// Fuzz the lb data path (needs root).
 #[derive(Parser)]
@@ -28,6 +29,10 @@ struct Args {
     /// Do not save failing frames under tests/fixtures/fuzz.
     #[arg(long)]
     no_save: bool,
+    /// Steps of the churn run (backends changing state under traffic)
+    /// after the frames; 0 for none.
+    #[arg(long, default_value_t = 100_000)]
+    churn_steps: u64,
 }
 
 fn main() -> ExitCode {
@@ -48,9 +53,23 @@ fn main() -> ExitCode {
         save_to: (!args.no_save).then(fixtures_dir),
     });
     print!("{}", report.summary());
-    if report.passed() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+    if !report.passed() {
+        return ExitCode::FAILURE;
+    }
+    if args.churn_steps == 0 {
+        return ExitCode::SUCCESS;
+    }
+    match churn(seed, args.churn_steps) {
+        Ok(c) => {
+            println!(
+                "churn: {} packets, {} backend state changes, {} runs rebalanced, {} dropped with no active backend: every outcome as expected",
+                c.packets, c.changes, c.rebalanced, c.dropped
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("churn FAILED (seed {seed}): {e}");
+            ExitCode::FAILURE
+        }
     }
 }

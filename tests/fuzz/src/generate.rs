@@ -228,7 +228,6 @@ impl Gen {
     }
 
     /// An IPv4 frame, fields recorded for mutation.
-    #[allow(clippy::too_many_arguments)]
     fn ipv4(
         &mut self,
         macs: ([u8; 6], [u8; 6]),

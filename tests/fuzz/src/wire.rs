@@ -206,11 +206,6 @@ pub fn early_dst(f: &[u8]) -> Option<[u8; 4]> {
         .map(|a| a.try_into().expect("4 bytes"))
 }
 
-/// The TCP flags byte of a frame's TCP header, if it is TCP.
-pub fn tcp_flags(f: &[u8], p: &Ipv4Frame) -> Option<u8> {
-    (p.proto == TCP).then(|| f[p.l4 + 13])
-}
-
 /// Ethernet header with `tags` (TPID, TCI) between the MACs and `ethertype`.
 pub fn ethernet(dst: [u8; 6], src: [u8; 6], tags: &[(u16, u16)], ethertype: u16) -> Vec<u8> {
     let mut f = Vec::with_capacity(128);

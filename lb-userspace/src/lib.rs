@@ -10,6 +10,8 @@ pub mod datapath;
 pub mod docker;
 pub mod health;
 pub mod host;
+#[cfg(test)]
+mod inputs;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

@@ -21,7 +21,7 @@ use std::{
 
 use lb::api::types::{BackendInfo, BackendState, Status};
 use lb_harness::{
-    docker_engine::{Container, Engine, RunOpts, IMAGE},
+    docker_engine::{http_name_cmd_draining, Container, Engine, RunOpts, IMAGE},
     http_tally,
     ops::{stop_with_output, with_pin_path, LbCli, PinDir},
     require_root,
@@ -536,19 +536,6 @@ fn with_xdp_forwarding_the_daemon_turns_gro_on_inside_the_container() {
 
 /// The command of a container whose server finishes on SIGTERM, as a
 /// well-behaved one does: it keeps answering for a second, then exits.
-fn serve_until_a_second_after_sigterm() -> Vec<String> {
-    [
-        "sh",
-        "-c",
-        "echo -n $(hostname) > /www/index.html; \
-         httpd -f -p 8080 -h /www & pid=$!; \
-         trap 'sleep 1; kill $pid; exit 0' TERM; \
-         wait $pid",
-    ]
-    .map(str::to_owned)
-    .to_vec()
-}
-
 /// `docker stop` sends SIGTERM first (the engine's `kill` event): the
 /// container is drained at that moment and leaves at `die`, so a server
 /// that finishes its requests on SIGTERM loses none, and replacing every
@@ -564,7 +551,7 @@ fn docker_stop_and_a_rolling_update_fail_no_request() {
     // is not listening yet joins drained ("health: starting") and takes
     // new flows only once it answers.
     let opts = || {
-        labelled().cmd(serve_until_a_second_after_sigterm()).health(
+        labelled().cmd(http_name_cmd_draining()).health(
             "wget -q -O /dev/null http://127.0.0.1:8080/",
             Duration::from_millis(200),
         )

@@ -1,12 +1,21 @@
-//! `cargo xtask demo`: the quick start. Builds, then runs `lb-demo`: a client
-//! namespace, three backends with real servers, `lb` balancing a VIP over
-//! them, 300 requests and how they were spread; everything is removed after.
+//! `cargo xtask demo`: the quick start. Builds, then runs `lb-demo`: with the
+//! Docker engine, containers joining and leaving a service by their labels
+//! while requests are spread over them (`--netns`: network namespaces with
+//! real servers instead); everything is removed after.
 
 use anyhow::bail;
 
 use crate::{build, cmd, setup};
 
-pub fn run() -> anyhow::Result<()> {
+/// `cargo xtask demo`'s options.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Balance over network namespaces instead of Docker containers.
+    #[arg(long)]
+    netns: bool,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
     if !cmd::is_root() {
         bail!("cargo xtask demo must run as root: it loads BPF programs and creates network namespaces");
     }
@@ -21,6 +30,9 @@ pub fn run() -> anyhow::Result<()> {
         "--bin",
         "lb-demo",
     ])?;
+    if args.netns {
+        demo.arg("--").arg("--netns");
+    }
     demo.env("LB_BIN", cmd::lb_bin());
     cmd::run(&mut demo)
 }

@@ -44,9 +44,11 @@ enum Command {
     /// Everything CI runs: setup, build, lint, unit tests, then the kernel
     /// and end-to-end tests (needs root).
     Test(test::Args),
-    /// Build, make a client namespace and three backends, run lb, send
-    /// requests and print how they were spread; cleans up (needs root).
-    Demo,
+    /// Build, run lb with the Docker engine, start containers that join a
+    /// service by their labels, send requests and print how they were
+    /// spread as containers come and go; cleans up (needs root). `--netns`
+    /// balances over network namespaces instead.
+    Demo(demo::Args),
     /// Measure the data path (needs root); writes target/bench/report.{json,md}.
     Bench(bench::Args),
     /// Fuzz the data path: generated frames through both programs with
@@ -61,7 +63,7 @@ fn main() -> ExitCode {
         Command::Build => build::run(),
         Command::Lint => lint::run(),
         Command::Test(args) => test::run(&args),
-        Command::Demo => demo::run(),
+        Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Fuzz(args) => fuzz::run(&args),
     };

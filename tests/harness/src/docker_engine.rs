@@ -222,6 +222,23 @@ pub fn echo_cmd(port: u16) -> Vec<String> {
         .to_vec()
 }
 
+/// The command of an HTTP server on 8080 that answers the container's
+/// name and, on SIGTERM, goes on serving for a second before it exits, as a
+/// real server finishes what it serves (busybox `httpd` itself exits at
+/// once).
+pub fn http_name_cmd_draining() -> Vec<String> {
+    [
+        "sh",
+        "-c",
+        "echo -n $(hostname) > /www/index.html; \
+         httpd -f -p 8080 -h /www & pid=$!; \
+         trap 'sleep 1; kill $pid; exit 0' TERM; \
+         wait $pid",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 /// Panics unless `name` is a valid Docker object name of `kind`.
 fn check_name(kind: &str, name: &str) {
     assert!(

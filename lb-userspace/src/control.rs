@@ -8,11 +8,15 @@
 //! are taken in together: each service's table is rebuilt once for the
 //! batch. A lone event is handled at once, nothing waits for a batch.
 //!
+//! Every change it commits is published to the change log ([`EventLog`])
+//! from here, the one place that knows both what changed and why.
+//!
 //! Reads (counters, flows, status) are answered off this task: the
 //! controller takes a cheap view of the membership and a blocking thread
 //! fills it in through the [`Reader`], so a scrape never holds up a change.
 
 use std::{
+    collections::HashMap,
     net::SocketAddrV4,
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -27,6 +31,7 @@ use crate::{
         ServiceInfo, Stats, Status,
     },
     docker::{DockerSink, DockerUpdate, Tracker},
+    events::{self, Cause, Change, EventKind, EventLog, Marks, Reason},
     health::{HealthSink, HealthUpdater},
     model::{Refusal, RefusalKind},
     reconcile::{Reader, Reconciler, ServiceView},
@@ -166,17 +171,22 @@ pub struct Controller {
     info: DaemonInfo,
     reader: Arc<Reader>,
     health: Option<HealthUpdater>,
+    events: EventLog,
+    /// The services as last published to `events`.
+    marks: Marks,
 }
 
 impl Controller {
     /// Takes over a reconciler that has applied `desired`, whose Docker
-    /// backends `docker` assigned. `reader` answers reads.
+    /// backends `docker` assigned. `reader` answers reads; every change is
+    /// published to `events`.
     pub fn new(
         rec: Reconciler,
         desired: Desired,
         docker: Tracker,
         info: DaemonInfo,
         reader: Reader,
+        events: EventLog,
     ) -> Self {
         Self {
             rec,
@@ -185,6 +195,8 @@ impl Controller {
             info,
             reader: Arc::new(reader),
             health: None,
+            events,
+            marks: Marks::new(),
         }
     }
 
@@ -198,11 +210,20 @@ impl Controller {
     /// Carries out what arrives in `inbox`, re-checks delivery every
     /// [`REFRESH_EVERY`], until `shutdown` completes. Then answers what was
     /// already accepted and gives the reconciler back, for shutdown.
+    ///
+    /// The change log starts with `daemon_started` and the services and
+    /// backends the daemon starts with, and ends with `daemon_stopping`,
+    /// after which it is closed (every stream of it ends).
     pub async fn run(
         mut self,
         mut inbox: mpsc::Receiver<Input>,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Reconciler {
+        self.events.emit(Change {
+            detail: Some(format!("lb {}", env!("CARGO_PKG_VERSION"))),
+            ..Change::new(EventKind::DaemonStarted)
+        });
+        self.publish(None, Reason::Config);
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(REFRESH_EVERY);
         tick.tick().await;
@@ -220,6 +241,7 @@ impl Controller {
                     if let Err(e) = self.rec.refresh().await {
                         warn!(error = %format!("{e:#}"), "refresh failed; retrying at the next tick");
                     }
+                    self.publish(None, Reason::Reachable);
                 }
             }
         }
@@ -229,7 +251,63 @@ impl Controller {
         while let Ok(input) = inbox.try_recv() {
             self.handle_batch(vec![input]).await;
         }
+        self.events.emit(Change::new(EventKind::DaemonStopping));
+        self.events.close();
         self.rec
+    }
+
+    /// Publishes to the change log how the services (all, or the one
+    /// named) differ from what it last published; `default` is the reason
+    /// of a change no more specific rule explains (see [`Cause`]).
+    fn publish(&mut self, service: Option<&str>, default: Reason) {
+        // Docker news is always committed for all services at once (a
+        // health result commits what came before it first).
+        let docker = match service {
+            None => self.docker.take_causes(),
+            Some(_) => HashMap::new(),
+        };
+        let tracker = &self.docker;
+        let after = self.rec.marks(service, |s, addr| {
+            tracker.container(s, addr).map(str::to_owned)
+        });
+        let cause = Cause {
+            default,
+            docker: &docker,
+        };
+        let before = match service {
+            Some(name) => self
+                .marks
+                .get_key_value(name)
+                .map(|(n, m)| (n.clone(), m.clone()))
+                .into_iter()
+                .collect(),
+            None => std::mem::take(&mut self.marks),
+        };
+        for change in events::diff(&before, &after, &cause) {
+            self.events.emit(change);
+        }
+        match service {
+            Some(name) => {
+                self.marks.remove(name);
+                self.marks.extend(after);
+            }
+            None => self.marks = after,
+        }
+    }
+
+    /// Publishes what the Docker engine client says about its connection.
+    fn docker_status(&self, status: &str) {
+        let kind = if status.starts_with("connected") {
+            EventKind::DockerConnected
+        } else if status.starts_with("disconnected") {
+            EventKind::DockerLost
+        } else {
+            return;
+        };
+        self.events.emit(Change {
+            detail: Some(status.to_owned()),
+            ..Change::new(kind)
+        });
     }
 
     /// Handles messages in arrival order. Docker updates and changes that
@@ -244,7 +322,12 @@ impl Controller {
         let mut touched = false;
         for input in batch {
             match input {
-                Input::Docker(update) => docker_changed |= self.docker.update(update),
+                Input::Docker(update) => {
+                    if let DockerUpdate::Status(s) = &update {
+                        self.docker_status(s);
+                    }
+                    docker_changed |= self.docker.update(update);
+                }
                 Input::Call(req, reply) if req.is_change() => changes.push((req, reply)),
                 // A read or a health result: what came before it is
                 // committed first, so it sees it.
@@ -336,6 +419,7 @@ impl Controller {
                 "applying changes failed; retrying at the next change"
             );
         }
+        self.publish(None, Reason::Api);
         for (r, reply) in results.into_iter().zip(replies) {
             let answer = match (r, &saved, &applied) {
                 (Err(e), _, _) => Err(e),
@@ -358,6 +442,7 @@ impl Controller {
         if let Err(e) = self.rec.set_health(service, addr, healthy) {
             warn!(service, backend = %addr, error = %format!("{e:#}"), "applying a health result failed");
         }
+        self.publish(Some(service), Reason::HealthCheck);
     }
 
     async fn apply(&mut self) -> Result<(), Refusal> {

@@ -18,6 +18,7 @@ use crate::{
     control::{Controller, DaemonInfo, Handle},
     datapath::{Datapath, MapSizes},
     docker::{self, DockerUpdate, Session, Tracker},
+    events::EventLog,
     health,
     host::{Host, Link},
     metrics,
@@ -306,16 +307,18 @@ fn serve(
     first: Option<Session>,
 ) -> anyhow::Result<Running> {
     let reader = rec.reader()?;
+    let events = EventLog::default();
     let (handle, inbox) = Handle::new();
     let (stop, stop_rx) = watch::channel(false);
     // Backends start healthy (as the reconciler assumes); checks can only
     // take them out. The controller keeps them in step with the services.
-    let control = Controller::new(rec, desired, tracker, info, reader)
+    let control = Controller::new(rec, desired, tracker, info, reader, events.clone())
         .with_health(health::spawn(handle.clone()));
     let control = tokio::spawn(control.run(inbox, wait_for(stop_rx.clone())));
     let api = tokio::spawn(server::serve(
         listeners.api,
         handle.clone(),
+        events.clone(),
         listeners.api_spec,
         wait_for(stop_rx.clone()),
     ));

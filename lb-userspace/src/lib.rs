@@ -8,6 +8,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod docker;
+pub mod events;
 pub mod health;
 pub mod host;
 pub mod maglev;

@@ -28,6 +28,7 @@ pub use self::{
 use crate::{
     api::types::{InterfaceStatus, MapStatus, ServiceInfo},
     datapath::{Datapath, DatapathError, MapSizes},
+    events::Marks,
     host::{self, Host},
     maglev::MaglevError,
     model::{ServiceSpec, Via},
@@ -131,6 +132,16 @@ impl Reconciler {
     /// Services (all, or one) for the read side; `None` for an unknown name.
     pub fn view(&self, name: Option<&str>) -> Option<Vec<ServiceView>> {
         self.tables.view(name)
+    }
+
+    /// Services (all, or one) as the change log publishes them; `container`
+    /// names the container behind a backend.
+    pub fn marks(
+        &self,
+        name: Option<&str>,
+        container: impl Fn(&str, SocketAddrV4) -> Option<String>,
+    ) -> Marks {
+        self.tables.marks(name, container)
     }
 
     /// Fill levels of the maps (the flow table's for the read side to fill).

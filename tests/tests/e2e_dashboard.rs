@@ -1,0 +1,182 @@
+//! End-to-end test of the dashboard (`lb run --ui`) in a real browser:
+//! Debian's headless chromium driven over WebDriver against a real daemon
+//! in network namespaces. The page shows the services and backends that
+//! exist; a backend added through the API appears without a reload, and
+//! the event log shows its event; every request the page made went to its
+//! own listener; the listener changes nothing and answers loopback host
+//! names only. Run as root, one at a time:
+//! `cargo test -p lb-tests --test e2e_dashboard -- --test-threads=1`.
+
+use std::{io::Read as _, time::Duration};
+
+use lb_harness::{
+    browser::Browser,
+    ops::{free_loopback_port, DaemonFiles},
+    render_config, require_root, ServiceConfig, Topology,
+};
+
+/// How long a change may take to show on the page (the issue asks for two
+/// seconds; the page follows the event stream and re-reads at once).
+const SHOWS_WITHIN: Duration = Duration::from_secs(2);
+
+/// `GET`s or `POST`s `url` with `host` as the Host header; status and body.
+fn http(method: &str, url: &str, host: Option<&str>) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let response = match method {
+        "GET" => {
+            let mut req = agent.get(url);
+            if let Some(h) = host {
+                req = req.header("host", h);
+            }
+            req.call()
+        }
+        _ => agent.post(url).send(""),
+    };
+    let mut response = response.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let mut body = String::new();
+    let _ = response.body_mut().as_reader().read_to_string(&mut body);
+    (response.status().as_u16(), body)
+}
+
+#[test]
+fn the_page_shows_services_backends_and_changes_live() {
+    require_root();
+    let topo = Topology::new("lbw1", 1);
+    let files = DaemonFiles::new(&topo, "ui");
+    let vip = format!("{}:80", topo.vip());
+    let first = format!("{}:8080", topo.backend_addr(0));
+    let added = format!("{}:8081", topo.backend_addr(0));
+    files.write_config(&format!(
+        "{}\n[docker]\nenabled = false\n",
+        render_config(
+            &[&topo.client_host_if()],
+            &[ServiceConfig::new("web", &vip, "tcp", &[first.clone()])]
+        )
+    ));
+    let port = free_loopback_port();
+    let ui = format!("127.0.0.1:{port}");
+    let _daemon = files.start(&["--ui", &ui]);
+    let lb = files.cli();
+    let url = format!("http://{ui}/");
+
+    let browser = Browser::start("lbw1");
+    browser.goto(&url);
+    // The service with its VIP and protocol, and its backend, active.
+    let service = browser
+        .wait_for(
+            "the service web",
+            r#"const r = document.querySelector('#services tr[data-service="web"]');
+               return r ? r.innerText : null"#,
+            Duration::from_secs(10),
+        )
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        service.contains(&vip) && service.contains("tcp") && service.contains("1/1"),
+        "{service}"
+    );
+    let row = browser
+        .wait_for(
+            "the backend",
+            &format!(
+                r#"const r = document.querySelector('#backends tr[data-backend="web|{first}"]');
+                   return r ? r.innerText : null"#
+            ),
+            SHOWS_WITHIN,
+        )
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(row.contains("active") && row.contains("unchecked"), "{row}");
+    // The data path's outcome counters are listed.
+    let outcomes = browser.eval("return document.querySelectorAll('#counters tbody tr').length");
+    assert!(
+        outcomes.as_u64().unwrap_or(0) > 5,
+        "outcome rows: {outcomes}"
+    );
+    // The event log has the daemon's start.
+    browser.wait_for(
+        "the daemon_started event",
+        "return document.querySelector('#events [data-kind=daemon_started]') !== null",
+        SHOWS_WITHIN,
+    );
+
+    // A backend added through the API appears with no reload, and so does
+    // its event.
+    browser.eval("window.lbTestMarker = 42; return true");
+    lb.ok(&["backend", "add", "web", &added]);
+    let row = browser
+        .wait_for(
+            "the added backend",
+            &format!(
+                r#"const r = document.querySelector('#backends tr[data-backend="web|{added}"]');
+                   return r ? r.innerText : null"#
+            ),
+            SHOWS_WITHIN,
+        )
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(row.contains("active"), "{row}");
+    let event = browser
+        .wait_for(
+            "the backend_added event",
+            &format!(
+                r#"const e = [...document.querySelectorAll('#events [data-kind=backend_added]')]
+                     .find((d) => d.innerText.includes('{added}'));
+                   return e ? e.innerText : null"#
+            ),
+            SHOWS_WITHIN,
+        )
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(event.contains("api"), "the event says why: {event}");
+    assert_eq!(
+        browser.eval("return window.lbTestMarker"),
+        42,
+        "the page was not reloaded"
+    );
+
+    // A drain shows as the backend's state.
+    lb.ok(&["backend", "drain", "web", &added]);
+    browser.wait_for(
+        "the drained backend",
+        &format!(
+            r#"const r = document.querySelector('#backends tr[data-backend="web|{added}"] td.state');
+               return r && r.innerText === 'draining'"#
+        ),
+        SHOWS_WITHIN,
+    );
+    browser.wait_for(
+        "live status",
+        "return document.getElementById('livetext').innerText === 'live'",
+        SHOWS_WITHIN,
+    );
+
+    // Every request the page made went to its own listener.
+    let elsewhere = browser.eval(&format!(
+        "return performance.getEntriesByType('resource').map((e) => e.name)\
+           .filter((n) => !n.startsWith('http://{ui}/'))"
+    ));
+    assert_eq!(
+        elsewhere,
+        serde_json::json!([]),
+        "requests that left: {elsewhere}"
+    );
+
+    // Read-only, and loopback host names only.
+    let (status, _) = http("POST", &format!("{url}snapshot"), None);
+    assert_eq!(status, 405, "the page's listener changes nothing");
+    let (status, body) = http("GET", &format!("{url}snapshot"), Some("evil.example"));
+    assert_eq!(status, 421, "{body}");
+    let (status, body) = http("GET", &format!("{url}snapshot"), None);
+    assert_eq!(status, 200, "{body}");
+    let snap: serde_json::Value = serde_json::from_str(&body).expect("a JSON snapshot");
+    assert_eq!(snap["services"][0]["name"], "web");
+}

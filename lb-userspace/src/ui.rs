@@ -11,8 +11,9 @@
 //! Only `GET` is routed: nothing on this listener changes anything. The
 //! page polls `/snapshot` every 2 s (and soon after each change event)
 //! for counters, from which it works out the rates and keeps the last five
-//! minutes of them for its charts; it follows `/events` from the snapshot's
-//! `last_seq`, so no change falls between the two. With 1,000 backends it
+//! minutes of them for its charts; it follows `/events` from the last 500
+//! events before the snapshot's `last_seq`, so its log starts with recent
+//! history and no change falls between the two. With 1,000 backends it
 //! draws one page of 100 table rows at a time.
 //!
 //! A listener on loopback only answers requests whose `Host` is a

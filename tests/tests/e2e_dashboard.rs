@@ -54,7 +54,12 @@ fn the_page_shows_services_backends_and_changes_live() {
         "{}\n[docker]\nenabled = false\n",
         render_config(
             &[&topo.client_host_if()],
-            &[ServiceConfig::new("web", &vip, "tcp", &[first.clone()])]
+            &[ServiceConfig::new(
+                "web",
+                &vip,
+                "tcp",
+                std::slice::from_ref(&first)
+            )]
         )
     ));
     let port = free_loopback_port();

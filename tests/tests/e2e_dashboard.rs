@@ -2,7 +2,8 @@
 //! Debian's headless chromium driven over WebDriver against a real daemon
 //! in network namespaces. The page shows the services and backends that
 //! exist; a backend added through the API appears without a reload, and
-//! the event log shows its event; every request the page made went to its
+//! the event log shows its event; a thousand backends are shown a page of
+//! 100 rows at a time; every request the page made went to its
 //! own listener; the listener changes nothing and answers loopback host
 //! names only. Run as root, one at a time:
 //! `cargo test -p lb-tests --test e2e_dashboard -- --test-threads=1`.
@@ -162,6 +163,30 @@ fn the_page_shows_services_backends_and_changes_live() {
         "live status",
         "return document.getElementById('livetext').innerText === 'live'",
         SHOWS_WITHIN,
+    );
+
+    // A thousand backends more: the table shows them a page at a time.
+    let many: Vec<String> = (0..1_000)
+        .map(|i| format!("{}:{}", topo.backend_addr(0), 20_000 + i))
+        .collect();
+    let mut add = vec!["backend", "add", "web"];
+    add.extend(many.iter().map(String::as_str));
+    lb.ok(&add);
+    browser.wait_for(
+        "1,002 backends on 11 pages",
+        "return document.getElementById('page').innerText.trim() === '1/11 (1002)'",
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        browser.eval("return document.querySelectorAll('#backends tbody tr').length"),
+        100,
+        "one page of rows"
+    );
+    // The log keeps its last 500 lines, all of them additions by now.
+    browser.wait_for(
+        "500 lines of backend_added",
+        "return document.querySelectorAll('#events [data-kind=backend_added]').length === 500",
+        Duration::from_secs(5),
     );
 
     // Every request the page made went to its own listener.

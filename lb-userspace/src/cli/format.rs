@@ -445,14 +445,14 @@ pub fn event(e: &Event) -> String {
     if let Some(d) = &c.detail {
         parts.push(d.clone());
     }
-    format!(
-        "{}  {:>6}  {:<16}  {}\n",
+    let line = format!(
+        "{}  {:>6}  {:<16}  {}",
         e.time,
         e.seq,
         api_name(&c.kind),
         parts.join("  ")
-    )
-    .replace(|ch: char| ch.is_control() && ch != '\n', " ")
+    );
+    line.replace(char::is_control, " ") + "\n"
 }
 
 #[cfg(test)]

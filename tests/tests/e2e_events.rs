@@ -4,7 +4,9 @@
 //! reasons; `--since` resumes; a resume from before the history, and a
 //! client that stops reading while thousands of changes go by, each get a
 //! `gap` line; streams take at most half the API's connections; stopping
-//! the daemon ends every stream with `daemon_stopping`. Run as root, one
+//! the daemon ends every stream with `daemon_stopping`; a container
+//! started, paused, unpaused and killed in a real Docker engine shows as
+//! its backend's events, with its name and the engine's event. Run as root, one
 //! at a time: `cargo test -p lb-tests --test e2e_events -- --test-threads=1`.
 
 use std::{
@@ -15,6 +17,7 @@ use std::{
 
 use lb::api::types::{BackendState, Event, EventKind, Reason};
 use lb_harness::{
+    docker_engine::{docker_ok, echo_cmd, Engine, RunOpts},
     ops::{stop_with_output, DaemonFiles, Follower, LbCli},
     render_config, require_root, Daemon, ServiceConfig, Topology,
 };
@@ -305,4 +308,72 @@ fn gaps_are_reported_and_a_reader_that_never_reads_holds_nothing_up() {
         "a reader that fell behind is told so; it read {} bytes",
         caught_up.len()
     );
+}
+
+#[test]
+fn docker_changes_carry_the_container_and_the_engines_event() {
+    require_root();
+    let engine = Engine::ensure();
+    let topo = Topology::new("lbv3", 1);
+    let files = DaemonFiles::new(&topo, "events-docker");
+    files.write_config(&format!(
+        "[datapath]\nexternal = [\"{}\"]\n\n[docker]\nenabled = true\n\n\
+         [[service]]\nname = \"evweb\"\nvip = \"{}:80\"\n",
+        topo.client_host_if(),
+        topo.vip()
+    ));
+    let _daemon = files.start(&[]);
+    let lb = files.cli();
+    let f = lb.follow(&["events", "--json", "--since", "0"]);
+    wait_kind(&f, EventKind::DockerConnected);
+
+    let c = engine.run(
+        "lbv3-w1",
+        RunOpts::default()
+            .cmd(echo_cmd(8080))
+            .label("lb.service", "evweb")
+            .label("lb.port", "8080"),
+    );
+    let addr = format!("{}:8080", c.ip());
+    let about = |kind: EventKind| {
+        let events = parse(&f.wait_for(
+            &format!("{kind:?} of container lbv3-w1"),
+            SHOWS_WITHIN,
+            |lines| {
+                parse(lines).iter().any(|e| {
+                    e.change.kind == kind && e.change.container.as_deref() == Some("lbv3-w1")
+                })
+            },
+        ));
+        let e = events
+            .into_iter()
+            .rev()
+            .find(|e| e.change.kind == kind)
+            .expect("found above");
+        assert_eq!(e.change.service.as_deref(), Some("evweb"));
+        assert_eq!(e.change.backend.as_ref(), Some(&addr), "{e:?}");
+        e.change.reason
+    };
+    assert_eq!(about(EventKind::BackendAdded), Some(Reason::DockerStart));
+    docker_ok(&["pause", c.name()]);
+    assert_eq!(about(EventKind::BackendDraining), Some(Reason::DockerPause));
+    docker_ok(&["unpause", c.name()]);
+    assert_eq!(about(EventKind::BackendUp), Some(Reason::DockerUnpause));
+    c.kill();
+    // SIGKILL drains it at once and its death removes it; when both reach
+    // the daemon together, the removal alone is published.
+    assert_eq!(about(EventKind::BackendRemoved), Some(Reason::DockerDie));
+    let events = parse(&f.lines());
+    let last_up = events
+        .iter()
+        .rposition(|e| e.change.kind == EventKind::BackendUp)
+        .expect("seen above");
+    for e in &events[last_up + 1..] {
+        match e.change.kind {
+            EventKind::BackendDraining => assert_eq!(e.change.reason, Some(Reason::DockerKill)),
+            EventKind::BackendRemoved => {}
+            other => panic!("unexpected {other:?} after the kill: {e:?}"),
+        }
+    }
+    assert_numbered_from(&events, 1);
 }

@@ -5,15 +5,17 @@
 //! the event log shows its event; a thousand backends are shown a page of
 //! 100 rows at a time; every request the page made went to its
 //! own listener; the listener changes nothing and answers loopback host
-//! names only. Run as root, one at a time:
+//! names only. A busy `--ui` port stops `lb run` with one clear line
+//! before anything is attached. Run as root, one at a time:
 //! `cargo test -p lb-tests --test e2e_dashboard -- --test-threads=1`.
 
 use std::{io::Read as _, time::Duration};
 
 use lb_harness::{
     browser::Browser,
+    lb_binary,
     ops::{free_loopback_port, DaemonFiles},
-    render_config, require_root, ServiceConfig, Topology,
+    output_with_timeout, render_config, require_root, ServiceConfig, Topology,
 };
 
 /// How long a change may take to show on the page (the issue asks for two
@@ -209,4 +211,58 @@ fn the_page_shows_services_backends_and_changes_live() {
     assert_eq!(status, 200, "{body}");
     let snap: serde_json::Value = serde_json::from_str(&body).expect("a JSON snapshot");
     assert_eq!(snap["services"][0]["name"], "web");
+}
+
+#[test]
+fn a_busy_ui_port_stops_lb_run_before_anything_is_attached() {
+    require_root();
+    let topo = Topology::new("lbw2", 1);
+    let files = DaemonFiles::new(&topo, "ui-busy");
+    files.write_config(&format!(
+        "{}\n[docker]\nenabled = false\n",
+        render_config(&[&topo.client_host_if()], &[])
+    ));
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let addr = busy.local_addr().expect("its address").to_string();
+    let s = |p: &std::path::Path| p.to_str().expect("UTF-8 path").to_owned();
+    let out = output_with_timeout(
+        std::process::Command::new(lb_binary()).args([
+            "run",
+            "--config",
+            &s(&files.config),
+            "--state",
+            &s(&files.state),
+            "--socket",
+            &s(&files.socket),
+            "--ui",
+            &addr,
+        ]),
+        Duration::from_secs(30),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("error: binding --ui {addr}: ")) && stderr.contains("in use"),
+        "one line naming the option and the cause: {stderr}"
+    );
+    assert!(
+        !files.pins.exists(),
+        "nothing was loaded or pinned: {:?}",
+        files.pins.listing()
+    );
+    let bad = output_with_timeout(
+        std::process::Command::new(lb_binary()).args([
+            "run",
+            "--config",
+            &s(&files.config),
+            "--ui",
+            "localhost:http",
+        ]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "an address that is no IP:PORT is a usage error"
+    );
 }

@@ -34,8 +34,9 @@ struct Events {
 }
 
 impl Events {
-    /// With `[api] max_connections`: streams may take half of them.
-    fn start(prefix: &str, max_connections: usize) -> Events {
+    /// With `[api] max_connections` (streams may take half of them) and
+    /// `request_timeout_ms`.
+    fn start(prefix: &str, max_connections: usize, request_timeout_ms: u64) -> Events {
         let topo = Topology::new(prefix, 1);
         let files = DaemonFiles::new(&topo, "events");
         let web = ServiceConfig::new(
@@ -45,7 +46,8 @@ impl Events {
             &[format!("{}:8080", topo.backend_addr(0))],
         );
         files.write_config(&format!(
-            "{}\n[api]\nmax_connections = {max_connections}\n\n[docker]\nenabled = false\n",
+            "{}\n[api]\nmax_connections = {max_connections}\nrequest_timeout_ms = {request_timeout_ms}\n\n\
+             [docker]\nenabled = false\n",
             render_config(&[&topo.client_host_if()], &[web]),
         ));
         Events {
@@ -98,7 +100,7 @@ fn assert_numbered_from(events: &[Event], first: u64) {
 #[test]
 fn api_changes_stream_in_order_and_resume_with_since() {
     require_root();
-    let mut ev = Events::start("lbv1", 64);
+    let mut ev = Events::start("lbv1", 64, 10_000);
     let lb = ev.cli();
     let all = lb.follow(&["events", "--json", "--since", "0"]);
     let web = ev.backend(8080);
@@ -242,13 +244,15 @@ fn read_until(s: &mut UnixStream, want: &str, timeout: Duration) -> String {
 #[test]
 fn gaps_are_reported_and_a_reader_that_never_reads_holds_nothing_up() {
     require_root();
-    // Three event streams at most.
-    let ev = Events::start("lbv2", 6);
+    // Three event streams at most; a request must be sent within 300 ms,
+    // which does not limit how long a response (a stream) lasts.
+    let ev = Events::start("lbv2", 6, 300);
     let lb = ev.cli();
     let socket = ev.files.socket.clone();
 
     // A client that asks for everything and then never reads.
     let mut stalled = get(&socket, "/v1/events?since=0");
+    std::thread::sleep(Duration::from_secs(1));
 
     // More changes than the history keeps (4096) plus what the stalled
     // client's socket and the server's buffers hold (a few hundred KiB,

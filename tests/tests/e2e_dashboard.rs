@@ -5,8 +5,9 @@
 //! the event log shows its event; a thousand backends are shown a page of
 //! 100 rows at a time; every request the page made went to its
 //! own listener; the listener changes nothing and answers loopback host
-//! names only. A busy `--ui` port stops `lb run` with one clear line
-//! before anything is attached. Run as root, one at a time:
+//! names only. A screenshot is saved as `target/dashboard.png`. A busy
+//! `--ui` port stops `lb run` with one clear line before anything is
+//! attached. Run as root, one at a time:
 //! `cargo test -p lb-tests --test e2e_dashboard -- --test-threads=1`.
 
 use std::{io::Read as _, time::Duration};
@@ -190,6 +191,12 @@ fn the_page_shows_services_backends_and_changes_live() {
         "return document.querySelectorAll('#events [data-kind=backend_added]').length === 500",
         Duration::from_secs(5),
     );
+
+    // For the README and for a look: target/dashboard.png.
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the workspace");
+    browser.screenshot(&workspace.join("target/dashboard.png"));
 
     // Every request the page made went to its own listener.
     let elsewhere = browser.eval(&format!(

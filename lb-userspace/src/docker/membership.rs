@@ -419,8 +419,10 @@ pub struct Tracker {
     skipped: BTreeSet<String>,
     /// Who serves what now, by (container id, service).
     serving: BTreeMap<(String, String), Serving>,
-    /// The container behind each (service, backend address).
-    names: BTreeMap<(String, SocketAddrV4), String>,
+    /// The container behind each backend, by service then address (the
+    /// change log looks up every backend at every commit, so a lookup
+    /// allocates nothing).
+    names: HashMap<String, HashMap<SocketAddrV4, String>>,
     /// The Docker event behind each container's latest change since the
     /// change log last took them, by container name.
     causes: HashMap<String, Reason>,
@@ -464,7 +466,7 @@ impl Tracker {
             reported: BTreeSet::new(),
             skipped: BTreeSet::new(),
             serving: BTreeMap::new(),
-            names: BTreeMap::new(),
+            names: HashMap::new(),
             causes: HashMap::new(),
         }
     }
@@ -635,10 +637,13 @@ impl Tracker {
         self.log_changes(&serving, &declared);
         self.serving = serving;
         self.gone.clear();
-        self.names = kept
-            .iter()
-            .map(|m| ((m.service.clone(), m.backend.addr), m.container.clone()))
-            .collect();
+        self.names.clear();
+        for m in &kept {
+            self.names
+                .entry(m.service.clone())
+                .or_default()
+                .insert(m.backend.addr, m.container.clone());
+        }
         let mut backends: BTreeMap<String, Vec<BackendSpec>> = BTreeMap::new();
         for m in kept {
             backends.entry(m.service).or_default().push(m.backend);
@@ -718,9 +723,7 @@ impl Tracker {
 
     /// The container behind `service`'s backend `addr`, if it is one.
     pub fn container(&self, service: &str, addr: SocketAddrV4) -> Option<&str> {
-        self.names
-            .get(&(service.to_owned(), addr))
-            .map(String::as_str)
+        self.names.get(service)?.get(&addr).map(String::as_str)
     }
 }
 

@@ -182,6 +182,17 @@ impl Browser {
         )
     }
 
+    /// Saves a PNG of the window to `path`.
+    pub fn screenshot(&self, path: &Path) {
+        let encoded = self.call("GET", &self.session_path("/screenshot"), None);
+        let png = base64_decode(encoded.as_str().unwrap_or_default())
+            .unwrap_or_else(|| panic!("the screenshot is not base64: {encoded}"));
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        }
+        std::fs::write(path, png).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+
     /// Evaluates `script` until it returns something other than `null`,
     /// `false`, `0` or `""`, and returns that; panics after `timeout` with
     /// the page's text.
@@ -226,6 +237,34 @@ impl Drop for Browser {
     }
 }
 
+/// Standard base64 (RFC 4648, padded, no line breaks) to bytes.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let bytes = text.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= u32::from(value(c)?) << (18 - 6 * i);
+        }
+        let got = match chunk.len() {
+            4 => 3,
+            3 => 2,
+            2 => 1,
+            _ => return None,
+        };
+        out.extend_from_slice(&n.to_be_bytes()[1..1 + got]);
+    }
+    Some(out)
+}
+
 /// Processes one of whose arguments is exactly `arg`.
 fn processes_with_arg(arg: &str) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -238,4 +277,20 @@ fn processes_with_arg(arg: &str) -> Vec<i32> {
                 .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == arg.as_bytes()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::base64_decode;
+
+    #[test]
+    fn base64_decodes_every_padding() {
+        assert_eq!(base64_decode("").unwrap(), b"");
+        assert_eq!(base64_decode("Zg==").unwrap(), b"f");
+        assert_eq!(base64_decode("Zm8=").unwrap(), b"fo");
+        assert_eq!(base64_decode("Zm9v").unwrap(), b"foo");
+        assert_eq!(base64_decode("Zm9vYmFy").unwrap(), b"foobar");
+        assert_eq!(base64_decode("/+8=").unwrap(), [0xff, 0xef]);
+        assert!(base64_decode("Zm9v!").is_none());
+    }
 }

@@ -16,7 +16,7 @@
 //! fills it in through the [`Reader`], so a scrape never holds up a change.
 
 use std::{
-    collections::HashMap,
+    collections::BTreeSet,
     net::SocketAddrV4,
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -256,43 +256,30 @@ impl Controller {
         self.rec
     }
 
-    /// Publishes to the change log how the services (all, or the one
+    /// Publishes to the change log how the services (all, or those
     /// named) differ from what it last published; `default` is the reason
     /// of a change no more specific rule explains (see [`Cause`]).
-    fn publish(&mut self, service: Option<&str>, default: Reason) {
-        // Docker news is always committed for all services at once (a
-        // health result commits what came before it first).
-        let docker = match service {
-            None => self.docker.take_causes(),
-            Some(_) => HashMap::new(),
-        };
+    fn publish(&mut self, services: Option<&BTreeSet<String>>, default: Reason) {
+        let docker = self.docker.take_causes();
         let tracker = &self.docker;
-        let after = self.rec.marks(service, |s, addr| {
+        let after = self.rec.marks(services, |s, addr| {
             tracker.container(s, addr).map(str::to_owned)
         });
         let cause = Cause {
             default,
             docker: &docker,
         };
-        let before = match service {
-            Some(name) => self
-                .marks
-                .get_key_value(name)
-                .map(|(n, m)| (n.clone(), m.clone()))
-                .into_iter()
+        let before = match services {
+            Some(names) => names
+                .iter()
+                .filter_map(|n| self.marks.remove_entry(n.as_str()))
                 .collect(),
             None => std::mem::take(&mut self.marks),
         };
         for change in events::diff(&before, &after, &cause) {
             self.events.emit(change);
         }
-        match service {
-            Some(name) => {
-                self.marks.remove(name);
-                self.marks.extend(after);
-            }
-            None => self.marks = after,
-        }
+        self.marks.extend(after);
     }
 
     /// Publishes what the Docker engine client says about its connection.
@@ -419,7 +406,16 @@ impl Controller {
                 "applying changes failed; retrying at the next change"
             );
         }
-        self.publish(None, Reason::Api);
+        // Only the services the calls name changed, unless Docker's
+        // membership was worked out again: then any may have.
+        let named = (!membership).then(|| {
+            requests
+                .iter()
+                .filter_map(Request::service)
+                .map(str::to_owned)
+                .collect()
+        });
+        self.publish(named.as_ref(), Reason::Api);
         for (r, reply) in results.into_iter().zip(replies) {
             let answer = match (r, &saved, &applied) {
                 (Err(e), _, _) => Err(e),
@@ -442,7 +438,10 @@ impl Controller {
         if let Err(e) = self.rec.set_health(service, addr, healthy) {
             warn!(service, backend = %addr, error = %format!("{e:#}"), "applying a health result failed");
         }
-        self.publish(Some(service), Reason::HealthCheck);
+        self.publish(
+            Some(&BTreeSet::from([service.to_owned()])),
+            Reason::HealthCheck,
+        );
     }
 
     async fn apply(&mut self) -> Result<(), Refusal> {
@@ -622,6 +621,23 @@ struct Staged {
 }
 
 impl Request {
+    /// The service a change is about (none for a read of all of them).
+    fn service(&self) -> Option<&str> {
+        match self {
+            Request::AddService(new) => Some(&new.name),
+            Request::RemoveService(name)
+            | Request::ListBackends(name)
+            | Request::AddBackends(name, _)
+            | Request::SetBackends(name, _)
+            | Request::RemoveBackend(name, _)
+            | Request::DrainBackend(name, _)
+            | Request::UndrainBackend(name, _)
+            | Request::SetWeight(name, _, _) => Some(name),
+            Request::Stats(name) => name.as_deref(),
+            Request::ListServices | Request::Status => None,
+        }
+    }
+
     /// Whether it changes the desired state (else it only reads).
     fn is_change(&self) -> bool {
         !matches!(

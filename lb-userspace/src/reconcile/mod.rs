@@ -134,14 +134,14 @@ impl Reconciler {
         self.tables.view(name)
     }
 
-    /// Services (all, or one) as the change log publishes them; `container`
-    /// names the container behind a backend.
+    /// Services (all, or those named) as the change log publishes them;
+    /// `container` names the container behind a backend.
     pub fn marks(
         &self,
-        name: Option<&str>,
+        names: Option<&BTreeSet<String>>,
         container: impl Fn(&str, SocketAddrV4) -> Option<String>,
     ) -> Marks {
-        self.tables.marks(name, container)
+        self.tables.marks(names, container)
     }
 
     /// Fill levels of the maps (the flow table's for the read side to fill).

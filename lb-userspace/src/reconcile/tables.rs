@@ -846,12 +846,12 @@ impl Tables {
         (name.is_none() || !views.is_empty()).then_some(views)
     }
 
-    /// Every service (or the one named) as the change log publishes it:
+    /// Every service (or those named) as the change log publishes it:
     /// each backend's state and weight, the container `container` names
     /// behind it, and why it is down when it is.
     pub fn marks(
         &self,
-        name: Option<&str>,
+        names: Option<&BTreeSet<String>>,
         container: impl Fn(&str, SocketAddrV4) -> Option<String>,
     ) -> Marks {
         let mark = |st: &ServiceState| ServiceMark {
@@ -878,12 +878,11 @@ impl Tables {
                 })
                 .collect(),
         };
-        match name {
-            Some(n) => self
-                .services
-                .get_key_value(n)
+        match names {
+            Some(names) => names
+                .iter()
+                .filter_map(|n| self.services.get_key_value(n))
                 .map(|(n, st)| (n.clone(), mark(st)))
-                .into_iter()
                 .collect(),
             None => self
                 .services

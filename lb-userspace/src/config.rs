@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::{
     api::access::Access,
     maglev::{is_prime, MAX_TABLE_SIZE},
-    model::{image_rule, service_spec, BackendSpec, HealthCheck, Protocol, ServiceSpec},
+    model::{image_rule, one_line, service_spec, BackendSpec, HealthCheck, Protocol, ServiceSpec},
 };
 
 /// Why a config file was refused. Each renders as one line.
@@ -237,16 +237,13 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.to_owned(),
-            line: e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
-                .unwrap_or(1),
-            message: e.message().replace('\n', " "),
+            line: e.span().map_or(1, |s| line_of(text, s.start)),
+            message: one_line(e.message()),
         })?;
         let invalid = |field: String, reason: String| ConfigError::Invalid {
             path: path.to_owned(),
-            field,
-            reason,
+            field: one_line(&field),
+            reason: one_line(&reason),
         };
 
         let d = raw.datapath;
@@ -279,7 +276,8 @@ impl Config {
             Some(v) => Ok(v),
             None => Ok(default),
         };
-        let max_table_size = positive(d.max_table_size, defaults::TABLE_SIZE, "max_table_size")?;
+        let max_table_size =
+            positive(d.max_table_size, defaults::MAX_TABLE_SIZE, "max_table_size")?;
         if max_table_size > MAX_TABLE_SIZE {
             return Err(invalid(
                 "datapath.max_table_size".into(),
@@ -471,6 +469,13 @@ impl Config {
     }
 }
 
+/// The 1-based line of byte `offset` of `text`: one more than the line
+/// breaks before it.
+fn line_of(text: &str, offset: usize) -> usize {
+    let before = text.get(..offset).unwrap_or(text);
+    before.matches('\n').count() + 1
+}
+
 /// A group named in the config: a number is a gid, anything else a group
 /// name looked up in the system's group database.
 fn gid_of(name: &str) -> Result<u32, String> {
@@ -545,7 +550,10 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080@2"]   # ip:port, optional @w
 
     fn err(text: &str) -> String {
         let e = parse(text).expect_err("must be refused").to_string();
-        assert!(!e.contains('\n'), "error must be one line: {e}");
+        assert!(
+            !e.contains(['\n', '\r', '\u{2028}', '\u{2029}']),
+            "error must be one line: {e:?}"
+        );
         e
     }
 
@@ -558,7 +566,11 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080@2"]   # ip:port, optional @w
         assert_eq!(s.name, "web");
         assert_eq!(s.vip, "198.18.101.1:80".parse().unwrap());
         assert_eq!(s.protocol, Protocol::Tcp);
-        assert_eq!(s.table_size, 65_537);
+        assert_eq!(s.table_size, 16_381, "the default table size");
+        assert_eq!(
+            c.datapath.max_table_size, 65_537,
+            "room for 65,537 if asked"
+        );
         assert_eq!(s.backends[0].weight, 1);
         assert_eq!(s.backends[1].weight, 2);
         assert_eq!(s.backends[1].addr, "198.18.104.2:8080".parse().unwrap());
@@ -658,9 +670,183 @@ target_port = 8080
     }
 
     #[test]
+    fn an_error_at_the_start_of_a_line_names_that_line() {
+        // The unknown field is the first thing on line 3, not on line 2.
+        let e = err("[datapath]\nexternal = [\"eth1\"]\ncolour = 1\n");
+        assert!(e.starts_with("lb.toml:3: unknown field `colour`"), "{e}");
+        let e = err("colour = 1\n");
+        assert!(e.starts_with("lb.toml:1: "), "{e}");
+        assert_eq!(line_of("a\nb", 2), 2);
+        assert_eq!(line_of("a\nb", 1), 1);
+        assert_eq!(line_of("", 0), 1);
+    }
+
+    #[test]
+    fn text_quoted_from_the_file_stays_on_one_line() {
+        // toml quotes an unknown key as it is, line breaks and all.
+        for key in ["\"\\r\"", "\"a\\nb\"", "\"\\u2028\""] {
+            let e = err(&format!("{GOOD}{key} = 1\n"));
+            assert!(e.contains("unknown field"), "{e}");
+        }
+        let e = err(&GOOD.replace("\"tcp\"", "\"t\\ncp\""));
+        assert!(e.contains(r#"t\ncp"#), "escaped, not dropped: {e}");
+    }
+
+    #[test]
     fn backend_spec_round_trips() {
         for s in ["198.18.103.2:8080", "198.18.103.2:8080@7"] {
             assert_eq!(s.parse::<BackendSpec>().unwrap().to_string(), s);
+        }
+    }
+
+    mod properties {
+        use proptest::{collection::vec, prelude::*, sample::select};
+
+        use super::parse;
+        use crate::inputs::{one_clear_line, text};
+
+        /// A config using every section and field.
+        const FULL: &str = r#"[datapath]
+external = ["eth1", "eth2"]
+mode = "xdp"
+max_services = 16
+max_backends = 256
+max_table_size = 251
+flow_table_size = 4096
+pin_path = "/sys/fs/bpf/lb-test"
+
+[docker]
+enabled = true
+host = "unix:///run/docker.sock"
+
+[api]
+admin_group = "0"
+read_group = "4002"
+max_connections = 8
+request_timeout_ms = 2500
+
+[[service]]
+name = "web"
+vip = "198.18.101.1:80"
+protocol = "tcp"
+backends = ["198.18.103.2:8080", "198.18.104.2:8080@2"]
+table_size = 251
+health = { interval_ms = 1000, timeout_ms = 500, rise = 2, fall = 3 }
+
+[[service]]
+name = "dns"
+vip = "198.18.101.2:53"
+protocol = "udp"
+image = "web:1"
+target_port = 8080
+"#;
+
+        /// A TOML string holding `s`, escaped as TOML needs.
+        fn quoted(s: &str) -> String {
+            toml::Value::String(s.to_owned()).to_string()
+        }
+
+        /// Any TOML value, or raw text where one goes.
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                text().prop_map(|t| quoted(&t)),
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<f64>().prop_map(|n| format!("{n:?}")),
+                any::<bool>().prop_map(|b| b.to_string()),
+                vec(text(), 0..3).prop_map(|v| {
+                    let items: Vec<String> = v.iter().map(|t| quoted(t)).collect();
+                    format!("[{}]", items.join(", "))
+                }),
+                (text(), text()).prop_map(|(k, v)| format!(
+                    "{{ {} = {} }}",
+                    quoted(&k),
+                    quoted(&v)
+                )),
+                text(),
+            ]
+        }
+
+        /// One change to [`FULL`], line `line` (wrapped to its length).
+        #[derive(Clone, Debug)]
+        enum Mutation {
+            Value(usize, String),
+            Key(usize, String),
+            Remove(usize),
+            Repeat(usize),
+            Insert(usize, String),
+        }
+
+        fn mutation() -> impl Strategy<Value = Mutation> {
+            let line = 0..FULL.lines().count();
+            prop_oneof![
+                4 => (line.clone(), value()).prop_map(|(i, v)| Mutation::Value(i, v)),
+                2 => (line.clone(), text()).prop_map(|(i, k)| Mutation::Key(i, k)),
+                1 => line.clone().prop_map(Mutation::Remove),
+                1 => line.clone().prop_map(Mutation::Repeat),
+                1 => (line, text()).prop_map(|(i, t)| Mutation::Insert(i, t)),
+            ]
+        }
+
+        fn mutated(m: &Mutation) -> String {
+            let mut lines: Vec<String> = FULL.lines().map(String::from).collect();
+            match m {
+                Mutation::Value(i, v) => {
+                    if let Some((k, _)) = lines[*i].split_once(" = ") {
+                        lines[*i] = format!("{k} = {v}");
+                    }
+                }
+                Mutation::Key(i, k) => {
+                    let l = &lines[*i];
+                    lines[*i] = match l.split_once(" = ") {
+                        Some((_, v)) => format!("{} = {v}", quoted(k)),
+                        None if l.starts_with("[[") => format!("[[{}]]", quoted(k)),
+                        None if l.starts_with('[') => format!("[{}]", quoted(k)),
+                        None => l.clone(),
+                    };
+                }
+                Mutation::Remove(i) => {
+                    lines.remove(*i);
+                }
+                Mutation::Repeat(i) => {
+                    let l = lines[*i].clone();
+                    lines.insert(*i, l);
+                }
+                Mutation::Insert(i, t) => lines.insert(*i, t.clone()),
+            }
+            lines.join("\n")
+        }
+
+        fn taken_or_one_line(text: &str) -> Result<(), TestCaseError> {
+            match parse(text) {
+                Ok(_) => Ok(()),
+                Err(e) => one_clear_line("config", &e.to_string()),
+            }
+        }
+
+        #[test]
+        fn the_full_config_is_valid() {
+            parse(FULL).unwrap();
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn a_valid_config_with_one_change(m in mutation()) {
+                taken_or_one_line(&mutated(&m))?;
+            }
+
+            #[test]
+            fn any_text(t in prop_oneof![text(), select(vec![FULL]).prop_map(String::from)]) {
+                taken_or_one_line(&t)?;
+            }
+
+            #[test]
+            fn a_valid_config_cut_short(n in 0..FULL.len()) {
+                if FULL.is_char_boundary(n) {
+                    taken_or_one_line(&FULL[..n])?;
+                }
+            }
         }
     }
 }

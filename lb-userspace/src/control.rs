@@ -174,6 +174,9 @@ pub struct Controller {
     events: EventLog,
     /// The services as last published to `events`.
     marks: Marks,
+    /// The last apply failed: the maps' state is unknown, so the next one
+    /// applies every service, not only those that changed.
+    apply_all: bool,
 }
 
 impl Controller {
@@ -197,12 +200,13 @@ impl Controller {
             health: None,
             events,
             marks: Marks::new(),
+            apply_all: false,
         }
     }
 
     /// Keeps `health`'s checks in step with the desired services.
     pub fn with_health(mut self, health: HealthUpdater) -> Self {
-        health.set(&self.desired.services());
+        health.set(self.desired.specs());
         self.health = Some(health);
         self
     }
@@ -331,7 +335,7 @@ impl Controller {
         touched |= self.commit_pending(&mut changes, &mut docker_changed).await;
         if let (Some(h), true) = (&self.health, touched) {
             // Only a different set of checks wakes the checker.
-            h.set(&self.desired.services());
+            h.set(self.desired.specs());
         }
     }
 
@@ -372,7 +376,6 @@ impl Controller {
             // Image rules and labels may name a service added or removed.
             self.docker.assign(&mut self.desired);
         }
-        let changed = docker_changed || results.iter().any(Result::is_ok);
         // The state file is written on a blocking thread while the maps
         // are applied here: a change costs the slower of the two, not both.
         // Callers are answered only once both are done.
@@ -381,7 +384,7 @@ impl Controller {
                 (tokio::task::spawn_blocking(move || write.write()), before)
             })
         });
-        let mut applied = if changed { self.apply().await } else { Ok(()) };
+        let mut applied = self.apply().await;
         let saved = match writing {
             Ok(Some((write, undo))) => {
                 let written = write.await.unwrap_or_else(|e| {
@@ -444,19 +447,24 @@ impl Controller {
         );
     }
 
+    /// Applies the services that changed since the last apply (all of
+    /// them after a failed one).
     async fn apply(&mut self) -> Result<(), Refusal> {
-        let services = self.desired.services();
-        self.rec
-            .apply(&services)
-            .await
-            .map_err(|e| Refusal::failed(format!("{e:#}")))
+        let changes = self.desired.take_unapplied();
+        let applied = if std::mem::take(&mut self.apply_all) {
+            self.rec.apply(&self.desired.services()).await
+        } else if changes.is_empty() {
+            return Ok(());
+        } else {
+            self.rec.apply_changes(&changes).await
+        };
+        self.apply_all = applied.is_err();
+        applied.map_err(|e| Refusal::failed(format!("{e:#}")))
     }
 
     fn service_info(&self, name: &str) -> Result<ServiceInfo, Refusal> {
         self.rec
-            .services_info()
-            .into_iter()
-            .find(|s| s.name == name)
+            .service_info(name)
             .ok_or_else(|| Refusal::not_found(format!("no service {name}")))
     }
 

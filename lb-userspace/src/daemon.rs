@@ -89,11 +89,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let docker = DockerStart::new(&args, &config);
     // Containers are known before the maps are touched, so a restart that
     // takes over a running data path keeps their backends and flows.
-    let (tracker, desired, first) = docker.first_list(desired).await;
+    let (tracker, mut desired, first) = docker.first_list(desired).await;
 
     let mut rec = Reconciler::new(dp, sizes, host);
     rec.set_xdp_forward(attached.iter().any(|a| a.xdp));
     let services = desired.services();
+    // Applied whole just below: the controller starts from here and
+    // applies only what changes.
+    desired.take_unapplied();
     if adopted {
         let n = rec.adopt(&services).await?;
         info!(services = n, "services taken over with their flows");

@@ -422,7 +422,7 @@ impl Default for MapSizes {
         Self {
             max_services: defaults::MAX_SERVICES,
             max_backends: defaults::MAX_BACKENDS,
-            max_table_size: defaults::TABLE_SIZE,
+            max_table_size: defaults::MAX_TABLE_SIZE,
             flow_table_size: defaults::FLOW_TABLE_SIZE,
         }
     }

@@ -64,9 +64,11 @@ struct CheckKey {
 }
 
 /// The checks the desired services call for.
-fn targets(services: &[ServiceSpec]) -> BTreeMap<CheckKey, HealthCheck> {
+fn targets<'a>(
+    services: impl IntoIterator<Item = &'a ServiceSpec>,
+) -> BTreeMap<CheckKey, HealthCheck> {
     services
-        .iter()
+        .into_iter()
         .filter_map(|s| s.health.map(|h| (s, h)))
         .flat_map(|(s, h)| {
             s.backends.iter().map(move |b| {
@@ -97,7 +99,7 @@ impl HealthUpdater {
     ///
     /// Never blocks, and wakes the checker only when the set of checks
     /// changed, so it can be called after every change of desired state.
-    pub fn set(&self, services: &[ServiceSpec]) {
+    pub fn set<'a>(&self, services: impl IntoIterator<Item = &'a ServiceSpec>) {
         let new = targets(services);
         self.targets.send_if_modified(|cur| {
             if *cur == new {

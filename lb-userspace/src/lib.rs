@@ -12,6 +12,8 @@ pub mod docker;
 pub mod events;
 pub mod health;
 pub mod host;
+#[cfg(test)]
+mod inputs;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

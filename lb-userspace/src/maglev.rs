@@ -568,8 +568,9 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::{BTreeSet, HashMap};
 
-    /// The table size the data path uses by default.
-    const M: u32 = lb_common::defaults::TABLE_SIZE;
+    /// The largest table size by default (the digests of
+    /// `tables_are_pinned_across_versions` were taken with it).
+    const M: u32 = 65_537;
 
     fn backend(key: u64, id: u32, weight: u32) -> MaglevBackend {
         MaglevBackend { key, id, weight }

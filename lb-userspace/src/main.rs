@@ -21,10 +21,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// The daemon's log filter when `RUST_LOG` is unset. netlink-packet-route
+/// warns at every link it parses on a kernel newer than itself (an
+/// attribute longer than it knows); that says nothing about lb and came
+/// once per backend resolved, so only its errors are shown.
+const DEFAULT_LOG_FILTER: &str = "info,netlink_packet_route=error";
+
 fn run_daemon(args: daemon::RunArgs) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

@@ -333,6 +333,24 @@ pub enum RefusalKind {
     Failed,
 }
 
+/// `text` on one line: every control character (line breaks first of
+/// all) and Unicode line or paragraph separator written as its escape
+/// (`\n`, `\u{2028}`). Errors quote what a request, a config file or a
+/// container's labels said, and third-party parsers (serde_json, toml)
+/// quote it unescaped: through this, no such text can break an error or a
+/// log line in two.
+pub fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A refused or failed change: one line for the operator. Nothing was
 /// changed when a change is refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -349,7 +367,7 @@ impl Refusal {
     pub fn invalid(message: String) -> Self {
         Self {
             kind: RefusalKind::Invalid,
-            message,
+            message: one_line(&message),
         }
     }
 
@@ -357,7 +375,7 @@ impl Refusal {
     pub fn not_found(message: String) -> Self {
         Self {
             kind: RefusalKind::NotFound,
-            message,
+            message: one_line(&message),
         }
     }
 
@@ -365,7 +383,7 @@ impl Refusal {
     pub fn conflict(message: String) -> Self {
         Self {
             kind: RefusalKind::Conflict,
-            message,
+            message: one_line(&message),
         }
     }
 
@@ -373,7 +391,38 @@ impl Refusal {
     pub fn failed(message: String) -> Self {
         Self {
             kind: RefusalKind::Failed,
-            message,
+            message: one_line(&message),
         }
+    }
+}
+
+#[cfg(test)]
+mod one_line_tests {
+    use super::*;
+
+    #[test]
+    fn line_breaks_are_escaped_and_the_rest_kept() {
+        assert_eq!(one_line("plain: é, ✓"), "plain: é, ✓");
+        assert_eq!(one_line("a\nb\rc\u{2028}d\u{0}"), r"a\nb\rc\u{2028}d\0");
+        assert_eq!(one_line(""), "");
+    }
+
+    #[test]
+    fn every_refusal_is_one_line() {
+        for r in [
+            Refusal::invalid("unknown variant `\n`".into()),
+            Refusal::not_found("no service a\rb".into()),
+            Refusal::conflict("x\u{2029}".into()),
+            Refusal::failed("disk\nfull".into()),
+        ] {
+            assert!(
+                !r.message.contains(['\n', '\r', '\u{2028}', '\u{2029}']),
+                "{r:?}"
+            );
+        }
+        assert_eq!(
+            Refusal::invalid("unknown variant `\n`".into()).message,
+            r"unknown variant `\n`"
+        );
     }
 }

@@ -10,6 +10,7 @@ mod bench;
 mod build;
 mod cmd;
 mod demo;
+mod fuzz;
 mod lint;
 mod setup;
 mod test;
@@ -48,6 +49,10 @@ enum Command {
     Demo,
     /// Measure the data path (needs root); writes target/bench/report.{json,md}.
     Bench(bench::Args),
+    /// Fuzz the data path: generated frames through both programs with
+    /// BPF_PROG_TEST_RUN, every one checked (needs root); a failing frame
+    /// is saved under tests/fixtures/fuzz/.
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +63,7 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run(&args),
         Command::Demo => demo::run(),
         Command::Bench(args) => bench::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,8 +11,9 @@ pub struct Args {
     /// Skip rustfmt and clippy (for local iteration; CI lints).
     #[arg(long)]
     skip_lint: bool,
-    /// Run only this test target of lb-tests or lb-bench (a file in
-    /// tests/tests/ or tests/bench/tests/, e.g. `e2e` or `bench_rate`);
+    /// Run only this test target of lb-tests, lb-bench or lb-fuzz (a file
+    /// in tests/tests/, tests/bench/tests/ or tests/fuzz/tests/, e.g. `e2e`,
+    /// `bench_rate` or `fuzz`);
     /// repeatable. Passed to cargo as `--test TARGET`.
     #[arg(long = "test", value_name = "TARGET")]
     targets: Vec<String>,
@@ -53,6 +54,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             "lb-tests",
             "--exclude",
             "lb-bench",
+            "--exclude",
+            "lb-fuzz",
         ])?)?;
         cmd::run(&mut cmd::cargo([
             "test",
@@ -65,7 +68,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     });
     steps.keep_going("kernel tests", || {
         // One thread: the tests share the host's network stack, its FORWARD
-        // policy and bpffs. lb-bench's tests run its sections small.
+        // policy and bpffs. lb-bench's tests run its sections small;
+        // lb-fuzz's replay every saved fixture and fuzz 100,000 frames.
         let mut test = cmd::cargo([
             "test",
             "--release",
@@ -74,6 +78,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             "lb-tests",
             "-p",
             "lb-bench",
+            "-p",
+            "lb-fuzz",
         ])?;
         for target in &args.targets {
             test.args(["--test", target]);

@@ -30,7 +30,7 @@ use std::{
 use super::DockerUpdate;
 use crate::{
     events::Reason,
-    model::{BackendSpec, ServiceSpec, Via},
+    model::{one_line, BackendSpec, ServiceSpec, Via},
     state::{Desired, Limits},
 };
 use tracing::{info, warn};
@@ -137,7 +137,15 @@ pub struct Member {
 /// Why a container serves no service, or is left out of one: one log line
 /// that names the container.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Problem(pub String);
+pub struct Problem(String);
+
+impl Problem {
+    /// A problem told by `text`, kept on one line: it quotes labels, which
+    /// may hold anything ([`one_line`]).
+    pub fn new(text: String) -> Self {
+        Self(one_line(&text))
+    }
+}
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -260,7 +268,7 @@ fn endpoint(c: &Container, network: Option<&str>) -> Result<Endpoint, String> {
 /// The rule is in the module docs.
 pub fn members(c: &Container, services: &[ServiceSpec]) -> Result<Vec<Member>, Problem> {
     let skip = |why: String| {
-        Problem(format!(
+        Problem::new(format!(
             "container {} skipped, serves no service: {why}",
             c.name
         ))
@@ -346,7 +354,7 @@ pub fn fit(
         };
         let addr = m.backend.addr;
         let left_out = |why: String| {
-            Problem(format!(
+            Problem::new(format!(
                 "container {} ({addr}) left out of service {}: {why}",
                 m.container, m.service
             ))

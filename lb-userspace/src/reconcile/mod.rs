@@ -1,8 +1,9 @@
 //! The one owner of the maps: turns the desired services into map contents.
 //!
 //! Sources of desired state (config file, API, Docker) never write maps;
-//! the controller hands whole service lists to [`Reconciler::apply`], which
-//! goes through three steps:
+//! the controller hands the services that changed to
+//! [`Reconciler::apply_changes`] (the whole list to [`Reconciler::apply`] at
+//! start), which goes through three steps:
 //! 1. [`delivery`]: how each new backend is reached (netlink, and the
 //!    reverse path attached where its replies enter);
 //! 2. [`tables`]: the plan, pure: the map writes, in an order that never
@@ -129,6 +130,11 @@ impl Reconciler {
         self.tables.services_info()
     }
 
+    /// One service, as the API shows it.
+    pub fn service_info(&self, name: &str) -> Option<ServiceInfo> {
+        self.tables.service_info(name)
+    }
+
     /// Services (all, or one) for the read side; `None` for an unknown name.
     pub fn view(&self, name: Option<&str>) -> Option<Vec<ServiceView>> {
         self.tables.view(name)
@@ -206,13 +212,29 @@ impl Reconciler {
         self.dp
     }
 
-    /// Makes the maps hold exactly `desired`: resolves the new backends,
-    /// plans the writes and applies them.
+    /// Makes the maps hold exactly `desired`: every service not in it is
+    /// removed (see [`Reconciler::apply_changes`]).
     pub async fn apply(&mut self, desired: &[ServiceSpec]) -> Result<(), ReconcileError> {
+        let wanted: BTreeSet<&str> = desired.iter().map(|s| s.name.as_str()).collect();
+        let mut changes: Vec<(String, Option<ServiceSpec>)> = (self.tables.services.keys())
+            .filter(|name| !wanted.contains(name.as_str()))
+            .map(|name| (name.clone(), None))
+            .collect();
+        changes.extend(desired.iter().map(|s| (s.name.clone(), Some(s.clone()))));
+        self.apply_changes(&changes).await
+    }
+
+    /// Makes the maps hold each service of `changes` as given (`None`:
+    /// removed), and leaves the others alone: resolves the new backends,
+    /// plans the writes and applies them.
+    pub async fn apply_changes(
+        &mut self,
+        changes: &[(String, Option<ServiceSpec>)],
+    ) -> Result<(), ReconcileError> {
         let started = Instant::now();
         let wanted = self
             .tables
-            .to_resolve(desired)
+            .to_resolve(changes.iter().filter_map(|(_, s)| s.as_ref()))
             .into_iter()
             .map(|(service, b)| (service, b.addr, b.via))
             .collect();
@@ -225,14 +247,19 @@ impl Reconciler {
             .collect();
         let resolving = started.elapsed();
         let mut ops = Vec::new();
+        let changes: Vec<(&str, Option<&ServiceSpec>)> = (changes.iter())
+            .map(|(name, spec)| (name.as_str(), spec.as_ref()))
+            .collect();
         let planned = self
             .tables
-            .plan(desired, &resolved, Instant::now(), &mut ops);
+            .plan_changes(&changes, &resolved, Instant::now(), &mut ops);
         let planning = started.elapsed() - resolving;
         // A refused step still leaves a consistent prefix to apply.
         self.write(&ops)?;
-        self.delivery
-            .release_unused(&mut self.dp, &self.tables.used_ifindexes());
+        if self.tables.take_members_moved() {
+            self.delivery
+                .release_unused(&mut self.dp, &self.tables.used_ifindexes());
+        }
         debug!(
             resolved = resolved.len(),
             ops = ops.len(),

@@ -229,6 +229,10 @@ pub struct Tables {
     vip_filter: Option<Vec<u64>>,
     /// Every reverse-NAT entry is written again at the next plan.
     rewrite_rev_nat: bool,
+    /// A backend left or is reached another way since
+    /// [`Tables::take_members_moved`] last said so: an interface may have
+    /// lost its last backend.
+    members_moved: bool,
 }
 
 impl Tables {
@@ -242,7 +246,14 @@ impl Tables {
             rev_nat: BTreeMap::new(),
             vip_filter: None,
             rewrite_rev_nat: false,
+            members_moved: true,
         }
+    }
+
+    /// Whether a backend left or changed interface since the last call
+    /// (at first: yes).
+    pub fn take_members_moved(&mut self) -> bool {
+        std::mem::take(&mut self.members_moved)
     }
 
     /// The map sizes planned for.
@@ -253,7 +264,10 @@ impl Tables {
     /// Backends of `desired` that need to be resolved before [`Tables::plan`]:
     /// new ones, and containers whose interface changed (restarted at the
     /// same address).
-    pub fn to_resolve(&self, desired: &[ServiceSpec]) -> Vec<(String, BackendSpec)> {
+    pub fn to_resolve<'a>(
+        &self,
+        desired: impl IntoIterator<Item = &'a ServiceSpec>,
+    ) -> Vec<(String, BackendSpec)> {
         let mut out = Vec::new();
         for spec in desired {
             let st = self
@@ -298,10 +312,36 @@ impl Tables {
 
     /// The writes that make the maps hold exactly `desired`, appended to
     /// `ops` in a safe order. On an error, `ops` holds the writes planned
-    /// before it (a consistent prefix) and nothing after.
+    /// before it (a consistent prefix) and nothing after. The daemon plans
+    /// only what changed ([`Tables::plan_changes`]); tests plan whole states.
+    #[cfg(test)]
     pub fn plan(
         &mut self,
         desired: &[ServiceSpec],
+        resolved: &Resolved,
+        now: Instant,
+        ops: &mut Vec<MapOp>,
+    ) -> Result<(), ReconcileError> {
+        let wanted: std::collections::HashSet<&str> =
+            desired.iter().map(|s| s.name.as_str()).collect();
+        let gone: Vec<String> = (self.services.keys())
+            .filter(|name| !wanted.contains(name.as_str()))
+            .cloned()
+            .collect();
+        let changes: Vec<(&str, Option<&ServiceSpec>)> = (gone.iter())
+            .map(|name| (name.as_str(), None))
+            .chain(desired.iter().map(|s| (s.name.as_str(), Some(s))))
+            .collect();
+        self.plan_changes(&changes, resolved, now, ops)
+    }
+
+    /// The writes that make the maps hold each service of `changes` as
+    /// given (`None`: removed), leaving every other service as it is;
+    /// appended to `ops` as [`Tables::plan`] does. A change then costs the
+    /// services it names, not all of them.
+    pub fn plan_changes(
+        &mut self,
+        changes: &[(&str, Option<&ServiceSpec>)],
         resolved: &Resolved,
         now: Instant,
         ops: &mut Vec<MapOp>,
@@ -311,24 +351,20 @@ impl Tables {
         }
         // The filter lets new VIPs' packets in before their service entries
         // exist; bits of removed VIPs go last, after their services are gone.
-        let vips: Vec<Ipv4Addr> = desired.iter().map(|s| *s.vip.ip()).collect();
-        self.write_vip_filter(&vips, ops);
-        let wanted: HashMap<&str, &ServiceSpec> =
-            desired.iter().map(|s| (s.name.as_str(), s)).collect();
-        let gone: Vec<String> = self
-            .services
-            .iter()
-            .filter(|(name, st)| {
-                wanted
-                    .get(name.as_str())
-                    .is_none_or(|s| service_key(s) != service_key(&st.spec))
-            })
-            .map(|(name, _)| name.clone())
+        let vips: Vec<Ipv4Addr> = (changes.iter())
+            .filter_map(|(_, s)| s.map(|s| *s.vip.ip()))
             .collect();
-        for name in gone {
-            self.remove_service(&name, now, ops);
+        self.write_vip_filter(&vips, ops);
+        for (name, spec) in changes {
+            let gone = self
+                .services
+                .get(*name)
+                .is_some_and(|st| spec.is_none_or(|s| service_key(s) != service_key(&st.spec)));
+            if gone {
+                self.remove_service(name, now, ops);
+            }
         }
-        for spec in desired {
+        for spec in changes.iter().filter_map(|(_, s)| *s) {
             self.upsert_service(spec, resolved, now, ops)?;
         }
         self.write_vip_filter(&[], ops);
@@ -341,6 +377,7 @@ impl Tables {
         };
         // The key goes first: from then on no packet reaches the backends.
         ops.push(MapOp::RemoveService(service_key(&st.spec)));
+        self.members_moved |= !st.backends.is_empty();
         for (addr, b) in &st.backends {
             ops.push(backend_down(b, st.id, *addr));
             self.backend_ids.free(b.id, now);
@@ -422,6 +459,7 @@ impl Tables {
                 if b.via != want.via {
                     b.via = want.via;
                     b.delivery = lookup(*addr);
+                    self.members_moved = true;
                 }
             }
         }
@@ -465,6 +503,7 @@ impl Tables {
             info!(service = spec.name, backend = %addr, id, weight = want.weight, "backend added");
         }
         let service_id = st.id;
+        self.members_moved |= !leaving.is_empty();
         self.sync(&spec.name, ops)?;
         for (addr, m) in leaving {
             ops.push(backend_down(&m, service_id, addr));
@@ -525,6 +564,7 @@ impl Tables {
         {
             Some(b) if b.delivery != delivery => {
                 b.delivery = delivery;
+                self.members_moved = true;
                 if let Some(st) = self.services.get_mut(service) {
                     st.synced = false;
                 }
@@ -580,6 +620,18 @@ impl Tables {
             return Ok(());
         }
         let (size, members) = from;
+        let crowded = |n: usize, size: u32| n as u64 * 100 > u64::from(size);
+        let was_crowded = (st.built_from.as_ref()).is_some_and(|(s, m)| crowded(m.len(), *s));
+        if crowded(members.len(), size) && !was_crowded {
+            warn!(
+                service = name,
+                backends = members.len(),
+                table_size = size,
+                "fewer than 100 Maglev slots a backend: their shares of new flows differ by up to {:.1}%; a table_size of at least {} keeps it under 1%",
+                100.0 * members.len() as f64 / f64::from(size),
+                members.len() * 100
+            );
+        }
         let table = maglev::build(&members, size).map_err(|source| ReconcileError::Maglev {
             service: name.to_owned(),
             source,
@@ -824,6 +876,11 @@ impl Tables {
     /// The services, as the API lists them.
     pub fn services_info(&self) -> Vec<ServiceInfo> {
         self.services.values().map(service_info).collect()
+    }
+
+    /// One service, as the API shows it.
+    pub fn service_info(&self, name: &str) -> Option<ServiceInfo> {
+        self.services.get(name).map(service_info)
     }
 
     /// Services (all, or the one named) with their backends, for the read

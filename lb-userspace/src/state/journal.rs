@@ -1,6 +1,10 @@
 //! The state file's journal (`lb.state.journal` next to `lb.state.json`):
 //! a commit appends the entries it changed, one JSON line each, so saving
-//! costs the size of the change, not of the whole state. The snapshot
+//! costs the size of the change, not of the whole state. A change to a
+//! service's backends is written as one line per backend that changed
+//! (the whole service only when its other fields or its backends' order
+//! changed), so one backend more for a service of a thousand is one short
+//! line. The snapshot
 //! (`lb.state.json`) is rewritten only once the journal has grown past it,
 //! which keeps the cost per change constant on average and the journal short.
 //!
@@ -13,13 +17,14 @@ use std::{
     collections::HashMap,
     fs,
     io::Write as _,
+    net::SocketAddrV4,
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
 };
 
 use serde::{Deserialize, Serialize};
 
-use super::{Changes, Overlay, StateError, StoredService};
+use super::{Changes, Overlay, Override, StateError, StoredBackend, StoredService};
 
 /// One change to the state: the new value of one entry, or its removal.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +44,26 @@ pub(super) enum Entry {
         /// Its new value.
         value: Option<Changes>,
     },
+    /// One backend of an API service; `None`: removed. A new one goes
+    /// last.
+    Backend {
+        /// The API service's name.
+        service: String,
+        /// The backend's address.
+        address: SocketAddrV4,
+        /// Its new value.
+        value: Option<StoredBackend>,
+    },
+    /// What the API changed of one backend of a config service; `None`:
+    /// nothing (as the config file has it). An added one goes last.
+    ConfigBackend {
+        /// The config service's name.
+        service: String,
+        /// The backend's address.
+        address: SocketAddrV4,
+        /// Its new value.
+        value: Option<Override>,
+    },
 }
 
 /// A journal line: an entry and its commit's sequence number.
@@ -52,54 +77,6 @@ struct Line {
 /// The journal next to state file `state`.
 pub(super) fn path_of(state: &Path) -> PathBuf {
     state.with_extension("journal")
-}
-
-/// The entries that turn `before` into `after`, in `after`'s order.
-pub(super) fn delta(before: &Overlay, after: &Overlay) -> Vec<Entry> {
-    let mut out = Vec::new();
-    let old: HashMap<&str, &StoredService> = before
-        .services
-        .iter()
-        .map(|s| (s.name.as_str(), s))
-        .collect();
-    let new: HashMap<&str, &StoredService> = after
-        .services
-        .iter()
-        .map(|s| (s.name.as_str(), s))
-        .collect();
-    for s in &before.services {
-        if !new.contains_key(s.name.as_str()) {
-            out.push(Entry::Service {
-                name: s.name.clone(),
-                value: None,
-            });
-        }
-    }
-    for s in &after.services {
-        if old.get(s.name.as_str()) != Some(&s) {
-            out.push(Entry::Service {
-                name: s.name.clone(),
-                value: Some(s.clone()),
-            });
-        }
-    }
-    for name in before.changes.keys() {
-        if !after.changes.contains_key(name) {
-            out.push(Entry::Changes {
-                service: name.clone(),
-                value: None,
-            });
-        }
-    }
-    for (name, c) in &after.changes {
-        if before.changes.get(name) != Some(c) {
-            out.push(Entry::Changes {
-                service: name.clone(),
-                value: Some(c.clone()),
-            });
-        }
-    }
-    out
 }
 
 /// Applies `entries` to `o` as the commits that wrote them changed it: a
@@ -126,8 +103,68 @@ pub(super) fn replay(o: &mut Overlay, entries: impl IntoIterator<Item = Entry>) 
                     o.changes.remove(&service);
                 }
             },
+            Entry::Backend {
+                service,
+                address,
+                value,
+            } => {
+                if let Some(s) = o.services.iter_mut().find(|s| s.name == service) {
+                    put(&mut s.backends, address, value, |b| b.address);
+                }
+            }
+            Entry::ConfigBackend {
+                service,
+                address,
+                value,
+            } => o.changes.entry(service).or_default().put(address, value),
         }
     }
+}
+
+/// Sets the entry of `address` in `list` to `value` (`None`: removes it),
+/// in its place, or last if it is new.
+pub(super) fn put<T>(
+    list: &mut Vec<T>,
+    address: SocketAddrV4,
+    value: Option<T>,
+    key: impl Fn(&T) -> SocketAddrV4,
+) {
+    match (list.iter().position(|x| key(x) == address), value) {
+        (Some(i), Some(v)) => list[i] = v,
+        (Some(i), None) => {
+            list.remove(i);
+        }
+        (None, Some(v)) => list.push(v),
+        (None, None) => {}
+    }
+}
+
+/// The entries of `after` that differ from `before` by address (`None`:
+/// gone), the new ones last and in `after`'s order, if [`put`]ting them
+/// into `before` rebuilds `after` in its order: `None` when `after` keeps
+/// its earlier entries in another order or puts a new one before them.
+pub(super) fn list_patch<'a, T: PartialEq>(
+    before: &[T],
+    after: &'a [T],
+    key: impl Fn(&T) -> SocketAddrV4,
+) -> Option<Vec<(SocketAddrV4, Option<&'a T>)>> {
+    let old: HashMap<SocketAddrV4, &T> = before.iter().map(|x| (key(x), x)).collect();
+    let new: HashMap<SocketAddrV4, &T> = after.iter().map(|x| (key(x), x)).collect();
+    let kept_before = before.iter().map(&key).filter(|a| new.contains_key(a));
+    let kept = after.iter().take_while(|x| old.contains_key(&key(x)));
+    if !kept_before.eq(kept.map(&key)) {
+        return None;
+    }
+    let mut patch: Vec<(SocketAddrV4, Option<&T>)> = (before.iter().map(&key))
+        .filter(|a| !new.contains_key(a))
+        .map(|a| (a, None))
+        .collect();
+    for x in after {
+        if old.get(&key(x)) != Some(&x) {
+            patch.push((key(x), Some(x)));
+        }
+    }
+    Some(patch)
 }
 
 /// The lines of one commit.

@@ -14,7 +14,7 @@
 //! a refused or unsaved change leaves everything as it was.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fs,
     io::Write as _,
     net::SocketAddrV4,
@@ -34,7 +34,10 @@ use crate::{
     },
 };
 
+mod catalog;
 mod journal;
+
+use catalog::Catalog;
 
 /// Errors of reading or writing the state file.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +122,88 @@ struct Changes {
     weights: BTreeMap<SocketAddrV4, u32>,
 }
 
+/// What the API changed of one backend of a config service: one journal
+/// line's worth of [`Changes`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Override {
+    /// Added through the API (not in the config file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    added: Option<StoredBackend>,
+    /// A config backend removed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    removed: bool,
+    /// A config backend drained.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    drained: bool,
+    /// A config backend's weight changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    weight: Option<u32>,
+}
+
+impl Changes {
+    /// Every address the changes name, with what they say of it.
+    fn by_address(&self) -> HashMap<SocketAddrV4, Override> {
+        let mut out: HashMap<SocketAddrV4, Override> = HashMap::new();
+        for b in &self.added {
+            out.entry(b.address).or_default().added = Some(b.clone());
+        }
+        for a in &self.removed {
+            out.entry(*a).or_default().removed = true;
+        }
+        for a in &self.drained {
+            out.entry(*a).or_default().drained = true;
+        }
+        for (a, w) in &self.weights {
+            out.entry(*a).or_default().weight = Some(*w);
+        }
+        out
+    }
+
+    /// Sets what the changes say of `address` (`None`: nothing); an added
+    /// backend keeps its place, or goes last if it is new.
+    fn put(&mut self, address: SocketAddrV4, value: Option<Override>) {
+        let o = value.unwrap_or_default();
+        journal::put(&mut self.added, address, o.added, |b| b.address);
+        self.removed.retain(|a| *a != address);
+        if o.removed {
+            self.removed.push(address);
+        }
+        self.drained.retain(|a| *a != address);
+        if o.drained {
+            self.drained.push(address);
+        }
+        match o.weight {
+            Some(w) => self.weights.insert(address, w),
+            None => self.weights.remove(&address),
+        };
+    }
+
+    /// The per-backend entries that turn `before` into `self`, if putting
+    /// them rebuilds the order of the added backends (see
+    /// [`journal::list_patch`]).
+    fn patch_from(&self, before: &Changes) -> Option<Vec<(SocketAddrV4, Option<Override>)>> {
+        journal::list_patch(&before.added, &self.added, |b| b.address)?;
+        let (old, new) = (before.by_address(), self.by_address());
+        let new_added: HashSet<SocketAddrV4> = (self.added.iter())
+            .map(|b| b.address)
+            .filter(|a| !old.get(a).is_some_and(|o| o.added.is_some()))
+            .collect();
+        // Added backends that are new go last, in their order.
+        let mut out: Vec<(SocketAddrV4, Option<Override>)> = (old.keys().chain(new.keys()))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter(|a| !new_added.contains(a) && old.get(a) != new.get(a))
+            .map(|a| (*a, new.get(a).cloned()))
+            .collect();
+        out.extend(
+            (self.added.iter())
+                .filter(|b| new_added.contains(&b.address))
+                .map(|b| (b.address, new.get(&b.address).cloned())),
+        );
+        Some(out)
+    }
+}
+
 /// The state file's contents.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Overlay {
@@ -174,10 +259,40 @@ pub struct Desired {
     path: PathBuf,
     limits: Limits,
     docker: BTreeMap<String, Vec<BackendSpec>>,
-    /// While saves are held ([`Desired::hold`]): the state as last saved.
-    saved: Option<Overlay>,
+    /// While saves are held ([`Desired::hold`]): what the held changes
+    /// replaced.
+    held: Option<Held>,
     /// How the state is on disk, and what the next save writes.
     disk: Disk,
+    /// Every service built, kept in step with the changes.
+    catalog: Catalog,
+}
+
+/// The changes since [`Desired::hold`], each with the entries it replaced:
+/// undone last first, they put a refused or unsaved group back exactly.
+#[derive(Debug, Default)]
+struct Held {
+    log: Vec<(String, Before)>,
+}
+
+impl Held {
+    /// Each touched service name with its entries as they were at the hold.
+    fn first(&self) -> BTreeMap<&str, &Before> {
+        let mut first = BTreeMap::new();
+        for (name, before) in &self.log {
+            first.entry(name.as_str()).or_insert(before);
+        }
+        first
+    }
+}
+
+/// The state file's entries of one service name, as they were.
+#[derive(Debug)]
+struct Before {
+    /// The API service of this name, and its place in the list.
+    service: Option<(usize, StoredService)>,
+    /// The API's changes to the config service of this name.
+    changes: Option<Changes>,
 }
 
 /// The state file and its journal as last written.
@@ -251,7 +366,7 @@ impl Desired {
             compact_above: JOURNAL_MIN,
         };
         let d = &config.datapath;
-        let desired = Self {
+        let mut desired = Self {
             config: config.services.clone(),
             overlay,
             path,
@@ -261,9 +376,16 @@ impl Desired {
                 max_table_size: d.max_table_size,
             },
             docker: BTreeMap::new(),
-            saved: None,
+            held: None,
             disk,
+            catalog: Catalog::default(),
         };
+        let names: BTreeSet<String> = (desired.config.iter().map(|s| s.name.clone()))
+            .chain(desired.overlay.services.iter().map(|s| s.name.clone()))
+            .collect();
+        for name in names {
+            desired.rebuild(&name);
+        }
         // A state file that no longer fits the config (the config now
         // declares a service of the same name or VIP) is not fatal: the
         // config wins, and the daemon warns about `shadowed()` services.
@@ -275,20 +397,50 @@ impl Desired {
         &self.path
     }
 
-    /// All desired services: the config's (with API changes) then the API's,
-    /// each with the backends Docker contributes to it. An API service whose
-    /// name or VIP the config now uses is left out.
+    /// All desired services, by name: the config's (with API changes) and
+    /// the API's, each with the backends Docker contributes to it. An API
+    /// service whose name or VIP the config now uses is left out.
     pub fn services(&self) -> Vec<ServiceSpec> {
-        let mut out = self.declared();
-        for s in &mut out {
-            self.add_containers(s);
-        }
-        out
+        self.catalog.specs().cloned().collect()
+    }
+
+    /// [`Desired::services`], borrowed.
+    pub fn specs(&self) -> impl Iterator<Item = &ServiceSpec> {
+        self.catalog.specs()
+    }
+
+    /// The services changed since the last call (at first: every one),
+    /// each with its spec now (`None`: removed), for the reconciler.
+    pub fn take_unapplied(&mut self) -> Vec<(String, Option<ServiceSpec>)> {
+        self.catalog.take_unapplied()
     }
 
     /// Replaces the backends Docker contributes, by service name.
     pub fn set_docker(&mut self, backends: BTreeMap<String, Vec<BackendSpec>>) {
-        self.docker = backends;
+        let old = std::mem::replace(&mut self.docker, backends);
+        let changed: BTreeSet<String> = old
+            .iter()
+            .filter(|(name, b)| self.docker.get(*name) != Some(*b))
+            .map(|(name, _)| name.clone())
+            .chain(
+                self.docker
+                    .iter()
+                    .filter(|(name, b)| old.get(*name) != Some(*b))
+                    .map(|(name, _)| name.clone()),
+            )
+            .collect();
+        for name in changed {
+            self.rebuild(&name);
+        }
+    }
+
+    /// Builds service `name` again from the config, the state and Docker.
+    fn rebuild(&mut self, name: &str) {
+        let spec = self.declared_one(name).map(|mut s| {
+            self.add_containers(&mut s);
+            s
+        });
+        self.catalog.set(name, spec);
     }
 
     /// The limits the maps impose.
@@ -386,15 +538,14 @@ impl Desired {
         .map_err(|e| Refusal::invalid(format!("{}: {}", e.field, e.reason)))?;
         let image = image_rule(new.image.as_deref(), new.target_port)
             .map_err(|e| Refusal::invalid(format!("{}: {}", e.field, e.reason)))?;
-        if self.services().iter().any(|s| s.name == spec.name) {
+        if self.catalog.get(&spec.name).is_some() {
             return Err(Refusal::conflict(format!(
                 "service {} already exists",
                 spec.name
             )));
         }
         if let Some(s) = self
-            .services()
-            .iter()
+            .specs()
             .find(|s| s.vip == spec.vip && s.protocol == spec.protocol)
         {
             return Err(Refusal::conflict(format!(
@@ -402,7 +553,7 @@ impl Desired {
                 spec.protocol, spec.vip, s.name
             )));
         }
-        self.change(|o| {
+        self.change(&spec.name, |o| {
             o.services.push(StoredService {
                 name: spec.name.clone(),
                 vip: spec.vip,
@@ -431,7 +582,7 @@ impl Desired {
         if !self.overlay.services.iter().any(|s| s.name == name) {
             return Err(Refusal::not_found(format!("no service {name}")));
         }
-        self.change(|o| o.services.retain(|s| s.name != name))
+        self.change(name, |o| o.services.retain(|s| s.name != name))
     }
 
     /// Adds a backend to any service.
@@ -452,7 +603,7 @@ impl Desired {
             )));
         }
         if self.config_service(service).is_some() {
-            self.change(|o| {
+            self.change(service, |o| {
                 let c = o.changes.entry(service.to_owned()).or_default();
                 for b in stored {
                     c.removed.retain(|a| *a != b.address);
@@ -462,7 +613,7 @@ impl Desired {
                 }
             })
         } else {
-            self.change(|o| {
+            self.change(service, |o| {
                 if let Some(s) = o.services.iter_mut().find(|s| s.name == service) {
                     s.backends.extend(stored);
                 }
@@ -491,7 +642,7 @@ impl Desired {
             let kept: HashSet<SocketAddrV4> = stored.iter().map(|s| s.address).collect();
             let config_weights: HashMap<SocketAddrV4, u32> =
                 config.backends.iter().map(|b| (b.addr, b.weight)).collect();
-            self.change(|o| {
+            self.change(service, |o| {
                 let c = o.changes.entry(service.to_owned()).or_default();
                 let own = |a: &SocketAddrV4| config_weights.get(a);
                 c.removed = config
@@ -517,7 +668,7 @@ impl Desired {
                     .collect();
             })
         } else {
-            self.change(|o| {
+            self.change(service, |o| {
                 if let Some(s) = o.services.iter_mut().find(|s| s.name == service) {
                     s.backends = stored;
                 }
@@ -554,7 +705,7 @@ impl Desired {
             let in_config = self
                 .config_service(service)
                 .is_some_and(|s| s.backends.iter().any(|b| b.addr == addr));
-            self.change(|o| {
+            self.change(service, |o| {
                 let c = o.changes.entry(service.to_owned()).or_default();
                 c.added.retain(|b| b.address != addr);
                 c.drained.retain(|a| *a != addr);
@@ -564,7 +715,7 @@ impl Desired {
                 }
             })
         } else {
-            self.change(|o| {
+            self.change(service, |o| {
                 if let Some(s) = o.services.iter_mut().find(|s| s.name == service) {
                     s.backends.retain(|b| b.address != addr);
                 }
@@ -585,7 +736,7 @@ impl Desired {
     fn set_drained(&mut self, service: &str, address: &str, drained: bool) -> Result<(), Refusal> {
         let addr = self.existing_backend(service, address)?;
         if self.config_service(service).is_some() {
-            self.change(|o| {
+            self.change(service, |o| {
                 let c = o.changes.entry(service.to_owned()).or_default();
                 if let Some(b) = c.added.iter_mut().find(|b| b.address == addr) {
                     b.drained = drained;
@@ -596,7 +747,7 @@ impl Desired {
                 }
             })
         } else {
-            self.change(|o| {
+            self.change(service, |o| {
                 if let Some(b) = o
                     .services
                     .iter_mut()
@@ -619,7 +770,7 @@ impl Desired {
             .and_then(|s| s.backends.iter().find(|b| b.addr == addr))
             .map(|b| b.weight);
         if self.config_service(service).is_some() {
-            self.change(|o| {
+            self.change(service, |o| {
                 let c = o.changes.entry(service.to_owned()).or_default();
                 if let Some(b) = c.added.iter_mut().find(|b| b.address == addr) {
                     b.weight = weight;
@@ -630,7 +781,7 @@ impl Desired {
                 }
             })
         } else {
-            self.change(|o| {
+            self.change(service, |o| {
                 if let Some(b) = o
                     .services
                     .iter_mut()
@@ -663,19 +814,20 @@ impl Desired {
         Ok(addr)
     }
 
-    /// Applies `f` to a copy, checks the result, saves it, and only then
-    /// keeps it.
+    /// Applies `f`, which changes only the entries of service `name`,
+    /// checks the result, saves it, and only then keeps it.
     ///
-    /// While saves are held, the whole-state check waits for
-    /// [`Desired::flush`] too: it costs a pass over every backend, once per
-    /// group instead of once per change.
-    fn change(&mut self, f: impl FnOnce(&mut Overlay)) -> Result<(), Refusal> {
-        if self.saved.is_some() {
-            f(&mut self.overlay);
+    /// While saves are held, the check and the save wait for
+    /// [`Desired::flush`], once per group instead of once per change.
+    fn change(&mut self, name: &str, f: impl FnOnce(&mut Overlay)) -> Result<(), Refusal> {
+        let held_by_caller = self.held.is_some();
+        self.hold();
+        self.remember(name);
+        f(&mut self.overlay);
+        self.rebuild(name);
+        if held_by_caller {
             return Ok(());
         }
-        self.hold();
-        f(&mut self.overlay);
         let Some(Flush { write, before }) = self.flush()? else {
             return Ok(());
         };
@@ -688,9 +840,119 @@ impl Desired {
     /// to disk only by [`Desired::flush`], once for all of them (a group
     /// commit: a burst of API calls pays for one write and one fsync).
     pub fn hold(&mut self) {
-        if self.saved.is_none() {
-            self.saved = Some(self.overlay.clone());
+        self.held.get_or_insert_with(Held::default);
+    }
+
+    /// Keeps the entries of service `name` as they are now, if saves are
+    /// held, for the change about to be made to them.
+    fn remember(&mut self, name: &str) {
+        let Some(held) = &mut self.held else {
+            return;
+        };
+        let service = (self.overlay.services.iter())
+            .position(|s| s.name == name)
+            .map(|i| (i, self.overlay.services[i].clone()));
+        let changes = self.overlay.changes.get(name).cloned();
+        held.log
+            .push((name.to_owned(), Before { service, changes }));
+    }
+
+    /// Undoes the changes `held` logged, the last first: each puts back
+    /// the entries of one name, the service at its place in the list.
+    fn restore(&mut self, held: Held) {
+        let mut touched = BTreeSet::new();
+        for (name, before) in held.log.into_iter().rev() {
+            let services = &mut self.overlay.services;
+            if let Some(i) = services.iter().position(|s| s.name == name) {
+                services.remove(i);
+            }
+            if let Some((i, s)) = before.service {
+                services.insert(i.min(services.len()), s);
+            }
+            match before.changes {
+                Some(c) => self.overlay.changes.insert(name.clone(), c),
+                None => self.overlay.changes.remove(&name),
+            };
+            touched.insert(name);
         }
+        for name in touched {
+            self.rebuild(&name);
+        }
+    }
+
+    /// The journal entries that turn the state `held` kept into the state
+    /// now: removed services first, then changed ones in the list's order,
+    /// then the changes to config services.
+    fn delta(&self, held: &Held) -> Vec<journal::Entry> {
+        let first = held.first();
+        let now: HashMap<&str, &StoredService> = (self.overlay.services.iter())
+            .filter(|s| first.contains_key(s.name.as_str()))
+            .map(|s| (s.name.as_str(), s))
+            .collect();
+        let mut out = Vec::new();
+        for (name, before) in &first {
+            if before.service.is_some() && !now.contains_key(*name) {
+                out.push(journal::Entry::Service {
+                    name: (*name).to_owned(),
+                    value: None,
+                });
+            }
+        }
+        for s in &self.overlay.services {
+            let Some(before) = first.get(s.name.as_str()) else {
+                continue;
+            };
+            let old = before.service.as_ref().map(|(_, old)| old);
+            if old == Some(s) {
+                continue;
+            }
+            // A line per backend changed, not the whole service: adding one
+            // backend to a thousand then writes one short line.
+            let patch = old
+                .filter(|old| same_but_backends(old, s))
+                .and_then(|old| journal::list_patch(&old.backends, &s.backends, |b| b.address));
+            match patch {
+                Some(patch) => {
+                    out.extend(
+                        patch
+                            .into_iter()
+                            .map(|(address, value)| journal::Entry::Backend {
+                                service: s.name.clone(),
+                                address,
+                                value: value.cloned(),
+                            }),
+                    )
+                }
+                None => out.push(journal::Entry::Service {
+                    name: s.name.clone(),
+                    value: Some(s.clone()),
+                }),
+            }
+        }
+        for (name, before) in &first {
+            let now = self.overlay.changes.get(*name);
+            if before.changes.as_ref() == now {
+                continue;
+            }
+            let patch = now.and_then(|now| {
+                let empty = Changes::default();
+                now.patch_from(before.changes.as_ref().unwrap_or(&empty))
+            });
+            match patch {
+                Some(patch) => out.extend(patch.into_iter().map(|(address, value)| {
+                    journal::Entry::ConfigBackend {
+                        service: (*name).to_owned(),
+                        address,
+                        value,
+                    }
+                })),
+                None => out.push(journal::Entry::Changes {
+                    service: (*name).to_owned(),
+                    value: now.cloned(),
+                }),
+            }
+        }
+        out
     }
 
     /// Checks what changed since [`Desired::hold`] and encodes it for the
@@ -703,14 +965,19 @@ impl Desired {
     /// slowest step of a change but for the table build) can run on another
     /// thread while the maps are applied.
     pub fn flush(&mut self) -> Result<Option<Flush>, Refusal> {
-        let Some(saved) = self.saved.take() else {
+        let Some(held) = self.held.take() else {
             return Ok(None);
         };
-        if saved == self.overlay {
+        let entries = self.delta(&held);
+        if entries.is_empty() {
             return Ok(None);
         }
-        if let Err(e) = check(&self.services(), &self.limits) {
-            self.overlay = saved;
+        let touched: BTreeSet<String> = held.log.iter().map(|(n, _)| n.clone()).collect();
+        if let Err(e) = self
+            .catalog
+            .check(touched.iter().map(String::as_str), &self.limits)
+        {
+            self.restore(held);
             return Err(Refusal::conflict(e));
         }
         let seq = self.disk.seq + 1;
@@ -732,17 +999,13 @@ impl Desired {
         } else {
             StateWrite::Append {
                 journal,
-                lines: journal::encode(seq, journal::delta(&saved, &self.overlay)),
+                lines: journal::encode(seq, entries),
             }
         };
         let wrote = write.wrote();
         Ok(Some(Flush {
             write,
-            before: Undo {
-                overlay: saved,
-                seq,
-                wrote,
-            },
+            before: Undo { held, seq, wrote },
         }))
     }
 
@@ -750,7 +1013,7 @@ impl Desired {
     /// is undone (nothing that was not saved stays).
     pub fn settle(&mut self, undo: Undo, written: &Result<(), Refusal>) {
         if written.is_err() {
-            self.overlay = undo.overlay;
+            self.restore(undo.held);
             // A failed append may have left part of a line behind.
             self.disk.snapshot_next = true;
             return;
@@ -781,7 +1044,7 @@ pub struct Flush {
 /// [`Desired::settle`].
 #[derive(Debug)]
 pub struct Undo {
-    overlay: Overlay,
+    held: Held,
     seq: u64,
     wrote: Wrote,
 }
@@ -871,6 +1134,31 @@ impl StateWrite {
     }
 }
 
+/// Whether two API services differ in their backends at most.
+fn same_but_backends(a: &StoredService, b: &StoredService) -> bool {
+    // Every field named, so a new one cannot be forgotten here.
+    let StoredService {
+        name,
+        vip,
+        protocol,
+        table_size,
+        health,
+        image,
+        target_port,
+        backends: _,
+    } = a;
+    (name, vip, protocol, table_size, health, image, target_port)
+        == (
+            &b.name,
+            &b.vip,
+            &b.protocol,
+            &b.table_size,
+            &b.health,
+            &b.image,
+            &b.target_port,
+        )
+}
+
 /// A service created through the API, as a spec.
 fn api_spec(s: &StoredService) -> ServiceSpec {
     ServiceSpec {
@@ -918,50 +1206,6 @@ fn parse_backends(new: &[NewBackend]) -> Result<Vec<StoredBackend>, Refusal> {
         });
     }
     Ok(out)
-}
-
-/// Checks a whole desired state against the maps' limits.
-pub fn check(services: &[ServiceSpec], limits: &Limits) -> Result<(), String> {
-    if services.len() > limits.max_services as usize {
-        return Err(format!(
-            "{} services would exceed datapath.max_services {}",
-            services.len(),
-            limits.max_services
-        ));
-    }
-    let total: usize = services.iter().map(|s| s.backends.len()).sum();
-    if total > limits.max_backends as usize {
-        return Err(format!(
-            "{total} backends would exceed datapath.max_backends {}",
-            limits.max_backends
-        ));
-    }
-    let mut shared: HashMap<(SocketAddrV4, Protocol), usize> = HashMap::new();
-    let mut vips = HashSet::new();
-    for s in services {
-        if !vips.insert((s.vip, s.protocol)) {
-            return Err(format!("{} {} is used by two services", s.protocol, s.vip));
-        }
-        if s.backends.len() > s.table_size as usize {
-            return Err(format!(
-                "service {}: more backends than table slots",
-                s.name
-            ));
-        }
-        for b in &s.backends {
-            let n = shared.entry((b.addr, s.protocol)).or_default();
-            *n += 1;
-            if *n > lb_common::REV_NAT_MAX {
-                return Err(format!(
-                    "{} {} would serve more than {} services",
-                    s.protocol,
-                    b.addr,
-                    lb_common::REV_NAT_MAX
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1049,11 +1293,13 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
 
         let again = Desired::load(&config(), path).unwrap();
         assert_eq!(again.services(), before);
-        let web = &before[0];
+        let named = |name: &str| before.iter().find(|s| s.name == name).unwrap();
+        let web = named("web");
         let addrs: Vec<String> = web.backends.iter().map(|b| b.addr.to_string()).collect();
         assert_eq!(addrs, ["198.18.104.2:8080", "198.18.105.2:8080"]);
         assert!(web.backends[0].drained);
-        assert_eq!(before[1].origin, Origin::Api);
+        assert_eq!(before.len(), 2);
+        assert_eq!(named("api").origin, Origin::Api);
     }
 
     fn addrs_of(d: &Desired, name: &str) -> Vec<(String, u32, bool)> {
@@ -1201,6 +1447,107 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
             .unwrap_err();
         assert_eq!(e.kind, RefusalKind::Conflict);
         assert_eq!(d.services().len(), 3);
+    }
+
+    #[test]
+    fn a_refused_group_puts_every_entry_back_in_its_place() {
+        let dir = tmp("hold-restore");
+        let path = dir.0.join("lb.state.json");
+        let mut d = Desired::load(&config(), path.clone()).unwrap();
+        d.add_service(&new_service("a", "198.18.101.2:80")).unwrap();
+        d.add_service(&new_service("b", "198.18.101.3:80")).unwrap();
+        d.add_backend("b", &backend("198.18.105.2:80")).unwrap();
+        d.add_backend("web", &backend("198.18.105.2:8080")).unwrap();
+        d.take_unapplied();
+        let overlay = d.overlay.clone();
+        let services = d.services();
+        d.hold();
+        // a leaves, b and web change, c and e arrive: five services
+        // (max_services = 3), refused at the flush.
+        d.remove_service("a").unwrap();
+        d.add_backend("b", &backend("198.18.105.3:80")).unwrap();
+        d.remove_backend("web", "198.18.105.2:8080").unwrap();
+        d.drain_backend("web", "198.18.103.2:8080").unwrap();
+        d.add_service(&new_service("c", "198.18.101.4:80")).unwrap();
+        d.add_service(&new_service("e", "198.18.101.5:80")).unwrap();
+        d.remove_service("c").unwrap();
+        d.add_service(&new_service("a", "198.18.101.6:80")).unwrap();
+        let e = d.flush().unwrap_err();
+        assert_eq!(e.kind, RefusalKind::Conflict, "{}", e.message);
+        assert_eq!(d.overlay, overlay, "every entry back, in its place");
+        assert_eq!(d.services(), services);
+        let [kept, counted] = d.catalog.totals_and_recount();
+        assert_eq!(kept, counted);
+        // What the reconciler is handed again is the state before the group.
+        for (name, spec) in d.take_unapplied() {
+            let was = services.iter().find(|s| s.name == name);
+            assert_eq!(spec.as_ref(), was, "{name}");
+        }
+    }
+
+    #[test]
+    fn only_the_services_a_change_touches_are_applied_again() {
+        let dir = tmp("unapplied");
+        let mut d = Desired::load(&config(), dir.0.join("lb.state.json")).unwrap();
+        let first: Vec<String> = d.take_unapplied().into_iter().map(|c| c.0).collect();
+        assert_eq!(first, ["web"], "at first, every service");
+        d.add_service(&new_service("a", "198.18.101.2:80")).unwrap();
+        d.add_service(&new_service("b", "198.18.101.3:80")).unwrap();
+        d.take_unapplied();
+        d.add_backend("b", &backend("198.18.105.2:80")).unwrap();
+        let b = d.take_unapplied();
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].0, "b");
+        assert_eq!(b[0].1.as_ref().unwrap().backends.len(), 1);
+        d.drain_backend("b", "198.18.105.2:80").unwrap();
+        d.drain_backend("b", "198.18.105.2:80").unwrap();
+        assert_eq!(d.take_unapplied().len(), 1, "draining twice is one change");
+        d.remove_service("a").unwrap();
+        assert_eq!(d.take_unapplied(), [("a".to_owned(), None)]);
+        let mut docker = BTreeMap::new();
+        docker.insert(
+            "web".to_owned(),
+            vec![BackendSpec::from(&StoredBackend {
+                address: "198.18.105.9:8080".parse().unwrap(),
+                weight: 1,
+                drained: false,
+            })],
+        );
+        d.set_docker(docker.clone());
+        let web: Vec<String> = d.take_unapplied().into_iter().map(|c| c.0).collect();
+        assert_eq!(web, ["web"], "a container joins one service");
+        d.set_docker(docker);
+        assert!(
+            d.take_unapplied().is_empty(),
+            "the same containers change nothing"
+        );
+    }
+
+    #[test]
+    fn one_backend_more_is_one_short_journal_line() {
+        let (_dir, _path, journal, mut d) = fresh("journal-patch");
+        d.disk.compact_above = u64::MAX;
+        d.add_service(&new_service("api", "198.18.101.2:80"))
+            .unwrap();
+        let many = |n: u8| -> Vec<NewBackend> {
+            (1..=n)
+                .map(|i| backend(&format!("198.18.105.{i}:80")))
+                .collect()
+        };
+        d.add_backends("api", &many(200)).unwrap();
+        d.add_backends("web", &many(200)).unwrap();
+        for (service, address) in [("api", "198.18.106.1:80"), ("web", "198.18.106.1:80")] {
+            let before = fs::metadata(&journal).unwrap().len();
+            d.add_backend(service, &backend(address)).unwrap();
+            let line = fs::metadata(&journal).unwrap().len() - before;
+            assert!(line < 200, "{service}: {line} bytes for one backend");
+        }
+        let before = fs::metadata(&journal).unwrap().len();
+        d.drain_backend("web", "198.18.103.2:8080").unwrap();
+        d.set_weight("web", "198.18.105.7:80", 3).unwrap();
+        assert!(fs::metadata(&journal).unwrap().len() - before < 400);
+        let again = Desired::load(&config(), d.path().to_owned()).unwrap();
+        assert_eq!(again.services(), d.services());
     }
 
     #[test]
@@ -1356,7 +1703,8 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
         });
         assert_eq!(spec.image, rule);
         let again = Desired::load(&config(), path).unwrap();
-        assert_eq!(again.services()[1].image, rule);
+        let img = again.specs().find(|s| s.name == "img").unwrap();
+        assert_eq!(img.image, rule);
         for (image, port, field) in [
             (Some("web:1"), None, "target_port"),
             (None, Some(80), "image"),
@@ -1462,8 +1810,13 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
         }
     }
 
+    /// Backend `b`; 5 is one of the config's `web` backends.
     fn addr(b: u8) -> String {
-        format!("198.18.105.{b}:80")
+        if b == 5 {
+            "198.18.103.2:8080".into()
+        } else {
+            format!("198.18.105.{b}:80")
+        }
     }
 
     fn run(d: &mut Desired, op: &Op) {
@@ -1504,6 +1857,8 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
                 run(&mut d, op);
                 let again = Desired::load(&config(), path.clone()).unwrap();
                 prop_assert_eq!(again.services(), d.services(), "after change {} ({:?})", n, op);
+                let [kept, counted] = d.catalog.totals_and_recount();
+                prop_assert_eq!(kept, counted, "totals after change {} ({:?})", n, op);
             }
         }
     }

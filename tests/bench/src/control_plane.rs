@@ -450,9 +450,9 @@ pub fn section(o: &Outcome) -> Section {
             .with("mib", mib(o.vm_rss_after_kib)),
     ]);
     let mut notes = vec![format!(
-        "`lb run` over three backend namespaces, one service from its config file, default \
-         map sizes; `POST /v1/services/web/backends` sent one after the other over the admin \
-         socket (a new connection each, as the CLI does), {n} backends on 198.18.103-105.2, \
+        "`lb run` over three backend namespaces, one service from its config file (the \
+         default Maglev table of {} slots), default map sizes; \
+         `POST /v1/services/web/backends` sent one after the other over the admin socket (a new connection each, as the CLI does), {n} backends on 198.18.103-105.2, \
          ports {FIRST_PORT} and up: they need not answer, but the daemon resolves each like \
          a real one (route, neighbour, veth peer). It answers a change once the maps hold \
          it, so an answer is when that change is in the map. Afterwards the pinned maps were \
@@ -460,6 +460,7 @@ pub fn section(o: &Outcome) -> Section {
          in the service's active Maglev table{}. RssAnon is the daemon process's own memory \
          (heap and stacks); VmRSS adds its binary and the Maglev array it maps to write \
          tables, which is the kernel's map memory (see how cost grows), not more of it.",
+        thousands(lb_common::defaults::TABLE_SIZE.into()),
         thousands(o.active_in_map as u64),
         thousands(o.in_table as u64),
         match o.api_listed {

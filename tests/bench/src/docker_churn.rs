@@ -1562,7 +1562,7 @@ pub fn section(o: &Outcome) -> Section {
     let victim_answers: usize = o.rounds.iter().map(|r| r.victim_answers_after_kill).sum();
     let mut notes = vec![format!(
         "`lb run` with `[docker] enabled = true` and one service (VIP:80, TCP) declared \
-         without backends, default map sizes (Maglev M = 65,537); {BASE_CONTAINERS} containers \
+         without backends, default map sizes (Maglev M = {}); {BASE_CONTAINERS} containers \
          labelled `lb.service=web`, `lb.port=8080` (busybox `httpd` answering its name) serve \
          it throughout, and each round `docker run`s one more, SIGKILLs its main process from \
          the host once it serves, and removes it: {n} rounds{}. Event times are the engine's \
@@ -1577,6 +1577,7 @@ pub fn section(o: &Outcome) -> Section {
          flips that put a container in, {}; for those that took one out, {} (after a kill \
          the thread sometimes did not run for milliseconds, while the engine and the kernel \
          tore the container down: a figure ending there may be that much late).",
+        crate::scale::thousands(lb_common::defaults::TABLE_SIZE.into()),
         if o.asked > n {
             format!(" of the {} asked for (source ports ran out)", o.asked)
         } else {

@@ -336,6 +336,13 @@ impl Rig {
     /// Writes service `sid` = VIP:`port`/`proto` whose table holds `members`,
     /// and records it as the one service of each member for the reverse path.
     pub fn service(&mut self, sid: u32, port: u16, proto: u8, members: &[u32]) {
+        self.service_at(sid, VIP, port, proto, members);
+    }
+
+    /// Writes service `sid` = `vip`:`port`/`proto` whose table holds
+    /// `members`, and adds it to each member's services for the reverse
+    /// path.
+    pub fn service_at(&mut self, sid: u32, vip: [u8; 4], port: u16, proto: u8, members: &[u32]) {
         for &id in members {
             let b = self
                 .dp
@@ -352,7 +359,7 @@ impl Rig {
             // Add this service to the backend's list, as the reconcile loop does.
             let mut rev: RevNat = self.dp.maps.rev_nat.get(&key, 0).unwrap_or_default();
             let i = rev.count as usize;
-            rev.vip[i] = u32::from_ne_bytes(VIP);
+            rev.vip[i] = u32::from_ne_bytes(vip);
             rev.vport[i] = port.to_be();
             rev.count += 1;
             self.dp
@@ -361,6 +368,37 @@ impl Rig {
                 .insert(key, rev, 0)
                 .expect("rev nat written");
         }
+        let base = self.table(sid, members);
+        let value = ServiceValue {
+            id: sid,
+            table_base: base,
+            table_size: TABLE,
+            flags: 0,
+        };
+        // Let the VIP's packets past the early filter, as the reconciler does.
+        let bit = lb_common::vip_filter_bit(u32::from_ne_bytes(vip));
+        let word = self
+            .dp
+            .maps
+            .vip_filter
+            .get(&(bit / 64), 0)
+            .expect("filter word");
+        self.dp
+            .maps
+            .vip_filter
+            .set(bit / 64, word | (1 << (bit % 64)), 0)
+            .expect("filter written");
+        self.dp
+            .maps
+            .services
+            .insert(ServiceKey::new(vip, port, proto), value, 0)
+            .expect("service written");
+    }
+
+    /// Writes service `sid`'s Maglev table (its first copy) over
+    /// `members`, as the reconciler does when they change; returns the
+    /// table's first slot.
+    pub fn table(&mut self, sid: u32, members: &[u32]) -> u32 {
         let members: Vec<MaglevBackend> = members
             .iter()
             .map(|&id| MaglevBackend {
@@ -378,30 +416,7 @@ impl Rig {
                 .set(base + i as u32, slot, 0)
                 .expect("slot written");
         }
-        let value = ServiceValue {
-            id: sid,
-            table_base: base,
-            table_size: TABLE,
-            flags: 0,
-        };
-        // Let the VIP's packets past the early filter, as the reconciler does.
-        let bit = lb_common::vip_filter_bit(u32::from_ne_bytes(VIP));
-        let word = self
-            .dp
-            .maps
-            .vip_filter
-            .get(&(bit / 64), 0)
-            .expect("filter word");
-        self.dp
-            .maps
-            .vip_filter
-            .set(bit / 64, word | (1 << (bit % 64)), 0)
-            .expect("filter written");
-        self.dp
-            .maps
-            .services
-            .insert(ServiceKey::new(VIP, port, proto), value, 0)
-            .expect("service written");
+        base
     }
 
     /// Service 0 = TCP VIP:80 with fixture backends `0..n` on :8080.

@@ -732,3 +732,121 @@ fn the_tracker_notes_the_docker_event_behind_each_containers_change() {
     assert!(!t.update(DockerUpdate::Upsert(restarted)));
     assert!(t.take_causes().is_empty());
 }
+
+#[test]
+fn a_label_key_with_a_line_break_is_one_problem_line() {
+    // Found by the property test below: the key was quoted as it is.
+    let p = skipped(&labelled("k", &[("lb.x\nlb.service=web", "1")]));
+    assert!(!p.contains(['\n', '\r']), "{p:?}");
+    assert!(
+        p.contains(r"label lb.x\nlb.service=web is not one of"),
+        "{p}"
+    );
+}
+
+mod properties {
+    use proptest::{collection::btree_map, prelude::*, sample::select};
+
+    use super::*;
+    use crate::inputs::{one_clear_line, text};
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            select(LABELS.to_vec()).prop_map(String::from),
+            text().prop_map(|t| format!("lb.{t}")),
+            text(),
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            select(vec!["web", "api", "8080", "0", "2", "bridge", "other"]).prop_map(String::from),
+            text(),
+        ]
+    }
+
+    /// One change to a well-formed label set.
+    #[derive(Clone, Debug)]
+    enum Mutation {
+        Remove(usize),
+        Value(usize, String),
+        Key(usize, String),
+        Add(String, String),
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            (0..4usize).prop_map(Mutation::Remove),
+            (0..4usize, value()).prop_map(|(i, v)| Mutation::Value(i, v)),
+            (0..4usize, key()).prop_map(|(i, k)| Mutation::Key(i, k)),
+            (key(), value()).prop_map(|(k, v)| Mutation::Add(k, v)),
+        ]
+    }
+
+    /// `c` on one network, or on two (so `lb.network` must choose).
+    fn on_networks(mut c: Container, two: bool) -> Container {
+        if two {
+            c.networks.insert(
+                "other".into(),
+                Endpoint {
+                    ip: Ipv4Addr::new(198, 19, 0, 2),
+                    mac: None,
+                },
+            );
+        }
+        c
+    }
+
+    /// Serves, with a usable backend, or gives one clear problem.
+    fn check(c: &Container) -> Result<(), TestCaseError> {
+        match members(c, &services()) {
+            Ok(ms) => {
+                for m in ms {
+                    prop_assert!(m.backend.weight >= 1);
+                    prop_assert!(m.backend.addr.port() != 0);
+                }
+                Ok(())
+            }
+            Err(p) => one_clear_line("labels", &p.0),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_labels_serve_or_give_one_clear_problem(
+            labels in btree_map(key(), value(), 0..6),
+            image in select(vec![API, OTHER]),
+            two in any::<bool>(),
+        ) {
+            let mut c = on_networks(container("c1", image, &[]), two);
+            c.labels = labels;
+            check(&c)?;
+        }
+
+        #[test]
+        fn well_formed_labels_with_one_change(m in mutation(), two in any::<bool>()) {
+            let mut labels: Vec<(String, String)> = [
+                (LABEL_SERVICE, "web"),
+                (LABEL_PORT, "8080"),
+                (LABEL_WEIGHT, "2"),
+                (LABEL_NETWORK, "bridge"),
+            ]
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+            match m {
+                Mutation::Remove(i) => {
+                    labels.remove(i);
+                }
+                Mutation::Value(i, v) => labels[i].1 = v,
+                Mutation::Key(i, k) => labels[i].0 = k,
+                Mutation::Add(k, v) => labels.push((k, v)),
+            }
+            let mut c = on_networks(container("c1", OTHER, &[]), two);
+            c.labels = labels.into_iter().collect();
+            check(&c)?;
+        }
+    }
+}

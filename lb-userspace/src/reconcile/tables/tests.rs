@@ -152,9 +152,23 @@ mod write_order {
                 ((s, b.addr), ok.then(|| delivery(7)))
             })
             .collect();
+        // As the daemon does: only the services that changed are planned.
+        let gone: Vec<String> = (tables.services.keys())
+            .filter(|n| !services.iter().any(|s| &s.name == *n))
+            .cloned()
+            .collect();
+        let changes: Vec<(&str, Option<&ServiceSpec>)> = (gone.iter())
+            .map(|n| (n.as_str(), None))
+            .chain(
+                services
+                    .iter()
+                    .filter(|s| tables.services.get(&s.name).is_none_or(|st| st.spec != **s))
+                    .map(|s| (s.name.as_str(), Some(s))),
+            )
+            .collect();
         let mut ops = Vec::new();
         tables
-            .plan(services, &resolved, now, &mut ops)
+            .plan_changes(&changes, &resolved, now, &mut ops)
             .expect("within the limits");
         store::apply(store, &ops).expect("the memory store takes everything");
         ops
@@ -354,7 +368,12 @@ mod write_order {
         let mut wiped = MemStore::new(SIZES.maglev_slots());
         wiped.services = store.services.clone();
         tables.forget_written(&wiped);
-        step(&mut tables, &mut wiped, &services, &reach, now);
+        // As the daemon does after a failed apply: the whole state.
+        let mut ops = Vec::new();
+        tables
+            .plan(&services, &Resolved::new(), now, &mut ops)
+            .unwrap();
+        store::apply(&mut wiped, &ops).unwrap();
         check_end_state(&tables, &wiped, &services);
         assert_eq!(wiped.rev_nat.len(), 2);
     }

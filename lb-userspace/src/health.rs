@@ -352,9 +352,15 @@ mod tests {
     }
 
     /// A loopback port with nothing listening on it.
-    async fn free_port() -> SocketAddrV4 {
-        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-        v4(l.local_addr().unwrap())
+    /// A loopback port that refuses connections, and the socket that keeps
+    /// it: bound but not listening, so no other test running meanwhile can
+    /// be given it and answer there (a port freed again could be), and
+    /// `listen` opens it.
+    fn closed_port() -> (tokio::net::TcpSocket, SocketAddrV4) {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
+        let addr = v4(s.local_addr().unwrap());
+        (s, addr)
     }
 
     async fn next(rx: &mut mpsc::Receiver<Report>, within: Duration) -> Option<Report> {
@@ -408,7 +414,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_port_goes_down_once_then_comes_back() {
-        let addr = free_port().await;
+        let (closed, addr) = closed_port();
         let (tx, mut rx) = mpsc::channel(16);
         let checker = spawn(tx);
         let started = Instant::now();
@@ -430,7 +436,7 @@ mod tests {
         // and the `rise`-th one `rise - 1` intervals later. (Timed from
         // after the bind, a success in between made it look early.)
         let back = Instant::now();
-        let listener = TcpListener::bind(SocketAddr::V4(addr)).await.unwrap();
+        let listener = closed.listen(16).unwrap();
         let server = accepting(listener).await;
         let report = next(&mut rx, Duration::from_secs(5)).await;
         assert_eq!(report, Some(("web".into(), addr, true)));
@@ -442,7 +448,7 @@ mod tests {
 
     #[tokio::test]
     async fn unchanged_checks_keep_their_state_and_removed_ones_release_the_backend() {
-        let down = free_port().await;
+        let (_closed, down) = closed_port();
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
         let up = v4(listener.local_addr().unwrap());
         let server = accepting(listener).await;
@@ -473,7 +479,7 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_the_updater_stops_every_check() {
-        let addr = free_port().await;
+        let (_closed, addr) = closed_port();
         let (tx, mut rx) = mpsc::channel(16);
         let checker = spawn(tx);
         // Failing checks that would take long to report anything.

@@ -629,7 +629,7 @@ struct Staged {
 }
 
 impl Request {
-    /// The service a change is about (none for a read of all of them).
+    /// The service a request is about (none for a read of all of them).
     fn service(&self) -> Option<&str> {
         match self {
             Request::AddService(new) => Some(&new.name),

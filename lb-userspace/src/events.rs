@@ -3,8 +3,8 @@
 //!
 //! One owner writes it: the controller, at the points where it commits a
 //! change (a batch of API calls and Docker news, a health result, a
-//! reachability refresh), by comparing what the maps hold now with what it
-//! last published ([`diff`] of two [`Marks`]). Readers never hold it up:
+//! reachability refresh), by comparing what the reconciler holds now with
+//! what it last published ([`diff`] of two [`Marks`]). Readers never hold it up:
 //! [`EventLog::emit`] appends to a bounded history ([`HISTORY`] events)
 //! under a lock held for one push, and wakes readers through a
 //! `tokio::sync::watch` of the last sequence number. Each reader

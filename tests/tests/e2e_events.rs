@@ -3,15 +3,16 @@
 //! API appear in order, numbered without holes, with their kinds and
 //! reasons; `--since` resumes; a resume from before the history, and a
 //! client that stops reading while thousands of changes go by, each get a
-//! `gap` line; streams take at most half the API's connections; stopping
-//! the daemon ends every stream with `daemon_stopping`; a container
-//! started, paused, unpaused and killed in a real Docker engine shows as
-//! its backend's events, with its name and the engine's event. Run as root, one
+//! `gap` line; a member of the read group may follow; streams take at most
+//! half the API's connections; stopping the daemon ends every stream with
+//! `daemon_stopping`; a container started, paused, unpaused and killed in
+//! a real Docker engine shows as its backend's events, with its name and
+//! the engine's event. Run as root, one
 //! at a time: `cargo test -p lb-tests --test e2e_events -- --test-threads=1`.
 
 use std::{
     io::{Read as _, Write as _},
-    os::unix::net::UnixStream,
+    os::unix::{fs::PermissionsExt as _, net::UnixStream},
     time::{Duration, Instant},
 };
 
@@ -21,6 +22,11 @@ use lb_harness::{
     ops::{stop_with_output, DaemonFiles, Follower, LbCli},
     render_config, require_root, Daemon, ServiceConfig, Topology,
 };
+
+/// A group the config lets read (no such group need exist on the host),
+/// and a user in it that is nobody's on the host.
+const READ_GID: u32 = 4002;
+const READER: u32 = 4100;
 
 /// How long one event may take to show.
 const SHOWS_WITHIN: Duration = Duration::from_secs(10);
@@ -35,10 +41,13 @@ struct Events {
 
 impl Events {
     /// With `[api] max_connections` (streams may take half of them) and
-    /// `request_timeout_ms`.
+    /// `request_timeout_ms`; members of group [`READ_GID`] may read.
     fn start(prefix: &str, max_connections: usize, request_timeout_ms: u64) -> Events {
         let topo = Topology::new(prefix, 1);
         let files = DaemonFiles::new(&topo, "events");
+        // Other users must reach the socket's directory.
+        std::fs::set_permissions(files.dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod 755 the test directory");
         let web = ServiceConfig::new(
             "web",
             &format!("{}:80", topo.vip()),
@@ -46,7 +55,8 @@ impl Events {
             &[format!("{}:8080", topo.backend_addr(0))],
         );
         files.write_config(&format!(
-            "{}\n[api]\nmax_connections = {max_connections}\nrequest_timeout_ms = {request_timeout_ms}\n\n\
+            "{}\n[api]\nmax_connections = {max_connections}\nrequest_timeout_ms = {request_timeout_ms}\n\
+             read_group = \"{READ_GID}\"\n\n\
              [docker]\nenabled = false\n",
             render_config(&[&topo.client_host_if()], &[web]),
         ));
@@ -132,8 +142,13 @@ fn api_changes_stream_in_order_and_resume_with_since() {
         start[0].time
     );
 
-    // Only what happens from now on, for one service.
-    let live = lb.follow(&["events", "--json", "--service", "api1"]);
+    // Only what happens from now on, for one service, followed by a
+    // member of the read group: following needs read access only.
+    let live = lb.follow_as_member(
+        READER,
+        &[READ_GID],
+        &["events", "--json", "--service", "api1"],
+    );
     // Readable lines.
     let readable = lb.follow(&["events", "--since", "3"]);
 
@@ -171,7 +186,8 @@ fn api_changes_stream_in_order_and_resume_with_since() {
     assert_eq!(events[6].change.weight, Some(3));
     assert_eq!(events[3].change.state, Some(BackendState::Active));
 
-    // The filtered live reader saw the two events of api1 only.
+    // The filtered live reader (the read group's member) saw the two
+    // events of api1 only.
     let filtered = wait_kind(&live, EventKind::ServiceRemoved);
     assert_eq!(
         summary(&filtered),

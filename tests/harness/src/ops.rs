@@ -204,11 +204,30 @@ impl LbCli {
     /// background; its output is collected line by line as it comes, and
     /// it is killed when the [`Follower`] is dropped.
     pub fn follow(&self, args: &[&str]) -> Follower {
-        let command = self.command_line(&[], args);
-        let mut child = Command::new(&self.binary)
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--socket").arg(&self.socket).args(args);
+        Self::spawn_follower(self.command_line(&[], args), cmd)
+    }
+
+    /// Like [`LbCli::follow`], as user `uid` in exactly the supplementary
+    /// `groups` (through util-linux `setpriv`, as [`LbCli::run_as_member`]).
+    pub fn follow_as_member(&self, uid: u32, groups: &[u32], args: &[&str]) -> Follower {
+        let reuid = format!("--reuid={uid}");
+        let regid = format!("--regid={uid}");
+        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+        let groups = format!("--groups={}", list.join(","));
+        let prefix = ["setpriv", reuid.as_str(), regid.as_str(), groups.as_str()];
+        let mut cmd = Command::new(prefix[0]);
+        cmd.args(&prefix[1..])
+            .arg(&self.binary)
             .arg("--socket")
             .arg(&self.socket)
-            .args(args)
+            .args(args);
+        Self::spawn_follower(self.command_line(&prefix, args), cmd)
+    }
+
+    fn spawn_follower(command: String, mut cmd: Command) -> Follower {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

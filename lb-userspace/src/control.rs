@@ -8,11 +8,15 @@
 //! are taken in together: each service's table is rebuilt once for the
 //! batch. A lone event is handled at once, nothing waits for a batch.
 //!
+//! Every change it commits is published to the change log ([`EventLog`])
+//! from here, the one place that knows both what changed and why.
+//!
 //! Reads (counters, flows, status) are answered off this task: the
 //! controller takes a cheap view of the membership and a blocking thread
 //! fills it in through the [`Reader`], so a scrape never holds up a change.
 
 use std::{
+    collections::BTreeSet,
     net::SocketAddrV4,
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -27,6 +31,7 @@ use crate::{
         ServiceInfo, Stats, Status,
     },
     docker::{DockerSink, DockerUpdate, Tracker},
+    events::{self, Cause, Change, EventKind, EventLog, Marks, Reason},
     health::{HealthSink, HealthUpdater},
     model::{Refusal, RefusalKind},
     reconcile::{Reader, Reconciler, ServiceView},
@@ -166,6 +171,9 @@ pub struct Controller {
     info: DaemonInfo,
     reader: Arc<Reader>,
     health: Option<HealthUpdater>,
+    events: EventLog,
+    /// The services as last published to `events`.
+    marks: Marks,
     /// The last apply failed: the maps' state is unknown, so the next one
     /// applies every service, not only those that changed.
     apply_all: bool,
@@ -173,13 +181,15 @@ pub struct Controller {
 
 impl Controller {
     /// Takes over a reconciler that has applied `desired`, whose Docker
-    /// backends `docker` assigned. `reader` answers reads.
+    /// backends `docker` assigned. `reader` answers reads; every change is
+    /// published to `events`.
     pub fn new(
         rec: Reconciler,
         desired: Desired,
         docker: Tracker,
         info: DaemonInfo,
         reader: Reader,
+        events: EventLog,
     ) -> Self {
         Self {
             rec,
@@ -188,6 +198,8 @@ impl Controller {
             info,
             reader: Arc::new(reader),
             health: None,
+            events,
+            marks: Marks::new(),
             apply_all: false,
         }
     }
@@ -202,11 +214,20 @@ impl Controller {
     /// Carries out what arrives in `inbox`, re-checks delivery every
     /// [`REFRESH_EVERY`], until `shutdown` completes. Then answers what was
     /// already accepted and gives the reconciler back, for shutdown.
+    ///
+    /// The change log starts with `daemon_started` and the services and
+    /// backends the daemon starts with, and ends with `daemon_stopping`,
+    /// after which it is closed (every stream of it ends).
     pub async fn run(
         mut self,
         mut inbox: mpsc::Receiver<Input>,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Reconciler {
+        self.events.emit(Change {
+            detail: Some(format!("lb {}", env!("CARGO_PKG_VERSION"))),
+            ..Change::new(EventKind::DaemonStarted)
+        });
+        self.publish(None, Reason::Config);
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(REFRESH_EVERY);
         tick.tick().await;
@@ -224,6 +245,7 @@ impl Controller {
                     if let Err(e) = self.rec.refresh().await {
                         warn!(error = %format!("{e:#}"), "refresh failed; retrying at the next tick");
                     }
+                    self.publish(None, Reason::Reachable);
                 }
             }
         }
@@ -233,7 +255,50 @@ impl Controller {
         while let Ok(input) = inbox.try_recv() {
             self.handle_batch(vec![input]).await;
         }
+        self.events.emit(Change::new(EventKind::DaemonStopping));
+        self.events.close();
         self.rec
+    }
+
+    /// Publishes to the change log how the services (all, or those
+    /// named) differ from what it last published; `default` is the reason
+    /// of a change no more specific rule explains (see [`Cause`]).
+    fn publish(&mut self, services: Option<&BTreeSet<String>>, default: Reason) {
+        let docker = self.docker.take_causes();
+        let tracker = &self.docker;
+        let after = self.rec.marks(services, |s, addr| {
+            tracker.container(s, addr).map(str::to_owned)
+        });
+        let cause = Cause {
+            default,
+            docker: &docker,
+        };
+        let before = match services {
+            Some(names) => names
+                .iter()
+                .filter_map(|n| self.marks.remove_entry(n.as_str()))
+                .collect(),
+            None => std::mem::take(&mut self.marks),
+        };
+        for change in events::diff(&before, &after, &cause) {
+            self.events.emit(change);
+        }
+        self.marks.extend(after);
+    }
+
+    /// Publishes what the Docker engine client says about its connection.
+    fn docker_status(&self, status: &str) {
+        let kind = if status.starts_with("connected") {
+            EventKind::DockerConnected
+        } else if status.starts_with("disconnected") {
+            EventKind::DockerLost
+        } else {
+            return;
+        };
+        self.events.emit(Change {
+            detail: Some(status.to_owned()),
+            ..Change::new(kind)
+        });
     }
 
     /// Handles messages in arrival order. Docker updates and changes that
@@ -248,7 +313,12 @@ impl Controller {
         let mut touched = false;
         for input in batch {
             match input {
-                Input::Docker(update) => docker_changed |= self.docker.update(update),
+                Input::Docker(update) => {
+                    if let DockerUpdate::Status(s) = &update {
+                        self.docker_status(s);
+                    }
+                    docker_changed |= self.docker.update(update);
+                }
                 Input::Call(req, reply) if req.is_change() => changes.push((req, reply)),
                 // A read or a health result: what came before it is
                 // committed first, so it sees it.
@@ -339,6 +409,16 @@ impl Controller {
                 "applying changes failed; retrying at the next change"
             );
         }
+        // Only the services the calls name changed, unless Docker's
+        // membership was worked out again: then any may have.
+        let named = (!membership).then(|| {
+            requests
+                .iter()
+                .filter_map(Request::service)
+                .map(str::to_owned)
+                .collect()
+        });
+        self.publish(named.as_ref(), Reason::Api);
         for (r, reply) in results.into_iter().zip(replies) {
             let answer = match (r, &saved, &applied) {
                 (Err(e), _, _) => Err(e),
@@ -361,6 +441,10 @@ impl Controller {
         if let Err(e) = self.rec.set_health(service, addr, healthy) {
             warn!(service, backend = %addr, error = %format!("{e:#}"), "applying a health result failed");
         }
+        self.publish(
+            Some(&BTreeSet::from([service.to_owned()])),
+            Reason::HealthCheck,
+        );
     }
 
     /// Applies the services that changed since the last apply (all of
@@ -545,6 +629,23 @@ struct Staged {
 }
 
 impl Request {
+    /// The service a request is about (none for a read of all of them).
+    fn service(&self) -> Option<&str> {
+        match self {
+            Request::AddService(new) => Some(&new.name),
+            Request::RemoveService(name)
+            | Request::ListBackends(name)
+            | Request::AddBackends(name, _)
+            | Request::SetBackends(name, _)
+            | Request::RemoveBackend(name, _)
+            | Request::DrainBackend(name, _)
+            | Request::UndrainBackend(name, _)
+            | Request::SetWeight(name, _, _) => Some(name),
+            Request::Stats(name) => name.as_deref(),
+            Request::ListServices | Request::Status => None,
+        }
+    }
+
     /// Whether it changes the desired state (else it only reads).
     fn is_change(&self) -> bool {
         !matches!(

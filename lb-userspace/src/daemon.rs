@@ -18,11 +18,13 @@ use crate::{
     control::{Controller, DaemonInfo, Handle},
     datapath::{Datapath, MapSizes},
     docker::{self, DockerUpdate, Session, Tracker},
+    events::EventLog,
     health,
     host::{Host, Link},
     metrics,
     reconcile::Reconciler,
     state::{default_state_path, Desired},
+    ui,
 };
 
 /// Options of `lb run`.
@@ -48,6 +50,10 @@ pub struct RunArgs {
     /// services, their backends and their traffic.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
+    /// Serve the read-only dashboard page on http://ADDR/, e.g.
+    /// 127.0.0.1:9107 [default: off]. Keep it on loopback, as --metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub ui: Option<SocketAddr>,
     /// Docker engine to follow, e.g. unix:///var/run/docker.sock or
     /// tcp://127.0.0.1:2375 [default: the config's docker.host, else the
     /// local socket]. Turns the watcher on unless the config turns it off.
@@ -154,8 +160,8 @@ async fn find_externals(
     Ok(externals)
 }
 
-/// The admin socket and the metrics port, bound before anything is
-/// attached: a second daemon, or a busy port, stops here.
+/// The admin socket, the metrics port and the dashboard's, bound before
+/// anything is attached: a second daemon, or a busy port, stops here.
 struct Listeners {
     api: tokio::net::UnixListener,
     /// Who may use it and its bounds.
@@ -163,6 +169,7 @@ struct Listeners {
     /// Removes the socket when the daemon exits.
     _socket: RemoveOnDrop,
     metrics: Option<tokio::net::TcpListener>,
+    ui: Option<tokio::net::TcpListener>,
 }
 
 async fn bind_listeners(args: &RunArgs, api_spec: &ApiSpec) -> anyhow::Result<Listeners> {
@@ -176,11 +183,20 @@ async fn bind_listeners(args: &RunArgs, api_spec: &ApiSpec) -> anyhow::Result<Li
         ),
         None => None,
     };
+    let ui = match args.ui {
+        Some(addr) => Some(
+            ui::bind(addr)
+                .await
+                .with_context(|| format!("binding --ui {addr}"))?,
+        ),
+        None => None,
+    };
     Ok(Listeners {
         api,
         api_spec: api_spec.clone(),
         _socket: socket,
         metrics,
+        ui,
     })
 }
 
@@ -293,12 +309,13 @@ struct Running {
     control: tokio::task::JoinHandle<Reconciler>,
     api: tokio::task::JoinHandle<std::io::Result<()>>,
     metrics: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    ui: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     watcher: Option<tokio::task::JoinHandle<()>>,
     _listeners: RemoveOnDrop,
 }
 
-/// Starts the controller, the admin API, metrics, the Docker engine client
-/// and the health checker.
+/// Starts the controller, the admin API, metrics, the dashboard, the Docker
+/// engine client and the health checker.
 fn serve(
     rec: Reconciler,
     desired: Desired,
@@ -309,16 +326,18 @@ fn serve(
     first: Option<Session>,
 ) -> anyhow::Result<Running> {
     let reader = rec.reader()?;
+    let events = EventLog::default();
     let (handle, inbox) = Handle::new();
     let (stop, stop_rx) = watch::channel(false);
     // Backends start healthy (as the reconciler assumes); checks can only
     // take them out. The controller keeps them in step with the services.
-    let control = Controller::new(rec, desired, tracker, info, reader)
+    let control = Controller::new(rec, desired, tracker, info, reader, events.clone())
         .with_health(health::spawn(handle.clone()));
     let control = tokio::spawn(control.run(inbox, wait_for(stop_rx.clone())));
     let api = tokio::spawn(server::serve(
         listeners.api,
         handle.clone(),
+        events.clone(),
         listeners.api_spec,
         wait_for(stop_rx.clone()),
     ));
@@ -332,6 +351,17 @@ fn serve(
             wait_for(stop_rx.clone()),
         ))
     });
+    let ui = listeners.ui.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            info!(url = %format!("http://{addr}/"), "serving the dashboard");
+        }
+        tokio::spawn(ui::serve_on(
+            listener,
+            handle.clone(),
+            events.clone(),
+            wait_for(stop_rx.clone()),
+        ))
+    });
     let watcher = docker
         .on
         .then(|| tokio::spawn(docker::watch(docker.host.clone(), handle.clone(), first)));
@@ -340,6 +370,7 @@ fn serve(
         control,
         api,
         metrics,
+        ui,
         watcher,
         _listeners: listeners._socket,
     })
@@ -355,7 +386,7 @@ impl Running {
             w.abort();
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.api).await;
-        if let Some(task) = self.metrics {
+        for task in [self.metrics, self.ui].into_iter().flatten() {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
         self.control

@@ -1,6 +1,7 @@
 //! The `lb` daemon as a library: config, Maglev, the data path loader, host
-//! queries, the reconcile loop, the admin API and CLI, health checks and
-//! metrics. `main.rs` only parses the command line and dispatches.
+//! queries, the reconcile loop, the admin API and CLI, health checks,
+//! metrics, the change log and the dashboard. `main.rs` only parses the
+//! command line and dispatches.
 pub mod api;
 pub mod cli;
 pub mod config;
@@ -8,6 +9,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod docker;
+pub mod events;
 pub mod health;
 pub mod host;
 #[cfg(test)]
@@ -18,3 +20,4 @@ pub mod model;
 pub mod privileges;
 pub mod reconcile;
 pub mod state;
+pub mod ui;

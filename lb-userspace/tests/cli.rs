@@ -22,6 +22,7 @@ use lb::{
         },
     },
     control::{Handle, Input, Request, Response},
+    events::{Change, EventKind, EventLog, Reason},
     model::{HealthCheck, Origin, Protocol, Refusal},
 };
 use serde_json::Value;
@@ -135,6 +136,7 @@ fn scratch(tag: &str) -> Scratch {
 struct FakeDaemon {
     socket: PathBuf,
     requests: Arc<Mutex<Vec<Request>>>,
+    events: EventLog,
     _rt: tokio::runtime::Runtime,
     _dir: Scratch,
 }
@@ -161,15 +163,18 @@ impl FakeDaemon {
                 }
             }
         });
+        let events = EventLog::default();
         rt.spawn(server::serve(
             listener,
             handle,
+            events.clone(),
             lb::config::ApiSpec::default(),
             std::future::pending(),
         ));
         Self {
             socket,
             requests,
+            events,
             _rt: rt,
             _dir: dir,
         }
@@ -595,4 +600,49 @@ fn watch_without_a_terminal_prints_successive_frames() {
         !lines.iter().any(|l| l.contains('\x1b')),
         "no escapes off a terminal"
     );
+}
+
+#[test]
+fn events_prints_one_line_per_event_and_ends_with_the_stream() {
+    let d = FakeDaemon::start("events", |_| Ok(Response::Done));
+    d.events.emit(Change::new(EventKind::DaemonStarted));
+    for (service, backend) in [("web", "198.18.1.1:80"), ("api", "198.18.1.2:80")] {
+        d.events.emit(Change {
+            service: Some(service.into()),
+            backend: Some(backend.into()),
+            state: Some(BackendState::Active),
+            weight: Some(1),
+            reason: Some(Reason::Api),
+            ..Change::new(EventKind::BackendAdded)
+        });
+    }
+    d.events.close();
+
+    let o = d.lb(&["events", "--since", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].contains("     1  daemon_started"), "{out}");
+    assert!(
+        lines[1].ends_with(
+            "2  backend_added     web  198.18.1.1:80  state=active  weight=1  reason=api"
+        ),
+        "{out}"
+    );
+
+    let o = d.lb(&["events", "--json", "--since", "1", "--service", "api"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let events: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object a line"))
+        .collect();
+    assert_eq!(events.len(), 1, "{out}");
+    assert_eq!(events[0]["seq"], 3);
+    assert_eq!(events[0]["service"], "api");
+    assert_eq!(events[0]["kind"], "backend_added");
+
+    let o = d.lb(&["events", "--since", "x"]);
+    assert_eq!(o.status.code(), Some(2), "a usage error");
 }

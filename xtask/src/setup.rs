@@ -17,20 +17,22 @@ use crate::cmd::{self, is_root, tools_bin, tools_dir};
 
 /// Debian packages that the tests, the demo and the daemon run.
 pub const PACKAGES: &[&str] = &[
-    "iproute2",       // ip: namespaces, veths, addresses, routes
-    "iptables",       // the FORWARD policy in tests; the iptables DNAT baseline
-    "ethtool",        // GRO on veth peers (XDP redirect needs it)
-    "util-linux",     // nsenter, mount
-    "busybox-static", // httpd and nc servers in namespaces and images
-    "bpftool",        // inspecting loaded programs, maps and links
-    "tcpdump",        // looking at traffic when a test fails
-    "procps",         // ps, sysctl, pkill
-    "conntrack",      // clearing the benchmark's conntrack entries between contenders
-    "nginx",          // real HTTP backends in the end-to-end benchmark
-    "wrk",            // the benchmark's HTTP load generator
-    "haproxy",        // the proxy contender of the benchmark
-    "nftables",       // nft: removing the nat table the iptables contender created
-    "docker.io",      // a real engine for the Docker watcher's tests (the harness starts dockerd)
+    "iproute2",        // ip: namespaces, veths, addresses, routes
+    "iptables",        // the FORWARD policy in tests; the iptables DNAT baseline
+    "ethtool",         // GRO on veth peers (XDP redirect needs it)
+    "util-linux",      // nsenter, mount
+    "busybox-static",  // httpd and nc servers in namespaces and images
+    "bpftool",         // inspecting loaded programs, maps and links
+    "tcpdump",         // looking at traffic when a test fails
+    "procps",          // ps, sysctl, pkill
+    "conntrack",       // clearing the benchmark's conntrack entries between contenders
+    "nginx",           // real HTTP backends in the end-to-end benchmark
+    "wrk",             // the benchmark's HTTP load generator
+    "haproxy",         // the proxy contender of the benchmark
+    "nftables",        // nft: removing the nat table the iptables contender created
+    "docker.io",       // a real engine for the Docker watcher's tests (the harness starts dockerd)
+    "chromium",        // a real browser for the dashboard's test
+    "chromium-driver", // chromedriver: the test drives chromium over WebDriver
 ];
 
 /// The bpf-linker release the eBPF build is known to work with (see

@@ -6,7 +6,10 @@ use std::{
 };
 
 use http_body_util::{BodyExt as _, Full};
-use hyper::{body::Bytes, Method, StatusCode};
+use hyper::{
+    body::{Bytes, Incoming},
+    Method, StatusCode,
+};
 use hyper_util::rt::TokioIo;
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::net::UnixStream;
@@ -91,12 +94,25 @@ impl Client {
             .map(|_| ())
     }
 
-    async fn call<B: Serialize, T: DeserializeOwned>(
+    /// `GET path` whose answer is a stream of lines (the events' NDJSON),
+    /// read with [`Lines::next`] as they arrive.
+    pub async fn lines(&self, path: &str) -> Result<Lines, ClientError> {
+        let resp = self.send(Method::GET, path, None::<&()>).await?;
+        Ok(Lines {
+            body: resp.into_body(),
+            buf: Vec::new(),
+            client: self.clone(),
+        })
+    }
+
+    /// Sends a request; an answer that is not a success becomes the
+    /// daemon's one line.
+    async fn send<B: Serialize>(
         &self,
         method: Method,
         path: &str,
         body: Option<&B>,
-    ) -> Result<T, ClientError> {
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|e| match e.kind() {
@@ -126,24 +142,75 @@ impl Client {
             .await
             .map_err(|e| self.protocol(e))?;
         let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
         let body = resp
             .into_body()
             .collect()
             .await
             .map_err(|e| self.protocol(e))?
             .to_bytes();
-        if !status.is_success() {
-            let message = serde_json::from_slice::<ApiError>(&body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| format!("HTTP {status}"));
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                message,
-            });
-        }
+        let message = serde_json::from_slice::<ApiError>(&body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| format!("HTTP {status}"));
+        Err(ClientError::Api {
+            status: status.as_u16(),
+            message,
+        })
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let resp = self.send(method, path, body).await?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.protocol(e))?
+            .to_bytes();
         if status == StatusCode::NO_CONTENT {
             return serde_json::from_slice(b"null").map_err(|e| self.protocol(e));
         }
         serde_json::from_slice(&body).map_err(|e| self.protocol(format!("unexpected answer: {e}")))
+    }
+}
+
+/// A streamed answer, line by line.
+#[derive(Debug)]
+pub struct Lines {
+    body: Incoming,
+    buf: Vec<u8>,
+    client: Client,
+}
+
+impl Lines {
+    /// The next non-empty line (empty ones are the stream's keep-alives),
+    /// or `None` once the daemon has ended the stream.
+    pub async fn next(&mut self) -> Result<Option<String>, ClientError> {
+        loop {
+            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&line[..end]).trim().to_owned();
+                if line.is_empty() {
+                    continue;
+                }
+                return Ok(Some(line));
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(self.client.protocol(e)),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
     }
 }

@@ -14,6 +14,23 @@
 //! | PUT | `/v1/services/{name}/backends/{address}/weight` | `Weight` | `{}` |
 //! | GET | `/v1/stats[?service=NAME]` | | `Stats` |
 //! | GET | `/v1/status` | | `Status` |
+//! | GET | `/v1/events[?since=SEQ][&service=NAME]` | | NDJSON of `Event` |
+//!
+//! `/v1/events` streams the change log ([`crate::events`]) as
+//! `application/x-ndjson`: one `Event` as JSON per line, as it happens,
+//! until the daemon stops (its last line is `daemon_stopping`) or the
+//! client goes. Without `since` it starts with the next event; with
+//! `since=SEQ` it first sends what the history holds after `SEQ` (`0`: all
+//! of it). A resume from before the history (it keeps the last
+//! [`HISTORY`](crate::events::HISTORY) events), or from a number of an
+//! earlier run of the daemon, starts with one line of kind `gap` saying
+//! what was missed; a reader that falls that far behind while it follows
+//! gets the same. An empty line is sent after [`HEARTBEAT`] without an
+//! event, so a client gone away is noticed; readers skip empty lines.
+//! A stream holds one of the `[api] max_connections` connections while it
+//! lasts; streams may take at most half of them ([`stream_slots`]), so
+//! changes and reads always find a connection: one stream more is answered
+//! 503.
 //!
 //! Errors are `{"error": "one line"}` with 400, 404, 409 or 500; 403 for a
 //! peer the [`access`](super::access) rules refuse, 413 for a body over
@@ -50,7 +67,7 @@ use serde::{de::DeserializeOwned, Deserialize};
 use tokio::{
     io::AsyncWriteExt as _,
     net::{UnixListener, UnixStream},
-    sync::Semaphore,
+    sync::{OwnedSemaphorePermit, Semaphore},
 };
 use tracing::warn;
 
@@ -58,6 +75,7 @@ use super::access::{Peer, Role};
 use super::types::{ApiError, NewBackend, Weight};
 use crate::config::ApiSpec;
 use crate::control::{Handle, Request, Response};
+use crate::events::{EventLog, Subscription};
 use crate::model::{Refusal, RefusalKind};
 
 /// Default path of the admin socket.
@@ -85,6 +103,97 @@ pub const MAX_BODY: usize = 4 << 20;
 
 /// How long a stopping daemon lets requests in flight finish.
 const DRAIN_ON_STOP: Duration = Duration::from_secs(5);
+
+/// An event stream quiet for this long sends an empty line, so that a
+/// client gone away is noticed by the failed write and its slot freed.
+pub const HEARTBEAT: Duration = Duration::from_secs(15);
+
+/// Event streams served at once on a socket with `max_connections`: half
+/// of them (at least one), so streams never take every connection.
+pub fn stream_slots(max_connections: u32) -> usize {
+    (max_connections as usize / 2).max(1)
+}
+
+/// The change log and how many may follow it at once.
+#[derive(Clone, Debug)]
+pub struct EventStreams {
+    log: EventLog,
+    slots: Arc<Semaphore>,
+    max: usize,
+}
+
+impl EventStreams {
+    /// At most `max` streams of `log` at once.
+    pub fn new(log: EventLog, max: usize) -> Self {
+        Self {
+            log,
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// Answers `GET …/events?since=&service=`: the stream, a 400 for a
+    /// `since` that is not a number, or a 503 when every slot is taken.
+    pub fn answer(&self, q: EventsQuery) -> HttpResponse {
+        let since = match q.since.as_deref().map(str::parse::<u64>) {
+            None => None,
+            Some(Ok(n)) => Some(n),
+            Some(Err(_)) => {
+                return failure(Refusal::invalid(
+                    "since: expected the sequence number of an event (0 for the whole history)"
+                        .into(),
+                ))
+            }
+        };
+        let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{} event streams are open, the most served at once; try again",
+                    self.max
+                ),
+            );
+        };
+        ndjson(self.log.subscribe(since, q.service), slot)
+    }
+}
+
+/// The query of `GET /v1/events`.
+#[derive(Debug, Deserialize)]
+pub struct EventsQuery {
+    /// Resume after this sequence number.
+    since: Option<String>,
+    /// Only this service's events (and the daemon's own).
+    service: Option<String>,
+}
+
+/// A subscription as an NDJSON response body, holding `slot` while it
+/// lasts; an empty line after every [`HEARTBEAT`] without an event.
+fn ndjson(sub: Subscription, slot: OwnedSemaphorePermit) -> HttpResponse {
+    let lines = futures_util::stream::unfold((sub, slot), |(mut sub, slot)| async move {
+        let line = match tokio::time::timeout(HEARTBEAT, sub.next()).await {
+            Ok(Some(e)) => {
+                let mut line = serde_json::to_vec(&*e).expect("an event serialises");
+                line.push(b'\n');
+                line
+            }
+            Ok(None) => return None,
+            Err(_) => b"\n".to_vec(),
+        };
+        Some((
+            Ok::<_, std::convert::Infallible>(Bytes::from(line)),
+            (sub, slot),
+        ))
+    });
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "application/x-ndjson"),
+            (axum::http::header::CACHE_CONTROL, "no-store"),
+        ],
+        Body::from_stream(lines),
+    )
+        .into_response()
+}
 
 /// Binds the admin socket: its directory made if needed, a stale socket
 /// from a dead daemon replaced. Mode 0600, so only root can connect, unless
@@ -117,11 +226,14 @@ pub async fn bind(path: &Path, shared: bool) -> Result<UnixListener, ServerError
 /// Serves the API on `listener` until `shutdown` completes: each connection
 /// on a task of its own, at most `spec.max_connections` at once, each with
 /// its peer's credentials checked on every request, and closed when it
-/// takes longer than `spec.request_timeout` to send a request. On shutdown,
-/// requests in flight get [`DRAIN_ON_STOP`] to finish.
+/// takes longer than `spec.request_timeout` to send a request (a response
+/// being sent, such as an event stream, has no time limit). On shutdown,
+/// requests in flight get [`DRAIN_ON_STOP`] to finish; event streams end
+/// when the controller closes `events`, after its `daemon_stopping`.
 pub async fn serve(
     listener: UnixListener,
     handle: Handle,
+    events: EventLog,
     spec: ApiSpec,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
@@ -129,7 +241,8 @@ pub async fn serve(
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(spec.request_timeout);
-    let app = router(handle).layer(middleware::from_fn_with_state(Arc::new(spec), guard));
+    let streams = EventStreams::new(events, stream_slots(max_connections));
+    let app = router(handle, streams).layer(middleware::from_fn_with_state(Arc::new(spec), guard));
     let permits = Arc::new(Semaphore::new(max_connections as usize));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -245,8 +358,27 @@ fn refuse(code: StatusCode, error: String) -> HttpResponse {
     (code, Json(ApiError { error })).into_response()
 }
 
+/// The routes' shared state.
+#[derive(Clone)]
+struct Api {
+    handle: Handle,
+    events: EventStreams,
+}
+
+impl axum::extract::FromRef<Api> for Handle {
+    fn from_ref(api: &Api) -> Handle {
+        api.handle.clone()
+    }
+}
+
+impl axum::extract::FromRef<Api> for EventStreams {
+    fn from_ref(api: &Api) -> EventStreams {
+        api.events.clone()
+    }
+}
+
 /// The routes.
-pub fn router(handle: Handle) -> Router {
+pub fn router(handle: Handle, events: EventStreams) -> Router {
     Router::new()
         .route("/v1/services", get(list_services).post(add_service))
         .route("/v1/services/{name}", axum::routing::delete(remove_service))
@@ -272,12 +404,13 @@ pub fn router(handle: Handle) -> Router {
         )
         .route("/v1/stats", get(stats))
         .route("/v1/status", get(status))
+        .route("/v1/events", get(follow_events))
         .fallback(|| async {
             failure(Refusal::not_found(
                 "no such API path (see lb --help)".into(),
             ))
         })
-        .with_state(handle)
+        .with_state(Api { handle, events })
 }
 
 fn failure(f: Refusal) -> HttpResponse {
@@ -418,6 +551,13 @@ async fn stats(State(h): State<Handle>, Query(q): Query<StatsQuery>) -> HttpResp
 
 async fn status(State(h): State<Handle>) -> HttpResponse {
     answer(&h, Request::Status, false).await
+}
+
+async fn follow_events(
+    State(events): State<EventStreams>,
+    Query(q): Query<EventsQuery>,
+) -> HttpResponse {
+    events.answer(q)
 }
 
 #[cfg(test)]

@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 // The domain types a body carries, part of the wire vocabulary too.
-pub use crate::model::{HealthCheck, Origin, Protocol};
+pub use crate::{
+    events::{Change, Event, EventKind, Reason},
+    model::{HealthCheck, Origin, Protocol},
+};
 
 /// An error body: `{"error": "one line"}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

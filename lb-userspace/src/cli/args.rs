@@ -59,6 +59,10 @@ pub enum Admin {
     Stats(StatsArgs),
     /// Version, uptime, interfaces, map fill levels, Docker state.
     Status(JsonArg),
+    /// Follow the daemon's changes as they happen, one line per event
+    /// (services, backends up/down/draining and why, Docker, the daemon);
+    /// ends when the daemon stops, or on Ctrl-C.
+    Events(EventsArgs),
     /// Print shell completions for lb.
     Completions(CompletionsArgs),
 }
@@ -305,6 +309,40 @@ pub struct StatsArgs {
     /// Seconds between refreshes of --watch, fractions allowed [default: 1].
     #[arg(long, value_name = "SECS", requires = "watch", value_parser = parse_interval)]
     pub interval: Option<Duration>,
+}
+
+/// `lb events`.
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Print each event as the API's JSON, one object per line.
+    #[arg(long)]
+    pub json: bool,
+    /// First replay the events after this sequence number that the daemon
+    /// still keeps (0: all it keeps), then follow; a line of kind `gap`
+    /// says what it no longer has.
+    #[arg(long, value_name = "SEQ")]
+    pub since: Option<u64>,
+    /// Only this service's events (and those about the daemon itself).
+    #[arg(long, value_name = "NAME", value_parser = NonEmptyStringValueParser::new())]
+    pub service: Option<String>,
+}
+
+impl EventsArgs {
+    /// The `GET /v1/events` path with its query.
+    pub fn path(&self) -> String {
+        let mut query = Vec::new();
+        if let Some(n) = self.since {
+            query.push(format!("since={n}"));
+        }
+        if let Some(s) = &self.service {
+            query.push(format!("service={}", crate::cli::url_segment(s)));
+        }
+        if query.is_empty() {
+            "/v1/events".into()
+        } else {
+            format!("/v1/events?{}", query.join("&"))
+        }
+    }
 }
 
 impl StatsArgs {

@@ -1,11 +1,13 @@
 //! Human output: aligned tables and readable numbers. Pure functions of the
 //! API's types, so they are tested without a daemon.
 
+use std::time::{Duration, UNIX_EPOCH};
+
 use serde::Serialize;
 
 use super::rates::{Rate, Rates};
 use crate::api::types::{
-    BackendInfo, BackendState, Counters, HealthCheck, ServiceInfo, Stats, Status,
+    BackendInfo, BackendState, Counters, Event, HealthCheck, ServiceInfo, Stats, Status,
 };
 
 /// Alignment of a table column.
@@ -296,31 +298,9 @@ pub fn stats(s: &Stats, rates: Option<&Rates>, watching: bool, global: bool) -> 
 
 /// A time as `YYYY-MM-DD HH:MM:SS UTC`, from seconds since the Unix epoch.
 pub fn utc(unix_secs: u64) -> String {
-    // Every fourth year, but of the centuries only every fourth.
-    let leap = |y: u64| matches!((y % 4, y % 100, y % 400), (0, 1.., _) | (_, _, 0));
-    let mut days = unix_secs / 86_400;
-    let mut year = 1970;
-    while days >= if leap(year) { 366 } else { 365 } {
-        days -= if leap(year) { 366 } else { 365 };
-        year += 1;
-    }
-    let february = if leap(year) { 29 } else { 28 };
-    let mut month = 1;
-    for length in [31, february, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31] {
-        if days < length {
-            break;
-        }
-        days -= length;
-        month += 1;
-    }
-    let secs = unix_secs % 86_400;
-    format!(
-        "{year:04}-{month:02}-{:02} {:02}:{:02}:{:02} UTC",
-        days + 1,
-        secs / 3_600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    let t = crate::events::rfc3339(UNIX_EPOCH + Duration::from_secs(unix_secs));
+    // `YYYY-MM-DDTHH:MM:SS.mmmZ`
+    format!("{} {} UTC", &t[..10], &t[11..19])
 }
 
 /// The Docker lines of `lb status`: how many containers serve, in which
@@ -434,6 +414,45 @@ pub fn status(s: &Status) -> String {
     out.push('\n');
     out.push_str(&maps.render());
     out
+}
+
+/// One event as one line: time, sequence number, kind, then what it is
+/// about (service, backend, container, state, weight, why, detail).
+pub fn event(e: &Event) -> String {
+    let c = &e.change;
+    let mut parts: Vec<String> = Vec::new();
+    if let Some(s) = &c.service {
+        parts.push(s.clone());
+    }
+    if let (Some(vip), Some(p)) = (&c.vip, c.protocol) {
+        parts.push(format!("{vip}/{p}"));
+    }
+    if let Some(b) = &c.backend {
+        parts.push(b.clone());
+    }
+    if let Some(name) = &c.container {
+        parts.push(format!("container={name}"));
+    }
+    if let Some(state) = c.state {
+        parts.push(format!("state={}", api_name(&state)));
+    }
+    if let Some(w) = c.weight {
+        parts.push(format!("weight={w}"));
+    }
+    if let Some(r) = c.reason {
+        parts.push(format!("reason={}", api_name(&r)));
+    }
+    if let Some(d) = &c.detail {
+        parts.push(d.clone());
+    }
+    let line = format!(
+        "{}  {:>6}  {:<16}  {}",
+        e.time,
+        e.seq,
+        api_name(&c.kind),
+        parts.join("  ")
+    );
+    line.replace(char::is_control, " ") + "\n"
 }
 
 #[cfg(test)]
@@ -720,5 +739,41 @@ mod tests {
         assert_eq!(utc(1_709_251_199), "2024-02-29 23:59:59 UTC");
         assert_eq!(utc(1_735_689_599), "2024-12-31 23:59:59 UTC");
         assert_eq!(utc(1_764_665_529), "2025-12-02 08:52:09 UTC");
+    }
+
+    #[test]
+    fn an_event_is_one_readable_line() {
+        use crate::api::types::{Change, EventKind, Reason};
+        let e = Event {
+            seq: 42,
+            time: "2026-12-02T11:46:47.123Z".into(),
+            change: Change {
+                service: Some("web".into()),
+                backend: Some("198.19.0.2:80".into()),
+                container: Some("web-1".into()),
+                state: Some(BackendState::Down),
+                weight: Some(1),
+                reason: Some(Reason::DockerDie),
+                ..Change::new(EventKind::BackendDown)
+            },
+        };
+        assert_eq!(
+            event(&e),
+            "2026-12-02T11:46:47.123Z      42  backend_down      web  198.19.0.2:80  \
+             container=web-1  state=down  weight=1  reason=docker_die\n"
+        );
+        let gap = Event {
+            seq: 6,
+            time: "2026-12-02T11:46:47.123Z".into(),
+            change: Change {
+                detail: Some("events 3 to 6 are gone\nreally".into()),
+                ..Change::new(EventKind::Gap)
+            },
+        };
+        assert_eq!(
+            event(&gap),
+            "2026-12-02T11:46:47.123Z       6  gap               events 3 to 6 are gone really\n",
+            "one line, whatever the detail holds"
+        );
     }
 }

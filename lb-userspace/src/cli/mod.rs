@@ -1,5 +1,5 @@
 //! The admin CLI: `lb service`, `lb backend`, `lb stats`, `lb status`,
-//! `lb completions`. A thin client of the admin API ([`crate::api`]): each
+//! `lb events`, `lb completions`. A thin client of the admin API ([`crate::api`]): each
 //! command is one request (`stats --watch` one per interval), `--json`
 //! prints the API's body as it came, pretty-printed, and a refusal prints
 //! the daemon's one line as `error: …` and exits 1. Usage errors are clap's
@@ -23,12 +23,12 @@ use serde_json::Value;
 
 pub use self::args::{Admin, Cli, Command};
 use self::{
-    args::{BackendCommand, ServiceCommand, StatsArgs},
+    args::{BackendCommand, EventsArgs, ServiceCommand, StatsArgs},
     rates::Rates,
 };
 use crate::api::{
     client::Client,
-    types::{BackendInfo, ServiceInfo, Stats, Status, Weight},
+    types::{BackendInfo, Event, ServiceInfo, Stats, Status, Weight},
 };
 
 /// Runs an admin command against the daemon on `socket` and prints its
@@ -246,8 +246,28 @@ async fn execute(command: Admin, socket: &Path) -> anyhow::Result<()> {
             })
             .await
         }
+        Admin::Events(a) => {
+            tokio::select! {
+                r = follow_events(c, socket, &a) => r,
+                r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C"),
+            }
+        }
         Admin::Completions(a) => completions(a.shell),
     }
+}
+
+/// `lb events`: each event as it comes, until the daemon ends the stream.
+async fn follow_events(client: &Client, socket: &Path, args: &EventsArgs) -> anyhow::Result<()> {
+    let mut lines = client.lines(&args.path()).await?;
+    while let Some(line) = lines.next().await? {
+        if args.json {
+            print(&format!("{line}\n"))?;
+        } else {
+            let event: Event = parse(serde_json::from_str(&line)?, socket)?;
+            print(&format::event(&event))?;
+        }
+    }
+    Ok(())
 }
 
 /// ANSI: cursor home, then clear the screen.

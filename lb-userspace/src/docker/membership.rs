@@ -29,6 +29,7 @@ use std::{
 
 use super::DockerUpdate;
 use crate::{
+    events::Reason,
     model::{one_line, BackendSpec, ServiceSpec, Via},
     state::{Desired, Limits},
 };
@@ -426,8 +427,40 @@ pub struct Tracker {
     skipped: BTreeSet<String>,
     /// Who serves what now, by (container id, service).
     serving: BTreeMap<(String, String), Serving>,
-    /// The container behind each (service, backend address).
-    names: BTreeMap<(String, SocketAddrV4), String>,
+    /// The container behind each backend, by service then address (the
+    /// change log looks up every backend at every commit, so a lookup
+    /// allocates nothing).
+    names: HashMap<String, HashMap<SocketAddrV4, String>>,
+    /// The Docker event behind each container's latest change since the
+    /// change log last took them, by container name.
+    causes: HashMap<String, Reason>,
+}
+
+/// The Docker event that turned `old` into `new` (`None`: not running).
+fn cause(old: Option<&Container>, new: &Container) -> Reason {
+    match old {
+        None => Reason::DockerStart,
+        Some(o) if o.paused != new.paused => {
+            if new.paused {
+                Reason::DockerPause
+            } else {
+                Reason::DockerUnpause
+            }
+        }
+        Some(o) if o.health != new.health => Reason::DockerHealth,
+        Some(o) if o.pid != new.pid => Reason::DockerStart,
+        Some(_) => Reason::DockerUpdate,
+    }
+}
+
+/// The reason of a container's departure, from the engine's event.
+fn gone_cause(why: &str) -> Reason {
+    match why {
+        "stop" => Reason::DockerStop,
+        "destroy" => Reason::DockerDestroy,
+        // `die`, or not running when inspected after another event.
+        _ => Reason::DockerDie,
+    }
 }
 
 impl Tracker {
@@ -441,8 +474,15 @@ impl Tracker {
             reported: BTreeSet::new(),
             skipped: BTreeSet::new(),
             serving: BTreeMap::new(),
-            names: BTreeMap::new(),
+            names: HashMap::new(),
+            causes: HashMap::new(),
         }
+    }
+
+    /// The Docker event behind each container's latest change since the
+    /// last call, by container name (for the change log), and forgets them.
+    pub fn take_causes(&mut self) -> HashMap<String, Reason> {
+        std::mem::take(&mut self.causes)
     }
 
     /// The connection state, for `lb status`.
@@ -503,9 +543,19 @@ impl Tracker {
                 if all == self.containers {
                     return false;
                 }
-                for id in self.containers.keys().filter(|id| !all.contains_key(*id)) {
+                for (id, c) in self
+                    .containers
+                    .iter()
+                    .filter(|(id, _)| !all.contains_key(*id))
+                {
                     self.gone
                         .insert(id.clone(), "not running at the engine's last list".into());
+                    self.causes.insert(c.name.clone(), Reason::DockerList);
+                }
+                for c in all.values() {
+                    if self.containers.get(&c.id) != Some(c) {
+                        self.causes.insert(c.name.clone(), Reason::DockerList);
+                    }
                 }
                 self.containers = all;
                 true
@@ -513,21 +563,28 @@ impl Tracker {
             DockerUpdate::Upsert(c) => {
                 self.gone.remove(&c.id);
                 let c = self.still_stopping(c);
-                self.containers.insert(c.id.clone(), c.clone()) != Some(c)
+                let old = self.containers.insert(c.id.clone(), c.clone());
+                if old.as_ref() == Some(&c) {
+                    return false;
+                }
+                self.causes.insert(c.name.clone(), cause(old.as_ref(), &c));
+                true
             }
             DockerUpdate::Kill { id, signal } => match self.containers.get_mut(&id) {
                 Some(c) if !c.stopping && stops(signal, c.stop_signal) => {
                     c.stopping = true;
+                    self.causes.insert(c.name.clone(), Reason::DockerKill);
                     true
                 }
                 _ => false,
             },
             DockerUpdate::Remove { id, why } => {
-                let known = self.containers.remove(&id).is_some();
-                if known {
-                    self.gone.insert(id, why);
-                }
-                known
+                let Some(c) = self.containers.remove(&id) else {
+                    return false;
+                };
+                self.causes.insert(c.name, gone_cause(&why));
+                self.gone.insert(id, why);
+                true
             }
             DockerUpdate::Status(s) => {
                 self.status = s;
@@ -588,10 +645,13 @@ impl Tracker {
         self.log_changes(&serving, &declared);
         self.serving = serving;
         self.gone.clear();
-        self.names = kept
-            .iter()
-            .map(|m| ((m.service.clone(), m.backend.addr), m.container.clone()))
-            .collect();
+        self.names.clear();
+        for m in &kept {
+            self.names
+                .entry(m.service.clone())
+                .or_default()
+                .insert(m.backend.addr, m.container.clone());
+        }
         let mut backends: BTreeMap<String, Vec<BackendSpec>> = BTreeMap::new();
         for m in kept {
             backends.entry(m.service).or_default().push(m.backend);
@@ -671,9 +731,7 @@ impl Tracker {
 
     /// The container behind `service`'s backend `addr`, if it is one.
     pub fn container(&self, service: &str, addr: SocketAddrV4) -> Option<&str> {
-        self.names
-            .get(&(service.to_owned(), addr))
-            .map(String::as_str)
+        self.names.get(service)?.get(&addr).map(String::as_str)
     }
 }
 

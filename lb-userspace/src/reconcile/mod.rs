@@ -29,6 +29,7 @@ pub use self::{
 use crate::{
     api::types::{InterfaceStatus, MapStatus, ServiceInfo},
     datapath::{Datapath, DatapathError, MapSizes},
+    events::Marks,
     host::{self, Host},
     maglev::MaglevError,
     model::{ServiceSpec, Via},
@@ -137,6 +138,16 @@ impl Reconciler {
     /// Services (all, or one) for the read side; `None` for an unknown name.
     pub fn view(&self, name: Option<&str>) -> Option<Vec<ServiceView>> {
         self.tables.view(name)
+    }
+
+    /// Services (all, or those named) as the change log publishes them;
+    /// `container` names the container behind a backend.
+    pub fn marks(
+        &self,
+        names: Option<&BTreeSet<String>>,
+        container: impl Fn(&str, SocketAddrV4) -> Option<String>,
+    ) -> Marks {
+        self.tables.marks(names, container)
     }
 
     /// Fill levels of the maps (the flow table's for the read side to fill).

@@ -35,6 +35,7 @@ use super::{read::ServiceView, store::MapOp, MapStore, ReconcileError};
 use crate::{
     api::types::{BackendInfo, BackendState, Counters, Health, MapStatus, ServiceInfo},
     datapath::MapSizes,
+    events::{BackendMark, Marks, Reason, ServiceMark},
     maglev::{self, MaglevBackend},
     model::{BackendSpec, Protocol, ServiceSpec, Via},
 };
@@ -902,6 +903,52 @@ impl Tables {
         (name.is_none() || !views.is_empty()).then_some(views)
     }
 
+    /// Every service (or those named) as the change log publishes it:
+    /// each backend's state and weight, the container `container` names
+    /// behind it, and why it is down when it is.
+    pub fn marks(
+        &self,
+        names: Option<&BTreeSet<String>>,
+        container: impl Fn(&str, SocketAddrV4) -> Option<String>,
+    ) -> Marks {
+        let mark = |st: &ServiceState| ServiceMark {
+            vip: st.spec.vip.to_string(),
+            protocol: st.spec.protocol,
+            origin: st.spec.origin,
+            backends: st
+                .backends
+                .iter()
+                .map(|(addr, b)| {
+                    let state = backend_state(b);
+                    let down_why = match (state, b.healthy) {
+                        (BackendState::Down, false) => Some(Reason::HealthCheck),
+                        (BackendState::Down, true) => Some(Reason::Unreachable),
+                        _ => None,
+                    };
+                    let mark = BackendMark {
+                        state,
+                        weight: b.weight,
+                        container: container(&st.spec.name, *addr),
+                        down_why,
+                    };
+                    (*addr, mark)
+                })
+                .collect(),
+        };
+        match names {
+            Some(names) => names
+                .iter()
+                .filter_map(|n| self.services.get_key_value(n))
+                .map(|(n, st)| (n.clone(), mark(st)))
+                .collect(),
+            None => self
+                .services
+                .iter()
+                .map(|(n, st)| (n.clone(), mark(st)))
+                .collect(),
+        }
+    }
+
     /// Fill levels of the maps planned here; the flow table's is left at 0
     /// for the read side.
     pub fn map_status(&self) -> Vec<MapStatus> {
@@ -1012,11 +1059,7 @@ fn backend_info(st: &ServiceState, addr: SocketAddrV4, b: &Member) -> BackendInf
     BackendInfo {
         address: addr.to_string(),
         weight: b.weight,
-        state: match b.state() {
-            BACKEND_ACTIVE => BackendState::Active,
-            BACKEND_DRAINING => BackendState::Draining,
-            _ => BackendState::Down,
-        },
+        state: backend_state(b),
         health: match (st.spec.health.is_some(), b.healthy) {
             (false, _) => Health::Unchecked,
             (true, true) => Health::Healthy,
@@ -1025,6 +1068,14 @@ fn backend_info(st: &ServiceState, addr: SocketAddrV4, b: &Member) -> BackendInf
         active_flows: 0,
         counters: Counters::default(),
         container: None,
+    }
+}
+
+fn backend_state(b: &Member) -> BackendState {
+    match b.state() {
+        BACKEND_ACTIVE => BackendState::Active,
+        BACKEND_DRAINING => BackendState::Draining,
+        _ => BackendState::Down,
     }
 }
 

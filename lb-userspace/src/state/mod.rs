@@ -186,7 +186,7 @@ impl Changes {
         let (old, new) = (before.by_address(), self.by_address());
         let new_added: HashSet<SocketAddrV4> = (self.added.iter())
             .map(|b| b.address)
-            .filter(|a| !old.get(a).is_some_and(|o| o.added.is_some()))
+            .filter(|a| old.get(a).is_none_or(|o| o.added.is_none()))
             .collect();
         // Added backends that are new go last, in their order.
         let mut out: Vec<(SocketAddrV4, Option<Override>)> = (old.keys().chain(new.keys()))

@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod attach;
+pub mod browser;
 pub mod clients;
 pub mod cmd;
 pub mod config_files;

@@ -4,10 +4,11 @@
 //! while keeping everything it logged.
 
 use std::{
-    io::ErrorKind,
+    io::{BufRead as _, BufReader, ErrorKind},
     net::{Ipv4Addr, SocketAddrV4, TcpListener},
     path::{Path, PathBuf},
-    process::{Command, ExitStatus},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
 };
@@ -199,6 +200,70 @@ impl LbCli {
         LbCli::finish(self.command_line(&prefix, args), &mut cmd)
     }
 
+    /// Starts `lb --socket S args...` (e.g. `events --json`) in the
+    /// background; its output is collected line by line as it comes, and
+    /// it is killed when the [`Follower`] is dropped.
+    pub fn follow(&self, args: &[&str]) -> Follower {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--socket").arg(&self.socket).args(args);
+        Self::spawn_follower(self.command_line(&[], args), cmd)
+    }
+
+    /// Like [`LbCli::follow`], as user `uid` in exactly the supplementary
+    /// `groups` (through util-linux `setpriv`, as [`LbCli::run_as_member`]).
+    pub fn follow_as_member(&self, uid: u32, groups: &[u32], args: &[&str]) -> Follower {
+        let reuid = format!("--reuid={uid}");
+        let regid = format!("--regid={uid}");
+        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+        let groups = format!("--groups={}", list.join(","));
+        let prefix = ["setpriv", reuid.as_str(), regid.as_str(), groups.as_str()];
+        let mut cmd = Command::new(prefix[0]);
+        cmd.args(&prefix[1..])
+            .arg(&self.binary)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args);
+        Self::spawn_follower(self.command_line(&prefix, args), cmd)
+    }
+
+    fn spawn_follower(command: String, mut cmd: Command) -> Follower {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting `{command}`: {e}"));
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let stderr: Arc<Mutex<String>> = Arc::default();
+        let out = child.stdout.take().expect("piped stdout");
+        let err = child.stderr.take().expect("piped stderr");
+        let sink = Arc::clone(&lines);
+        let readers = vec![
+            thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                }
+            }),
+            {
+                let sink = Arc::clone(&stderr);
+                thread::spawn(move || {
+                    for line in BufReader::new(err).lines().map_while(Result::ok) {
+                        let mut s = sink.lock().unwrap_or_else(|e| e.into_inner());
+                        s.push_str(&line);
+                        s.push('\n');
+                    }
+                })
+            },
+        ];
+        Follower {
+            command,
+            child,
+            lines,
+            stderr,
+            readers,
+        }
+    }
+
     /// Runs `lb --socket S args...` and returns its stdout; panics with
     /// everything it printed unless it exits 0.
     pub fn ok(&self, args: &[&str]) -> String {
@@ -226,6 +291,78 @@ impl LbCli {
                 out.command, out.stdout
             )
         })
+    }
+}
+
+/// A CLI command left running (`lb events`), its stdout collected line by
+/// line; killed when dropped.
+#[derive(Debug)]
+pub struct Follower {
+    command: String,
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<thread::JoinHandle<()>>,
+}
+
+impl Follower {
+    /// The lines printed so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits (up to `timeout`) until `done` holds for the lines printed so
+    /// far, and returns them; panics with everything it printed if not.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&[String]) -> bool,
+    ) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.lines();
+            if done(&lines) {
+                return lines;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "`{}`: {what} not within {timeout:?}; it printed:\n{}\nstderr:\n{}",
+                    self.command,
+                    lines.join("\n"),
+                    self.stderr.lock().unwrap_or_else(|e| e.into_inner())
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (up to `timeout`) for the command to exit by itself; its exit
+    /// status and every line it printed. Panics if it does not exit.
+    pub fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, Vec<String>) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the follower") {
+                for r in std::mem::take(&mut self.readers) {
+                    let _ = r.join();
+                }
+                return (status, self.lines());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`{}` still running after {timeout:?}; it printed:\n{}",
+                self.command,
+                self.lines().join("\n")
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

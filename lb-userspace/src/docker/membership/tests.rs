@@ -669,6 +669,71 @@ fn stop_signals_as_docker_writes_them() {
 }
 
 #[test]
+fn the_tracker_notes_the_docker_event_behind_each_containers_change() {
+    let mut t = Tracker::new("connected");
+    let w1 = labelled("w1", &[]);
+    assert!(t.update(sync(vec![w1.clone()], 1)));
+    assert_eq!(
+        t.take_causes(),
+        HashMap::from([("w1".to_owned(), Reason::DockerList)]),
+        "what a list showed"
+    );
+    assert!(t.take_causes().is_empty(), "taken once");
+
+    let w2 = labelled("w2", &[]);
+    t.update(DockerUpdate::Upsert(w2.clone()));
+    let mut paused = w1.clone();
+    paused.paused = true;
+    t.update(DockerUpdate::Upsert(paused.clone()));
+    assert_eq!(
+        t.take_causes(),
+        HashMap::from([
+            ("w2".to_owned(), Reason::DockerStart),
+            ("w1".to_owned(), Reason::DockerPause),
+        ])
+    );
+    t.update(DockerUpdate::Upsert(w1.clone()));
+    let mut unhealthy = w2.clone();
+    unhealthy.health = Health::Unhealthy;
+    t.update(DockerUpdate::Upsert(unhealthy));
+    assert_eq!(
+        t.take_causes(),
+        HashMap::from([
+            ("w1".to_owned(), Reason::DockerUnpause),
+            ("w2".to_owned(), Reason::DockerHealth),
+        ])
+    );
+    // The same process started again is a start; a stop signal a kill.
+    let mut restarted = w1.clone();
+    restarted.pid += 1;
+    t.update(DockerUpdate::Upsert(restarted.clone()));
+    t.update(DockerUpdate::Kill {
+        id: w2.id.clone(),
+        signal: libc::SIGTERM,
+    });
+    assert_eq!(
+        t.take_causes(),
+        HashMap::from([
+            ("w1".to_owned(), Reason::DockerStart),
+            ("w2".to_owned(), Reason::DockerKill),
+        ])
+    );
+    for (why, reason) in [("die", Reason::DockerDie), ("stop", Reason::DockerStop)] {
+        let c = labelled(&format!("gone-{why}"), &[]);
+        t.update(DockerUpdate::Upsert(c.clone()));
+        t.take_causes();
+        t.update(DockerUpdate::Remove {
+            id: c.id,
+            why: why.into(),
+        });
+        assert_eq!(t.take_causes(), HashMap::from([(c.name, reason)]));
+    }
+    // Nothing new, nothing noted.
+    assert!(!t.update(DockerUpdate::Upsert(restarted)));
+    assert!(t.take_causes().is_empty());
+}
+
+#[test]
 fn a_label_key_with_a_line_break_is_one_problem_line() {
     // Found by the property test below: the key was quoted as it is.
     let p = skipped(&labelled("k", &[("lb.x\nlb.service=web", "1")]));

@@ -60,7 +60,8 @@ fn labelled() -> RunOpts {
         .label("lb.port", "8080")
 }
 
-/// `lb events` following the daemon, its lines printed as they come.
+/// `lb events` following the daemon from its first event, its lines
+/// printed as they come.
 struct Events(Child);
 
 impl Events {
@@ -68,7 +69,7 @@ impl Events {
         let mut child = Command::new(lb_binary())
             .arg("--socket")
             .arg(socket)
-            .arg("events")
+            .args(["events", "--since", "0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -19,6 +19,7 @@ pub mod browser;
 pub mod clients;
 pub mod cmd;
 pub mod config_files;
+pub mod demo;
 pub mod docker_engine;
 pub mod forward;
 pub mod lb_process;

@@ -40,15 +40,8 @@ impl Api {
     fn start(prefix: &str) -> Api {
         let topo = Topology::new(prefix, 1);
         let files = DaemonFiles::new(&topo, "api");
-        // Other users must reach the socket's directory.
-        std::fs::set_permissions(files.dir.path(), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod 755 the test directory");
-        let web = ServiceConfig::new(
-            "web",
-            &format!("{}:80", topo.vip()),
-            "tcp",
-            &[format!("{}:8080", topo.backend_addr(0))],
-        );
+        files.open_to_others();
+        let web = ServiceConfig::web(&topo, &[0]);
         files.write_config(&format!(
             "{}\n[api]\nadmin_group = \"{ADMIN_GID}\"\nread_group = \"{READ_GID}\"\n\
              max_connections = {MAX_CONNECTIONS}\nrequest_timeout_ms = {}\n",

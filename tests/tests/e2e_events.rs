@@ -12,7 +12,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    os::unix::{fs::PermissionsExt as _, net::UnixStream},
+    os::unix::net::UnixStream,
     time::{Duration, Instant},
 };
 
@@ -45,15 +45,8 @@ impl Events {
     fn start(prefix: &str, max_connections: usize, request_timeout_ms: u64) -> Events {
         let topo = Topology::new(prefix, 1);
         let files = DaemonFiles::new(&topo, "events");
-        // Other users must reach the socket's directory.
-        std::fs::set_permissions(files.dir.path(), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod 755 the test directory");
-        let web = ServiceConfig::new(
-            "web",
-            &format!("{}:80", topo.vip()),
-            "tcp",
-            &[format!("{}:8080", topo.backend_addr(0))],
-        );
+        files.open_to_others();
+        let web = ServiceConfig::web(&topo, &[0]);
         files.write_config(&format!(
             "{}\n[api]\nmax_connections = {max_connections}\nrequest_timeout_ms = {request_timeout_ms}\n\
              read_group = \"{READ_GID}\"\n\n\

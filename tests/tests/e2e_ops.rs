@@ -12,7 +12,7 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
-    os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
+    os::unix::fs::{FileTypeExt as _, MetadataExt as _},
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, AtomicUsize, Ordering},
     thread,
@@ -604,8 +604,7 @@ fn socket_is_root_only() {
     let files = ops_files(&topo, &[web_service(&topo, &[0])]);
     // Others may reach the socket's directory: only the socket's own mode
     // keeps them out.
-    std::fs::set_permissions(files.dir.path(), std::fs::Permissions::from_mode(0o755))
-        .expect("chmod 755 the test directory");
+    files.open_to_others();
     let _daemon = files.start(&[]);
     let lb = files.cli();
 

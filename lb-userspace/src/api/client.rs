@@ -57,6 +57,15 @@ impl Client {
         }
     }
 
+    /// An answer's whole body.
+    async fn read_body(&self, body: Incoming) -> Result<Bytes, ClientError> {
+        Ok(body
+            .collect()
+            .await
+            .map_err(|e| self.protocol(e))?
+            .to_bytes())
+    }
+
     fn protocol(&self, reason: impl ToString) -> ClientError {
         ClientError::Protocol {
             path: self.socket.clone(),
@@ -145,12 +154,7 @@ impl Client {
         if status.is_success() {
             return Ok(resp);
         }
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| self.protocol(e))?
-            .to_bytes();
+        let body = self.read_body(resp.into_body()).await?;
         let message = serde_json::from_slice::<ApiError>(&body)
             .map(|e| e.error)
             .unwrap_or_else(|_| format!("HTTP {status}"));
@@ -168,12 +172,7 @@ impl Client {
     ) -> Result<T, ClientError> {
         let resp = self.send(method, path, body).await?;
         let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| self.protocol(e))?
-            .to_bytes();
+        let body = self.read_body(resp.into_body()).await?;
         if status == StatusCode::NO_CONTENT {
             return serde_json::from_slice(b"null").map_err(|e| self.protocol(e));
         }

@@ -25,6 +25,15 @@ impl ServiceConfig {
             backends: backends.to_vec(),
         }
     }
+
+    /// Service `web` on `topo`'s VIP, TCP port 80, over port 8080 of the
+    /// backends numbered `backends`.
+    pub fn web(topo: &crate::Topology, backends: &[usize]) -> ServiceConfig {
+        let eps: Vec<String> = (backends.iter())
+            .map(|&i| format!("{}:8080", topo.backend_addr(i)))
+            .collect();
+        ServiceConfig::new("web", &format!("{}:80", topo.vip()), "tcp", &eps)
+    }
 }
 
 /// A TOML basic string with `"` and `\` (and control characters) escaped.

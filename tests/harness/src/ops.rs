@@ -64,6 +64,15 @@ impl DaemonFiles {
         }
     }
 
+    /// Lets other users reach the admin socket's directory (mode 0755), so
+    /// that only the socket's own mode and the API's access rules keep them
+    /// out.
+    pub fn open_to_others(&self) {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod 755 the test directory");
+    }
+
     /// Writes `config` as the config file, pinned under [`DaemonFiles::pins`].
     pub fn write_config(&self, config: &str) {
         self.dir

@@ -384,7 +384,9 @@ impl Controller {
                 (tokio::task::spawn_blocking(move || write.write()), before)
             })
         });
-        let mut applied = self.apply().await;
+        // The services this commit applied: only those are published.
+        let mut touched = Some(BTreeSet::new());
+        let mut applied = self.apply(&mut touched).await;
         let saved = match writing {
             Ok(Some((write, undo))) => {
                 let written = write.await.unwrap_or_else(|e| {
@@ -396,7 +398,7 @@ impl Controller {
                     if membership {
                         self.docker.assign(&mut self.desired);
                     }
-                    applied = self.apply().await;
+                    applied = self.apply(&mut touched).await;
                 }
                 written
             }
@@ -409,16 +411,7 @@ impl Controller {
                 "applying changes failed; retrying at the next change"
             );
         }
-        // Only the services the calls name changed, unless Docker's
-        // membership was worked out again: then any may have.
-        let named = (!membership).then(|| {
-            requests
-                .iter()
-                .filter_map(Request::service)
-                .map(str::to_owned)
-                .collect()
-        });
-        self.publish(named.as_ref(), Reason::Api);
+        self.publish(touched.as_ref(), Reason::Api);
         for (r, reply) in results.into_iter().zip(replies) {
             let answer = match (r, &saved, &applied) {
                 (Err(e), _, _) => Err(e),
@@ -448,14 +441,19 @@ impl Controller {
     }
 
     /// Applies the services that changed since the last apply (all of
-    /// them after a failed one).
-    async fn apply(&mut self) -> Result<(), Refusal> {
+    /// them after a failed one), and adds their names to `touched` (`None`:
+    /// every service).
+    async fn apply(&mut self, touched: &mut Option<BTreeSet<String>>) -> Result<(), Refusal> {
         let changes = self.desired.take_unapplied();
         let applied = if std::mem::take(&mut self.apply_all) {
+            *touched = None;
             self.rec.apply(&self.desired.services()).await
         } else if changes.is_empty() {
             return Ok(());
         } else {
+            if let Some(names) = touched {
+                names.extend(changes.iter().map(|(name, _)| name.clone()));
+            }
             self.rec.apply_changes(&changes).await
         };
         self.apply_all = applied.is_err();
@@ -629,23 +627,6 @@ struct Staged {
 }
 
 impl Request {
-    /// The service a request is about (none for a read of all of them).
-    fn service(&self) -> Option<&str> {
-        match self {
-            Request::AddService(new) => Some(&new.name),
-            Request::RemoveService(name)
-            | Request::ListBackends(name)
-            | Request::AddBackends(name, _)
-            | Request::SetBackends(name, _)
-            | Request::RemoveBackend(name, _)
-            | Request::DrainBackend(name, _)
-            | Request::UndrainBackend(name, _)
-            | Request::SetWeight(name, _, _) => Some(name),
-            Request::Stats(name) => name.as_deref(),
-            Request::ListServices | Request::Status => None,
-        }
-    }
-
     /// Whether it changes the desired state (else it only reads).
     fn is_change(&self) -> bool {
         !matches!(

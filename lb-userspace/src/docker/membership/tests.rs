@@ -419,15 +419,13 @@ fn lines<'a>(log: &'a str, what: &str) -> Vec<&'a str> {
     log.lines().filter(|l| l.contains(what)).collect()
 }
 
+/// Web's backends in `d`.
+fn web_backends(d: &Desired) -> &[BackendSpec] {
+    &d.specs().find(|s| s.name == "web").unwrap().backends
+}
+
 fn web(d: &Desired) -> Vec<String> {
-    d.services()
-        .into_iter()
-        .find(|s| s.name == "web")
-        .unwrap()
-        .backends
-        .iter()
-        .map(|b| b.to_string())
-        .collect()
+    web_backends(d).iter().map(|b| b.to_string()).collect()
 }
 
 fn sync(containers: Vec<Container>, secs: u64) -> DockerUpdate {
@@ -594,11 +592,7 @@ fn leaving_says_why() {
 
 /// Whether web's backend `addr` is drained in `d`.
 fn drained(d: &Desired, addr: &str) -> bool {
-    d.services()
-        .into_iter()
-        .find(|s| s.name == "web")
-        .unwrap()
-        .backends
+    web_backends(d)
         .iter()
         .find(|b| b.addr.to_string() == addr)
         .unwrap_or_else(|| panic!("{addr} not in web"))

@@ -36,6 +36,18 @@ fn run_daemon(args: daemon::RunArgs) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    // Before any other thread starts: the kernel moves only a single-threaded
+    // process to another mount namespace.
+    match lb::host::mountns::share_host_bpffs() {
+        Ok(true) => tracing::info!(
+            "started in a mount namespace of its own (ip netns exec?): pins go to the host's bpffs, so they outlive the daemon"
+        ),
+        Ok(false) => {}
+        Err(e) => {
+            eprintln!("error: {:#}", anyhow::Error::from(e));
+            return ExitCode::FAILURE;
+        }
+    }
     // Before the runtime starts any thread (capabilities are per thread).
     match privileges::drop_to_kept() {
         Ok(kept) => tracing::info!(?kept, "capabilities dropped but those kept"),

@@ -8,6 +8,7 @@
 //! Containers' interfaces are read from sysfs through their process instead.
 
 mod ethtool;
+pub mod mountns;
 mod netns;
 
 use std::{

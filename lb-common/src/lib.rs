@@ -330,8 +330,17 @@ pub mod stat {
     pub const DROP_REVERSE_REWRITE: u32 = 17;
     /// Dropped: a reply's VLAN tag could not be restored (`bpf_skb_vlan_push`).
     pub const DROP_VLAN_PUSH: u32 = 18;
+    /// Replies from a backend rewritten back to the service without a flow
+    /// entry: another balancer node forwarded the request, or the entry was
+    /// evicted (see `lb_ebpf::flow::stateless_reply_key`), and routed to the
+    /// client by the kernel's FIB.
+    pub const REVERSE_NAT_NO_FLOW: u32 = 19;
+    /// Passed by the TC program: a reply a service claims without a flow
+    /// entry, but with no route to its client from this node (or forwarding
+    /// disabled on the interface it came in on).
+    pub const PASS_NO_ROUTE: u32 = 20;
     /// Number of counters.
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 21;
 
     /// Counter names, by index, as userspace reports them.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -354,6 +363,8 @@ pub mod stat {
         "drop_mac_write",
         "drop_reverse_rewrite",
         "drop_vlan_push",
+        "reverse_nat_no_flow",
+        "pass_no_route",
     ];
 }
 
@@ -499,6 +510,8 @@ mod tests {
             (stat::DROP_MAC_WRITE, "drop_mac_write"),
             (stat::DROP_REVERSE_REWRITE, "drop_reverse_rewrite"),
             (stat::DROP_VLAN_PUSH, "drop_vlan_push"),
+            (stat::REVERSE_NAT_NO_FLOW, "reverse_nat_no_flow"),
+            (stat::PASS_NO_ROUTE, "pass_no_route"),
         ] {
             assert_eq!(stat::NAMES[index as usize], name);
         }

@@ -160,6 +160,50 @@ pub fn is_reply_from(b: &Backend, reply: &FlowKey) -> bool {
     b.addr == reply.src_addr && b.port == reply.src_port
 }
 
+/// The client's flow key of a backend's `reply` that no flow entry holds,
+/// found without state, so a reply restores its VIP on whichever balancer
+/// node it reaches (replies may come back through another node than the
+/// one that forwarded the request: an ECMP or anycast gateway, or a node
+/// that died). Service `i` of `rev` is the reply's when
+///
+/// - it is the backend's only service (`rev.count == 1`): a reply from that
+///   address and port can belong to nothing else; or
+/// - the client's flow to it, hashed through the service's Maglev table,
+///   names this very backend: every node builds the same table, so this is
+///   the backend any node picked for that flow while the backend set was
+///   unchanged.
+///
+/// `service`, `backend` and `maglev` read the services, backends and
+/// Maglev maps. `None` when no service claims the reply.
+#[inline(always)]
+pub fn stateless_reply_key<'a>(
+    reply: &FlowKey,
+    rev: &RevNat,
+    service: impl Fn(&ServiceKey) -> Option<&'a ServiceValue>,
+    backend: impl Fn(u32) -> Option<&'a Backend>,
+    maglev: impl Fn(u32) -> Option<u32>,
+) -> Option<FlowKey> {
+    let only = rev.count == 1;
+    for i in 0..REV_NAT_MAX {
+        let key = reply_flow_key(reply, rev, i)?;
+        let Some(svc) = service(&service_key(&key)) else {
+            continue;
+        };
+        if only {
+            return Some(key);
+        }
+        let named = maglev_slot(&key, svc)
+            .and_then(&maglev)
+            .filter(|&id| id != NO_BACKEND)
+            .and_then(&backend)
+            .is_some_and(|b| b.service_id == svc.id && is_reply_from(b, reply));
+        if named {
+            return Some(key);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use lb_common::{BACKEND_DRAINING, IPPROTO_TCP};
@@ -359,5 +403,75 @@ mod tests {
             ..be(1, 3, BACKEND_ACTIVE)
         };
         assert!(!is_reply_from(&other_port, &reply));
+    }
+
+    #[test]
+    fn a_reply_without_a_flow_is_claimed_by_the_service_whose_table_names_its_backend() {
+        let vip = |last| u32::from_ne_bytes([198, 18, 101, last]);
+        // Service 3 is VIP .1:80 (the client's key(40000)), service 4 is .2:81.
+        let other = ServiceValue { id: 4, ..SVC };
+        let services = [
+            (ServiceKey::new([198, 18, 101, 1], 80, IPPROTO_TCP), SVC),
+            (ServiceKey::new([198, 18, 101, 2], 81, IPPROTO_TCP), other),
+        ];
+        let service = |k: &ServiceKey| services.iter().find(|(sk, _)| sk == k).map(|(_, v)| v);
+        // Backend 0 is the reply's sender, 198.18.103.1:8080, in service 3;
+        // backend 1 is another one of service 3; backend 2 is the sender's
+        // entry in service 4.
+        let backends = [
+            be(1, 3, BACKEND_ACTIVE),
+            be(2, 3, BACKEND_ACTIVE),
+            be(1, 4, BACKEND_ACTIVE),
+        ];
+        let reply = FlowKey {
+            src_addr: u32::from_ne_bytes([198, 18, 103, 1]),
+            dst_addr: u32::from_ne_bytes([198, 18, 100, 2]),
+            src_port: 8080u16.to_be(),
+            dst_port: 40000u16.to_be(),
+            proto: IPPROTO_TCP,
+            _pad1: 0,
+            _pad2: 0,
+        };
+        let both = RevNat {
+            vip: [vip(1), vip(2), 0, 0],
+            vport: [80u16.to_be(), 81u16.to_be(), 0, 0],
+            count: 2,
+        };
+        // Every slot of every table holds `slots[service id - 3]`.
+        let run = |rev: &RevNat, slots: [u32; 2]| {
+            stateless_reply_key(
+                &reply,
+                rev,
+                service,
+                |id| backends.get(id as usize),
+                |s| {
+                    let table = s.checked_sub(SVC.table_base)?;
+                    (table < SVC.table_size).then_some(slots[0])
+                },
+            )
+            .map(|k| (k.dst_addr, u16::from_be(k.dst_port)))
+        };
+        // Both services share one table range here, so both name slots[0].
+        assert_eq!(run(&both, [0, 0]), Some((vip(1), 80)), "names the sender");
+        assert_eq!(run(&both, [1, 1]), None, "names another backend");
+        assert_eq!(run(&both, [NO_BACKEND, 0]), None, "an empty slot");
+        assert_eq!(
+            run(&both, [2, 2]),
+            Some((vip(2), 81)),
+            "the sender in service 4"
+        );
+
+        // The backend's only service claims every reply from it, whatever
+        // the table says (it may have changed since the flow began).
+        let only = RevNat { count: 1, ..both };
+        assert_eq!(run(&only, [1, 1]), Some((vip(1), 80)));
+        // Unless that service is gone.
+        let gone = RevNat {
+            vip: [vip(9), 0, 0, 0],
+            ..only
+        };
+        assert_eq!(run(&gone, [0, 0]), None);
+        let none = RevNat { count: 0, ..both };
+        assert_eq!(run(&none, [0, 0]), None);
     }
 }

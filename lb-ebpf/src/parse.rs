@@ -1,7 +1,7 @@
 //! Ethernet (with at most one 802.1Q tag), IPv4, TCP and UDP parsing.
 //!
 //! Policy, for anything the balancer does not fully understand: leave it
-//! untouched and let the kernel decide (`XDP_PASS` / `TC_ACT_OK`), counted by
+//! untouched and let the kernel decide (`XDP_PASS` / `TC_ACT_UNSPEC`), counted by
 //! [`Skip`] reason. The data path only rewrites packets it parsed completely:
 //! - not IPv4 (ARP, IPv6, 802.1ad/QinQ, two VLAN tags): [`Skip::NotIpv4`];
 //! - IPv4 that is neither TCP nor UDP: [`Skip::NotL4`];

@@ -102,7 +102,7 @@ fn pin_err<E: std::error::Error + Send + Sync + 'static>(
 
 /// Version of the map layout in `lb-common`. A pin directory written with
 /// another version (or other map sizes) is never adopted.
-const MAPS_ABI: u32 = 6;
+const MAPS_ABI: u32 = 7;
 
 /// The name of the directory, under the pin path, that holds the pins of a
 /// data path with these sizes. bpffs holds no regular files, so the layout

@@ -9,10 +9,11 @@ use std::net::Ipv4Addr;
 
 use etherparse::PacketBuilder;
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_F_MAC, BACKEND_F_PEER, BACKEND_F_XDP,
-    IPPROTO_TCP, IPPROTO_UDP,
+    FlowKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_F_MAC, BACKEND_F_PEER,
+    BACKEND_F_XDP, IPPROTO_TCP, IPPROTO_UDP,
 };
-use lb_harness::packets::*;
+use lb_ebpf::hash::flow_hash;
+use lb_harness::{netns::Netns, packets::*};
 
 /// Flow table size for these tests.
 const FLOWS: u32 = 4096;
@@ -255,7 +256,7 @@ fn non_ipv4_and_non_l4_pass_untouched() {
             output: out,
             ..
         } = rig.tc(&f).unwrap();
-        assert_eq!(a, TC_ACT_OK, "{name} (tc)");
+        assert_eq!(a, TC_ACT_UNSPEC, "{name} (tc)");
         assert_eq!(out, f, "{name} untouched (tc)");
         assert!(rig.global(counter) >= 1, "{name} counted in {counter}");
     }
@@ -330,7 +331,7 @@ fn every_truncation_has_a_defined_action() {
                 output: out,
                 ..
             }) => {
-                assert_eq!(a, TC_ACT_OK, "TC, {len} bytes");
+                assert_eq!(a, TC_ACT_UNSPEC, "TC, {len} bytes");
                 assert_eq!(out, cut, "TC, {len} bytes untouched");
                 ran_tc += 1;
             }
@@ -552,9 +553,153 @@ fn reply_is_rewritten_back_to_the_vip() {
         output: out,
         ..
     } = rig.tc(&other).unwrap();
-    assert_eq!(a, TC_ACT_OK);
+    assert_eq!(a, TC_ACT_UNSPEC);
     assert_eq!(out, other);
+    // Its only service claims it, but a test run has no interface to route
+    // it from (see the FIB tests below).
+    assert_eq!(rig.global("pass_no_route"), 1);
+}
+
+/// A namespace where a reply can be routed to the client: `c0` (with
+/// [`LB_MAC`]) leads to the client, whose MAC is a permanent neighbour
+/// entry; replies come in on `b0`. Returns it with `b0`'s ifindex.
+fn fib_namespace(name: &str, forwarding: bool) -> (Netns, u32) {
+    let ns = Netns::new(name);
+    let mac = |m: [u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    ns.ip(&[
+        "link",
+        "add",
+        "c0",
+        "address",
+        &mac(LB_MAC),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "c1",
+    ]);
+    ns.ip(&["link", "add", "b0", "type", "veth", "peer", "name", "b1"]);
+    for link in ["c0", "c1", "b0", "b1"] {
+        ns.ip(&["link", "set", link, "up"]);
+    }
+    ns.ip(&["addr", "add", "198.18.100.1/24", "dev", "c0"]);
+    let client = Ipv4Addr::from(CLIENT).to_string();
+    ns.ip(&[
+        "neigh",
+        "add",
+        &client,
+        "lladdr",
+        &mac(CLIENT_MAC),
+        "dev",
+        "c0",
+        "nud",
+        "permanent",
+    ]);
+    let value = if forwarding { "1" } else { "0" };
+    ns.exec_ok(&[
+        "sysctl",
+        "-w",
+        &format!("net.ipv4.conf.all.forwarding={value}"),
+    ]);
+    // SAFETY: a NUL-terminated name.
+    let b0 = ns.run(|| unsafe { libc::if_nametoindex(c"b0".as_ptr()) });
+    assert_ne!(b0, 0, "b0 exists in {name}");
+    (ns, b0)
+}
+
+#[test]
+fn a_reply_without_its_flow_is_restored_and_routed_by_the_fib() {
+    // Another node forwarded the client's SYN: this one holds no flow.
+    let mut rig = Rig::web(1, BACKEND_F_XDP | BACKEND_F_MAC, FLOWS);
+    let reply = reply_from_backend(40000, 0);
+    let (ns, b0) = fib_namespace("lbdpfib1", true);
+    let run = ns.run(|| rig.tc_from(&reply, b0)).unwrap();
+    assert_eq!(
+        run.action, TC_ACT_REDIRECT,
+        "sent where the FIB routes the client"
+    );
+    assert_checksums_valid("reply", &run.output);
+    assert_eq!(
+        run.output,
+        reply_to_client(40000),
+        "the VIP as source, the route's MACs"
+    );
+    assert_eq!(rig.global("reverse_nat_no_flow"), 1);
+    assert_eq!(rig.global("reverse_nat"), 0);
+    drop(ns);
+
+    // With forwarding off on the interface it came in on, no route: the
+    // reply passes untouched.
+    let (ns, b0) = fib_namespace("lbdpfib2", false);
+    let run = ns.run(|| rig.tc_from(&reply, b0)).unwrap();
+    assert_eq!(run.action, TC_ACT_UNSPEC);
+    assert_eq!(run.output, reply);
+    assert_eq!(rig.global("pass_no_route"), 1);
+}
+
+/// The backend id service `members`' table names for the client's flow
+/// from `client_port` to VIP:`port`, computed apart from the data path.
+fn named_by_table(members: &[u32], port: u16, client_port: u16) -> u32 {
+    let key = FlowKey {
+        src_addr: u32::from_ne_bytes(CLIENT),
+        dst_addr: u32::from_ne_bytes(VIP),
+        src_port: client_port.to_be(),
+        dst_port: port.to_be(),
+        proto: IPPROTO_TCP,
+        _pad1: 0,
+        _pad2: 0,
+    };
+    rig_table(members)[(flow_hash(&key) % TABLE) as usize]
+}
+
+#[test]
+fn a_reply_without_its_flow_goes_to_the_service_whose_table_names_its_backend() {
+    // Fixture backends 0 and 1, both on :8080, serve VIP:80 (service 0,
+    // ids 0 and 1) and VIP:81 (service 1, ids 2 and 3).
+    let mut rig = Rig::web(2, BACKEND_F_XDP | BACKEND_F_MAC, FLOWS);
+    rig.backend(2, 1, 0, 8080, BACKEND_F_XDP | BACKEND_F_MAC, BACKEND_ACTIVE);
+    rig.backend(3, 1, 1, 8080, BACKEND_F_XDP | BACKEND_F_MAC, BACKEND_ACTIVE);
+    rig.service(1, 81, IPPROTO_TCP, &[2, 3]);
+    let ports = 40000..41000u16;
+    let to_81 = ports
+        .clone()
+        .find(|&p| named_by_table(&[0, 1], 80, p) != 0 && named_by_table(&[2, 3], 81, p) == 2)
+        .expect("a flow service 1's table gives fixture 0");
+    let unclaimed = ports
+        .clone()
+        .find(|&p| named_by_table(&[0, 1], 80, p) != 0 && named_by_table(&[2, 3], 81, p) != 2)
+        .expect("a flow neither table gives fixture 0");
+
+    let (ns, b0) = fib_namespace("lbdpfib3", true);
+    let run = ns
+        .run(|| rig.tc_from(&reply_from_backend(to_81, 0), b0))
+        .unwrap();
+    assert_eq!(run.action, TC_ACT_REDIRECT);
+    let want = frame(
+        (CLIENT_MAC, LB_MAC),
+        None,
+        VIP,
+        CLIENT,
+        L4::SynAck {
+            src: 81,
+            dst: to_81,
+        },
+        &[],
+        &[],
+    );
+    assert_eq!(run.output, want, "answers from :81, whose table named it");
+
+    let reply = reply_from_backend(unclaimed, 0);
+    let run = ns.run(|| rig.tc_from(&reply, b0)).unwrap();
+    assert_eq!(run.action, TC_ACT_UNSPEC, "no service claims it");
+    assert_eq!(run.output, reply);
     assert_eq!(rig.global("pass_no_flow"), 1);
+    assert_eq!(rig.global("reverse_nat_no_flow"), 1);
 }
 
 #[test]

@@ -5,7 +5,10 @@
 //! [`select_backend`] (flow table, then Maglev), translate ([`xdp_xlate`] /
 //! [`tc_xlate`]: DNAT, VLAN tag, MACs) and deliver ([`xdp_deliver`] /
 //! [`tc_deliver`]). The reverse path: [`lookup_reply_flow`], then
-//! [`tc_reverse`] (source back to the service, redirect to the client).
+//! [`tc_reverse`] (source back to the service, redirect to the client), or
+//! for a reply no flow entry holds (another node forwarded its request)
+//! [`tc_reverse_without_flow`] (the service found by its Maglev table, the
+//! client by the kernel's FIB).
 //!
 //! - `lb_xdp_fwd` (XDP, external interfaces): the forward path with
 //!   `XDP_REDIRECT` to the backend's interface, when that interface takes XDP
@@ -21,12 +24,13 @@
 
 use aya_ebpf::{
     bindings::{
+        bpf_fib_lookup as FibLookup,
         xdp_action::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
-        TC_ACT_OK, TC_ACT_SHOT,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, TC_ACT_UNSPEC,
     },
     helpers::{
-        bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
-        bpf_skb_vlan_pop, bpf_skb_vlan_push, bpf_xdp_adjust_head,
+        bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh,
+        bpf_redirect_peer, bpf_skb_vlan_pop, bpf_skb_vlan_push, bpf_xdp_adjust_head,
     },
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -314,7 +318,10 @@ fn tc_parse(ctx: &TcContext) -> Result<Parsed, Skip> {
     }
 }
 
-/// Counts a pass unless XDP on this interface already counted the packet.
+/// Counts a pass unless XDP on this interface already counted the packet,
+/// and hands it on: `TC_ACT_UNSPEC` (TCX's "next"), not `TC_ACT_OK`, so a
+/// later program on the same hook (another daemon's, a monitoring tool's)
+/// still sees a packet this one does not handle.
 #[inline(always)]
 fn tc_pass(ctx: &TcContext, reason: u32) -> i32 {
     // SAFETY: reading the skb's ingress ifindex.
@@ -324,7 +331,7 @@ fn tc_pass(ctx: &TcContext, reason: u32) -> i32 {
     if !xdp {
         count(reason);
     }
-    TC_ACT_OK
+    TC_ACT_UNSPEC
 }
 
 /// The skb path: the forward path for a packet to a service, else the
@@ -344,7 +351,7 @@ fn tc_main(ctx: &TcContext) -> i32 {
     };
     match lookup_reply_flow(&p, rev) {
         Some((key, flow)) => tc_reverse(ctx, &p, &key, &flow),
-        None => tc_pass(ctx, stat::PASS_NO_FLOW),
+        None => tc_reverse_without_flow(ctx, &p, rev),
     }
 }
 
@@ -512,6 +519,110 @@ fn tc_reverse(ctx: &TcContext, p: &Parsed, key: &FlowKey, flow: &Flow) -> i32 {
     count(stat::REVERSE_NAT);
     // SAFETY: plain helper call; egress of the client's interface.
     unsafe { bpf_redirect(flow.ifindex, 0) as i32 }
+}
+
+/// Where the kernel's FIB sends a packet to a client.
+enum Route {
+    /// Out of `ifindex` with these (destination, source) MACs.
+    Resolved {
+        ifindex: u32,
+        macs: ([u8; 6], [u8; 6]),
+    },
+    /// Out of `ifindex`, whose neighbour entry for the next hop is not
+    /// resolved yet: `bpf_redirect_neigh` resolves it.
+    Unresolved { ifindex: u32 },
+}
+
+/// `AF_INET`, the FIB lookup's family.
+const AF_INET: u8 = 2;
+
+/// The route from this node to the client of `key` (the client's flow
+/// key), with the VIP as source, looked up in the kernel's FIB as a packet
+/// that came in on the skb's interface. `None` when there is none, or
+/// forwarding is off on that interface.
+#[inline(always)]
+fn route_to_client(ctx: &TcContext, key: &FlowKey) -> Option<Route> {
+    // SAFETY: a plain C struct, valid zeroed.
+    let mut params: FibLookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = key.proto;
+    params.sport = key.dst_port;
+    params.dport = key.src_port;
+    // SAFETY: reading an skb field.
+    params.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    params.__bindgen_anon_3.ipv4_src = key.dst_addr;
+    params.__bindgen_anon_4.ipv4_dst = key.src_addr;
+    // A zero `tot_len` has the helper check the skb itself against the
+    // egress MTU.
+    // SAFETY: the helper reads and writes `params`, of the size given.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb.cast(),
+            &mut params,
+            core::mem::size_of::<FibLookup>() as i32,
+            0,
+        )
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => Some(Route::Resolved {
+            ifindex: params.ifindex,
+            macs: (params.dmac, params.smac),
+        }),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Some(Route::Unresolved {
+            ifindex: params.ifindex,
+        }),
+        _ => None,
+    }
+}
+
+/// The reverse path of a reply no flow entry holds (see
+/// [`flow::stateless_reply_key`]): another node forwarded its request, or
+/// the entry was evicted. The reply gets the service back as its source and
+/// goes where the kernel's FIB routes its client: with no flow entry, the
+/// client's MACs, interface and VLAN tag are unknown here. Checked whole
+/// before anything is written, so a reply that cannot be sent on passes
+/// untouched.
+#[inline(always)]
+fn tc_reverse_without_flow(ctx: &TcContext, p: &Parsed, rev: &RevNat) -> i32 {
+    let key = flow::stateless_reply_key(
+        &p.key,
+        rev,
+        // SAFETY: plain data, values replaced whole.
+        |k| unsafe { SERVICES.get(k) },
+        |id| BACKENDS.get(id),
+        |slot| MAGLEV.get(slot).copied(),
+    );
+    let Some(key) = key else {
+        return tc_pass(ctx, stat::PASS_NO_FLOW);
+    };
+    let Some(route) = route_to_client(ctx, &key) else {
+        return tc_pass(ctx, stat::PASS_NO_ROUTE);
+    };
+    let rw = Rewrite::new(p, Side::Src, key.dst_addr, key.dst_port);
+    if skb_rewrite(ctx, &rw).is_err() {
+        count(stat::DROP_REVERSE_REWRITE);
+        return TC_ACT_SHOT;
+    }
+    let action = match route {
+        Route::Resolved { ifindex, macs } => {
+            if ctx.store(0, &macs.0, 0).is_err() || ctx.store(6, &macs.1, 0).is_err() {
+                count(stat::DROP_REVERSE_REWRITE);
+                return TC_ACT_SHOT;
+            }
+            // SAFETY: plain helper call.
+            unsafe { bpf_redirect(ifindex, 0) }
+        }
+        // SAFETY: plain helper call; no next-hop parameters.
+        Route::Unresolved { ifindex } => unsafe {
+            bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0)
+        },
+    } as i32;
+    if action == TC_ACT_REDIRECT {
+        count(stat::REVERSE_NAT_NO_FLOW);
+    } else {
+        count(stat::DROP_REDIRECT);
+    }
+    action
 }
 
 #[cfg(not(test))]

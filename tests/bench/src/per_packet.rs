@@ -5,7 +5,7 @@
 //! never sees its own output (which is what `repeat > 1` would time). The
 //! kernel's own timing of each call is averaged over many calls; the cost
 //! of an empty program of the same type (`r0 = XDP_PASS; exit`, or
-//! `TC_ACT_OK` for TC), measured the same way, is the floor subtracted from
+//! `TC_ACT_UNSPEC` for TC), measured the same way, is the floor subtracted from
 //! the others. Contenders alternate within each round (A B C … A B C …) so
 //! that drift of the machine hits all of them alike; the figure is the
 //! median of the rounds. The last output of every contender is checked
@@ -17,8 +17,8 @@ use std::time::Duration;
 use lb_common::{BACKEND_F_MAC, BACKEND_F_PEER, BACKEND_F_XDP};
 use lb_harness::packets::{
     assert_checksums_valid, backend_of, frame, reply_from_backend, reply_to_client, syn,
-    syn_to_backend, Rig, Run, BACKENDS, CLIENT_MAC, L4, LB_MAC, TC_ACT_OK, TC_ACT_REDIRECT, VIP,
-    XDP_PASS, XDP_REDIRECT,
+    syn_to_backend, Rig, Run, BACKENDS, CLIENT_MAC, L4, LB_MAC, TC_ACT_REDIRECT, TC_ACT_UNSPEC,
+    VIP, XDP_PASS, XDP_REDIRECT,
 };
 
 use crate::{
@@ -91,7 +91,7 @@ fn new_flow_frame(n: u32) -> Vec<u8> {
 
 struct Bench {
     rig: Rig,
-    /// `r0 = XDP_PASS; exit` and `r0 = TC_ACT_OK; exit`: the floors.
+    /// `r0 = XDP_PASS; exit` and `r0 = TC_ACT_UNSPEC; exit`: the floors.
     empty_xdp: Program,
     empty_tc: Program,
     calls: u32,
@@ -135,7 +135,7 @@ impl Bench {
         Self {
             rig,
             empty_xdp: empty(ProgType::Xdp, XDP_PASS),
-            empty_tc: empty(ProgType::SchedCls, TC_ACT_OK),
+            empty_tc: empty(ProgType::SchedCls, TC_ACT_UNSPEC),
             calls,
             next_flow: 0,
             non_service,
@@ -195,7 +195,7 @@ impl Bench {
                 assert_eq!(run.action, XDP_REDIRECT, "{what}");
                 assert_eq!(run.output, self.established_out, "{what}: rewrite");
             }
-            Path::TcEmpty => assert_eq!(run.action, TC_ACT_OK, "{what}"),
+            Path::TcEmpty => assert_eq!(run.action, TC_ACT_UNSPEC, "{what}"),
             Path::Reverse => {
                 assert_eq!(run.action, TC_ACT_REDIRECT, "{what}");
                 assert_eq!(run.output, reply_to_client(40000), "{what}: rewrite");

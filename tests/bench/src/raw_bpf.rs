@@ -203,7 +203,7 @@ pub struct Program {
 
 impl Program {
     /// Loads `r0 = action; exit` (an empty program when `action` is
-    /// `XDP_PASS` or `TC_ACT_OK`) as a program of type `ty` named `name`.
+    /// `XDP_PASS` or `TC_ACT_UNSPEC`) as a program of type `ty` named `name`.
     pub fn returning(ty: ProgType, action: u32, name: &str) -> Result<Program, String> {
         Program::load(ty, &return_program(action), name)
     }

@@ -8,10 +8,11 @@
 use std::collections::{HashMap, VecDeque};
 
 use lb_common::{
-    vip_filter_bit, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_F_MAC, BACKEND_F_PEER,
-    BACKEND_F_XDP,
+    vip_filter_bit, FlowKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_F_MAC,
+    BACKEND_F_PEER, BACKEND_F_XDP,
 };
-use lb_harness::packets::{Rig, BACKENDS, BACKEND_MACS, HOST_MAC, VIP};
+use lb_ebpf::hash::flow_hash;
+use lb_harness::packets::{rig_table, Rig, BACKENDS, BACKEND_MACS, HOST_MAC, TABLE, VIP};
 
 use crate::wire::{TCP, UDP};
 
@@ -246,6 +247,31 @@ pub fn served_by(
                 .map(|b| (s, b))
         })
         .collect()
+}
+
+/// Whether a reply from `src`:`sport` to `dst`:`dport` (`proto`), found in
+/// no flow entry, is still claimed by a service of its backend (see
+/// `lb_ebpf::flow::stateless_reply_key`, modelled here on its own): it is
+/// the backend's only service, or the client's flow to one of them hashes,
+/// through that service's table, to this very backend.
+pub fn claimed_without_flow(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, proto: u8) -> bool {
+    let served = served_by(src, sport, proto);
+    if served.len() == 1 {
+        return true;
+    }
+    served.iter().any(|(s, b)| {
+        let key = FlowKey {
+            src_addr: u32::from_ne_bytes(dst),
+            dst_addr: u32::from_ne_bytes(s.vip),
+            src_port: dport.to_be(),
+            dst_port: s.port.to_be(),
+            proto,
+            _pad1: 0,
+            _pad2: 0,
+        };
+        let slot = flow_hash(&key) % TABLE;
+        rig_table(s.members)[slot as usize] == b.id
+    })
 }
 
 /// Whether the early filter lets a packet to `dst` through: its bit is

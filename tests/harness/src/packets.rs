@@ -22,8 +22,9 @@ pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 /// `XDP_REDIRECT`.
 pub const XDP_REDIRECT: u32 = 4;
-/// `TC_ACT_OK`.
-pub const TC_ACT_OK: u32 = 0;
+/// `TC_ACT_UNSPEC` (-1), TCX's "next": what the TC program returns for a packet it
+/// does not handle, so a later program on the same hook still sees it.
+pub const TC_ACT_UNSPEC: u32 = u32::MAX;
 /// `TC_ACT_SHOT`.
 pub const TC_ACT_SHOT: u32 = 2;
 /// `TC_ACT_REDIRECT`.
@@ -49,6 +50,20 @@ pub const BACKEND_MACS: [[u8; 6]; 3] = [
 ];
 /// Maglev table size of fixture services (prime).
 pub const TABLE: u32 = 251;
+
+/// The Maglev table (backend id per slot, [`TABLE`] slots) [`Rig::table`]
+/// writes for a service of backends `members`: each keyed by its id.
+pub fn rig_table(members: &[u32]) -> Vec<u32> {
+    let members: Vec<MaglevBackend> = members
+        .iter()
+        .map(|&id| MaglevBackend {
+            key: u64::from(id) + 1,
+            id,
+            weight: 1,
+        })
+        .collect();
+    maglev::build(&members, TABLE).expect("table builds")
+}
 /// `ifindex` of `lo` in every namespace: a real device for the redirect helpers.
 pub const LO: u32 = 1;
 
@@ -281,6 +296,22 @@ fn test_run(
     })
 }
 
+/// Offset of `ingress_ifindex` in `struct __sk_buff` (the tenth `__u32`).
+const SKB_INGRESS_IFINDEX: usize = 36;
+/// The part of `struct __sk_buff` [`skb_ctx`] fills: up to and including
+/// `ifindex`; the kernel takes the rest as zero.
+const SKB_CTX_LEN: usize = 44;
+
+/// A `BPF_PROG_TEST_RUN` context for a TC program: a `struct __sk_buff`
+/// whose only field set is `ingress_ifindex` (one of the few the kernel
+/// lets a test run set).
+fn skb_ctx(ingress_ifindex: u32) -> [u8; SKB_CTX_LEN] {
+    let mut ctx = [0u8; SKB_CTX_LEN];
+    ctx[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4]
+        .copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    ctx
+}
+
 /// A loaded data path whose maps are written directly, as the reconcile
 /// loop would write them.
 pub struct Rig {
@@ -399,15 +430,7 @@ impl Rig {
     /// `members`, as the reconciler does when they change; returns the
     /// table's first slot.
     pub fn table(&mut self, sid: u32, members: &[u32]) -> u32 {
-        let members: Vec<MaglevBackend> = members
-            .iter()
-            .map(|&id| MaglevBackend {
-                key: u64::from(id) + 1,
-                id,
-                weight: 1,
-            })
-            .collect();
-        let table = maglev::build(&members, TABLE).expect("table builds");
+        let table = rig_table(members);
         let base = sid * 2 * TABLE;
         for (i, slot) in table.iter().enumerate() {
             self.dp
@@ -442,6 +465,19 @@ impl Rig {
     /// Runs the TC program once on `input`.
     pub fn tc(&mut self, input: &[u8]) -> Result<Run, ProgramError> {
         test_run(input, |o| self.dp.tc_program().test_run(o))
+    }
+
+    /// Runs the TC program once on `input` as if it came in on interface
+    /// `ingress_ifindex` of the calling thread's network namespace (where
+    /// the kernel then looks routes up).
+    pub fn tc_from(&mut self, input: &[u8], ingress_ifindex: u32) -> Result<Run, ProgramError> {
+        let ctx = skb_ctx(ingress_ifindex);
+        test_run(input, |o| {
+            self.dp.tc_program().test_run(TestRunOptions {
+                ctx_in: Some(&ctx),
+                ..o
+            })
+        })
     }
 
     /// A global counter by name, summed over CPUs.

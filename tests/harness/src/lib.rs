@@ -25,6 +25,7 @@ pub mod forward;
 pub mod lb_process;
 pub mod lock;
 pub mod netns;
+pub mod nodes;
 pub mod ops;
 pub mod packets;
 pub mod servers;

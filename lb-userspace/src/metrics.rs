@@ -288,6 +288,7 @@ mod tests {
             weight: 1,
             state,
             health: Health::Unchecked,
+            last_check: None,
             active_flows: flows,
             counters: Counters {
                 packets,

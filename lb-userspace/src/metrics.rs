@@ -271,6 +271,9 @@ pub fn render(stats: &Stats) -> String {
 }
 
 #[cfg(test)]
+mod dashboard;
+
+#[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 

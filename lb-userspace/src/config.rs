@@ -492,7 +492,7 @@ fn gid_of(name: &str) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ImageRule;
+    use crate::model::{CheckKind, ImageRule, MAX_UDP_PAYLOAD};
 
     const GOOD: &str = r#"
 [datapath]
@@ -604,6 +604,114 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080@2"]   # ip:port, optional @w
             let e = err(&text);
             assert!(e.contains(field), "{field:?} not named in: {e}");
             assert!(e.starts_with("lb.toml"), "file not named in: {e}");
+        }
+    }
+
+    /// `GOOD` with `health = { … }` set to `fields` and its protocol to
+    /// `protocol`.
+    fn with_health(protocol: &str, fields: &str) -> String {
+        GOOD.replace(r#"protocol = "tcp""#, &format!("protocol = {protocol:?}"))
+            + &format!(
+                "health = {{ interval_ms = 1000, timeout_ms = 500, rise = 2, fall = 3{fields} }}\n"
+            )
+    }
+
+    #[test]
+    fn health_checks_of_each_kind() {
+        let check = |protocol: &str, fields: &str| {
+            let c = parse(&with_health(protocol, fields)).unwrap();
+            c.services[0].health.clone().expect("a health check")
+        };
+        // No kind is a TCP connect, as before kinds existed.
+        assert_eq!(check("tcp", ""), HealthCheck::default());
+        assert_eq!(check("udp", "").kind, CheckKind::Tcp);
+        // An HTTP check's path and status get their defaults.
+        let http = check("tcp", r#", kind = "http""#);
+        assert_eq!(
+            (http.kind, http.path.as_deref(), http.status),
+            (CheckKind::Http, Some("/"), Some(200))
+        );
+        let http = check("tcp", r#", kind = "http", path = "/healthz", status = 204"#);
+        assert_eq!(
+            (http.path.as_deref(), http.status),
+            (Some("/healthz"), Some(204))
+        );
+        let udp = check("udp", r#", kind = "udp", payload = "ping""#);
+        assert_eq!(
+            (udp.kind, udp.payload.as_deref()),
+            (CheckKind::Udp, Some("ping"))
+        );
+    }
+
+    #[test]
+    fn bad_health_checks_get_one_clear_line() {
+        let big = "x".repeat(MAX_UDP_PAYLOAD + 1);
+        for (protocol, fields, want) in [
+            (
+                "udp",
+                r#", kind = "http""#.to_owned(),
+                "an HTTP check needs a TCP service",
+            ),
+            (
+                "tcp",
+                r#", kind = "udp", payload = "ping""#.into(),
+                "a UDP check needs a UDP service",
+            ),
+            (
+                "tcp",
+                r#", kind = "http", path = """#.into(),
+                "path is empty",
+            ),
+            (
+                "tcp",
+                r#", kind = "http", path = "healthz""#.into(),
+                "is not a path",
+            ),
+            (
+                "tcp",
+                r#", kind = "http", path = "/a b""#.into(),
+                "is not a path",
+            ),
+            (
+                "tcp",
+                r#", kind = "http", status = 600"#.into(),
+                "status 600 is not an HTTP status (100-599)",
+            ),
+            (
+                "tcp",
+                r#", kind = "http", status = 99"#.into(),
+                "status 99 is not an HTTP status",
+            ),
+            ("udp", r#", kind = "udp""#.into(), "payload missing"),
+            (
+                "udp",
+                format!(r#", kind = "udp", payload = "{big}""#),
+                "payload of 1025 bytes",
+            ),
+            (
+                "udp",
+                r#", kind = "udp", payload = """#.into(),
+                "payload of 0 bytes",
+            ),
+            (
+                "tcp",
+                r#", path = "/""#.into(),
+                r#"path goes with kind = "http" only"#,
+            ),
+            (
+                "udp",
+                r#", payload = "ping""#.into(),
+                r#"payload goes with kind = "udp" only"#,
+            ),
+            ("tcp", r#", kind = "icmp""#.into(), "unknown variant `icmp`"),
+            ("tcp", r#", pth = "/""#.into(), "unknown field `pth`"),
+        ] {
+            let e = err(&with_health(protocol, &fields));
+            assert!(e.contains(want), "{fields}: {e}");
+            // Field errors name the service's health field.
+            if !want.starts_with("unknown") {
+                assert!(e.contains(r#"service "web" health"#), "{fields}: {e}");
+            }
         }
     }
 
@@ -731,7 +839,7 @@ vip = "198.18.101.1:80"
 protocol = "tcp"
 backends = ["198.18.103.2:8080", "198.18.104.2:8080@2"]
 table_size = 251
-health = { interval_ms = 1000, timeout_ms = 500, rise = 2, fall = 3 }
+health = { kind = "http", path = "/healthz", status = 200, interval_ms = 1000, timeout_ms = 500, rise = 2, fall = 3 }
 
 [[service]]
 name = "dns"
@@ -739,6 +847,7 @@ vip = "198.18.101.2:53"
 protocol = "udp"
 image = "web:1"
 target_port = 8080
+health = { kind = "udp", payload = "ping", interval_ms = 1000, timeout_ms = 500, rise = 2, fall = 3 }
 "#;
 
         /// A TOML string holding `s`, escaped as TOML needs.

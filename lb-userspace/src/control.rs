@@ -32,7 +32,7 @@ use crate::{
     },
     docker::{DockerSink, DockerUpdate, Tracker},
     events::{self, Cause, Change, EventKind, EventLog, Marks, Reason},
-    health::{HealthSink, HealthUpdater},
+    health::{HealthReport, HealthSink, HealthUpdater},
     model::{Refusal, RefusalKind},
     reconcile::{Reader, Reconciler, ServiceView},
     state::{Desired, Flush},
@@ -89,8 +89,8 @@ pub enum Response {
 pub enum Input {
     /// A client's request and where to send the answer.
     Call(Request, oneshot::Sender<Result<Response, Refusal>>),
-    /// A health check result for (service, backend).
-    Health(String, SocketAddrV4, bool),
+    /// A backend's change of health.
+    Health(HealthReport),
     /// What the Docker watcher saw.
     Docker(DockerUpdate),
 }
@@ -124,15 +124,15 @@ impl Handle {
         let _ = self.tx.send(Input::Docker(update)).await;
     }
 
-    /// Reports a health check result.
-    pub async fn health(&self, service: String, backend: SocketAddrV4, healthy: bool) {
-        let _ = self.tx.send(Input::Health(service, backend, healthy)).await;
+    /// Reports a backend's change of health.
+    pub async fn health(&self, report: HealthReport) {
+        let _ = self.tx.send(Input::Health(report)).await;
     }
 }
 
 impl HealthSink for Handle {
-    async fn report(&self, service: String, backend: SocketAddrV4, healthy: bool) {
-        self.health(service, backend, healthy).await;
+    async fn report(&self, report: HealthReport) {
+        self.health(report).await;
     }
 }
 
@@ -264,6 +264,17 @@ impl Controller {
     /// named) differ from what it last published; `default` is the reason
     /// of a change no more specific rule explains (see [`Cause`]).
     fn publish(&mut self, services: Option<&BTreeSet<String>>, default: Reason) {
+        self.publish_noting(services, default, None);
+    }
+
+    /// [`Self::publish`], and the health check's words (`note`) as the
+    /// detail of that backend's change for the health check.
+    fn publish_noting(
+        &mut self,
+        services: Option<&BTreeSet<String>>,
+        default: Reason,
+        note: Option<(SocketAddrV4, &str)>,
+    ) {
         let docker = self.docker.take_causes();
         let tracker = &self.docker;
         let after = self.rec.marks(services, |s, addr| {
@@ -280,7 +291,14 @@ impl Controller {
                 .collect(),
             None => std::mem::take(&mut self.marks),
         };
-        for change in events::diff(&before, &after, &cause) {
+        for mut change in events::diff(&before, &after, &cause) {
+            if let Some((addr, detail)) = note {
+                let noted = change.reason == Some(Reason::HealthCheck)
+                    && change.backend.as_deref() == Some(addr.to_string().as_str());
+                if noted {
+                    change.detail = Some(detail.to_owned());
+                }
+            }
             self.events.emit(change);
         }
         self.marks.extend(after);
@@ -326,9 +344,9 @@ impl Controller {
                     touched |= self.commit_pending(&mut changes, &mut docker_changed).await;
                     self.call(req, reply).await;
                 }
-                Input::Health(service, addr, healthy) => {
+                Input::Health(report) => {
                     touched |= self.commit_pending(&mut changes, &mut docker_changed).await;
-                    self.health_result(&service, addr, healthy);
+                    self.health_result(&report);
                 }
             }
         }
@@ -430,13 +448,20 @@ impl Controller {
         }
     }
 
-    fn health_result(&mut self, service: &str, addr: SocketAddrV4, healthy: bool) {
-        if let Err(e) = self.rec.set_health(service, addr, healthy) {
+    fn health_result(&mut self, report: &HealthReport) {
+        let HealthReport {
+            service,
+            backend: addr,
+            healthy,
+            detail,
+        } = report;
+        if let Err(e) = self.rec.set_health(service, *addr, *healthy) {
             warn!(service, backend = %addr, error = %format!("{e:#}"), "applying a health result failed");
         }
-        self.publish(
-            Some(&BTreeSet::from([service.to_owned()])),
+        self.publish_noting(
+            Some(&BTreeSet::from([service.clone()])),
             Reason::HealthCheck,
+            Some((*addr, detail)),
         );
     }
 
@@ -528,10 +553,15 @@ impl Controller {
     /// name that is not a service.
     fn view(&self, name: Option<&str>) -> Option<Vec<ServiceView>> {
         let mut views = self.rec.view(name)?;
+        let last = self.health.as_ref().map(HealthUpdater::last);
         for v in &mut views {
+            let checked = v.info.health.is_some();
             for (_, b) in &mut v.backends {
                 if let Ok(addr) = b.address.parse() {
                     b.container = self.docker.container(&v.info.name, addr).map(str::to_owned);
+                    if checked {
+                        b.last_check = last.and_then(|l| l.get(&v.info.name, addr));
+                    }
                 }
             }
         }

@@ -271,6 +271,9 @@ pub fn render(stats: &Stats) -> String {
 }
 
 #[cfg(test)]
+mod dashboard;
+
+#[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
@@ -288,6 +291,7 @@ mod tests {
             weight: 1,
             state,
             health: Health::Unchecked,
+            last_check: None,
             active_flows: flows,
             counters: Counters {
                 packets,

@@ -24,28 +24,163 @@ pub enum Origin {
     Api,
 }
 
-/// An active health check: a backend that refuses `fall` TCP connections in
-/// a row is taken out, one that accepts `rise` in a row is put back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// How a backend is checked.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// A TCP connection to the backend's port (the default).
+    #[default]
+    Tcp,
+    /// An HTTP/1.1 `GET` of `path` that must answer `status` (TCP
+    /// services).
+    Http,
+    /// A UDP datagram of `payload` that must get any answer (UDP services).
+    Udp,
+}
+
+impl fmt::Display for CheckKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CheckKind::Tcp => "tcp",
+            CheckKind::Http => "http",
+            CheckKind::Udp => "udp",
+        })
+    }
+}
+
+/// The path an HTTP check asks for when none is given.
+pub const DEFAULT_HTTP_PATH: &str = "/";
+/// The status an HTTP check expects when none is given.
+pub const DEFAULT_HTTP_STATUS: u16 = 200;
+/// Largest UDP check payload, in bytes: a probe, not a request body.
+pub const MAX_UDP_PAYLOAD: usize = 1024;
+/// Longest HTTP check path, in bytes.
+pub const MAX_HTTP_PATH: usize = 1024;
+
+/// An active health check: a backend that fails `fall` checks in a row is
+/// taken out, one that passes `rise` in a row is put back. Without `kind`
+/// it is a TCP connect, as before there were kinds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HealthCheck {
+    /// What a check does.
+    #[serde(default)]
+    pub kind: CheckKind,
     /// Milliseconds between checks of one backend.
     pub interval_ms: u64,
-    /// Milliseconds a connection attempt may take.
+    /// Milliseconds one check may take (connection, request and answer).
     pub timeout_ms: u64,
     /// Successes in a row that bring a backend back.
     pub rise: u32,
     /// Failures in a row that take a backend out.
     pub fall: u32,
+    /// HTTP: the path requested ([`DEFAULT_HTTP_PATH`] when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// HTTP: the status that passes ([`DEFAULT_HTTP_STATUS`] when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// UDP: what is sent, as its UTF-8 bytes (required for `udp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
 }
 
 impl Default for HealthCheck {
     fn default() -> Self {
         Self {
+            kind: CheckKind::Tcp,
             interval_ms: 1_000,
             timeout_ms: 500,
             rise: 2,
             fall: 3,
+            path: None,
+            status: None,
+            payload: None,
         }
+    }
+}
+
+impl HealthCheck {
+    /// Checks the fields against each other and the service's protocol;
+    /// the reason is one line. An HTTP check's path and status are filled
+    /// in with their defaults, so what is stored and listed is what runs.
+    fn validate(mut self, protocol: Protocol) -> Result<Self, String> {
+        if self.interval_ms == 0 || self.timeout_ms == 0 || self.rise == 0 || self.fall == 0 {
+            return Err("interval, timeout, rise and fall must all be at least 1".into());
+        }
+        if self.timeout_ms > self.interval_ms {
+            return Err(format!(
+                "timeout {} ms is longer than the interval {} ms",
+                self.timeout_ms, self.interval_ms
+            ));
+        }
+        let kind = self.kind;
+        let only = |field: &str, with: CheckKind| {
+            format!("{field} goes with kind = \"{with}\" only, not with kind = \"{kind}\"")
+        };
+        if kind != CheckKind::Http {
+            if self.path.is_some() {
+                return Err(only("path", CheckKind::Http));
+            }
+            if self.status.is_some() {
+                return Err(only("status", CheckKind::Http));
+            }
+        }
+        if kind != CheckKind::Udp && self.payload.is_some() {
+            return Err(only("payload", CheckKind::Udp));
+        }
+        match (kind, protocol) {
+            (CheckKind::Http, Protocol::Udp) => {
+                return Err(
+                    "an HTTP check needs a TCP service; a UDP service takes kind = \"udp\"".into(),
+                )
+            }
+            (CheckKind::Udp, Protocol::Tcp) => return Err(
+                "a UDP check needs a UDP service; a TCP service takes kind = \"tcp\" or \"http\""
+                    .into(),
+            ),
+            _ => {}
+        }
+        match kind {
+            CheckKind::Tcp => {}
+            CheckKind::Http => {
+                let path = self.path.get_or_insert_with(|| DEFAULT_HTTP_PATH.into());
+                if path.is_empty() {
+                    return Err("path is empty: give the path to ask for, e.g. \"/healthz\"".into());
+                }
+                // It goes into the request line as it is.
+                if !path.starts_with('/')
+                    || path.len() > MAX_HTTP_PATH
+                    || !path.bytes().all(|b| b.is_ascii_graphic())
+                {
+                    return Err(format!(
+                        "path {path:?} is not a path: it starts with '/', is at most {MAX_HTTP_PATH} bytes and has no spaces or control characters"
+                    ));
+                }
+                let status = *self.status.get_or_insert(DEFAULT_HTTP_STATUS);
+                if !(100..=599).contains(&status) {
+                    return Err(format!("status {status} is not an HTTP status (100-599)"));
+                }
+            }
+            CheckKind::Udp => match &self.payload {
+                None => {
+                    return Err(
+                        "payload missing: a UDP check sends a payload (e.g. \"ping\") and waits for any answer"
+                            .into(),
+                    )
+                }
+                Some(p) if p.is_empty() || p.len() > MAX_UDP_PAYLOAD => {
+                    return Err(format!(
+                        "payload of {} bytes: a UDP check sends 1 to {MAX_UDP_PAYLOAD}",
+                        p.len()
+                    ))
+                }
+                Some(_) => {}
+            },
+        }
+        Ok(self)
     }
 }
 
@@ -221,23 +356,10 @@ pub fn service_spec(
             format!("{table_size} is larger than datapath.max_table_size {max_table_size}"),
         ));
     }
-    if let Some(h) = health {
-        if h.interval_ms == 0 || h.timeout_ms == 0 || h.rise == 0 || h.fall == 0 {
-            return Err(field_error(
-                "health",
-                "interval, timeout, rise and fall must all be at least 1".into(),
-            ));
-        }
-        if h.timeout_ms > h.interval_ms {
-            return Err(field_error(
-                "health",
-                format!(
-                    "timeout {} ms is longer than the interval {} ms",
-                    h.timeout_ms, h.interval_ms
-                ),
-            ));
-        }
-    }
+    let health = health
+        .map(|h| h.validate(protocol))
+        .transpose()
+        .map_err(|r| field_error("health", r))?;
     Ok(ServiceSpec {
         name: name.to_owned(),
         vip,
@@ -265,7 +387,7 @@ pub struct ServiceSpec {
     pub backends: Vec<BackendSpec>,
     /// Where the service was declared.
     pub origin: Origin,
-    /// Active TCP health check of the backends.
+    /// Active health check of the backends.
     pub health: Option<HealthCheck>,
     /// Docker containers of this image join the service.
     pub image: Option<ImageRule>,

@@ -17,8 +17,9 @@ use lb::{
     api::{
         server,
         types::{
-            AttachmentStatus, BackendInfo, BackendState, ContainersStatus, Counters, Health,
-            InterfaceStatus, MapStatus, NewService, ServiceInfo, ServiceStats, Stats, Status,
+            AttachmentStatus, BackendInfo, BackendState, CheckResult, ContainersStatus, Counters,
+            Health, InterfaceStatus, MapStatus, NewService, ServiceInfo, ServiceStats, Stats,
+            Status,
         },
     },
     control::{Handle, Input, Request, Response},
@@ -213,6 +214,12 @@ fn backends(packets: u64) -> Vec<BackendInfo> {
             weight: 2,
             state: BackendState::Active,
             health: Health::Healthy,
+            last_check: Some(CheckResult {
+                ok: true,
+                detail: "HTTP 200".into(),
+                time: "2026-12-02T15:00:00.000Z".into(),
+                took_ms: 2,
+            }),
             active_flows: 3,
             counters: Counters {
                 packets,
@@ -226,6 +233,12 @@ fn backends(packets: u64) -> Vec<BackendInfo> {
             weight: 1,
             state: BackendState::Draining,
             health: Health::Unhealthy,
+            last_check: Some(CheckResult {
+                ok: false,
+                detail: "HTTP 503, expected 200".into(),
+                time: "2026-12-02T15:00:00.000Z".into(),
+                took_ms: 3,
+            }),
             active_flows: 0,
             counters: Counters::default(),
             container: None,
@@ -498,9 +511,9 @@ fn tables() {
     let o = d.lb(&["backend", "ls", "api"]);
     assert_eq!(
         stdout(&o),
-        "ADDRESS          WEIGHT  STATE     HEALTH     ACTIVE FLOWS  PACKETS   BYTES  CONTAINER\n\
-         198.18.7.1:8080       2  active    healthy               3       10  1000 B  web-1\n\
-         198.18.7.2:8080       1  draining  unhealthy             0        0     0 B  -\n"
+        "ADDRESS          WEIGHT  STATE     HEALTH     LAST CHECK              ACTIVE FLOWS  PACKETS   BYTES  CONTAINER\n\
+         198.18.7.1:8080       2  active    healthy    HTTP 200                           3       10  1000 B  web-1\n\
+         198.18.7.2:8080       1  draining  unhealthy  HTTP 503, expected 200             0        0     0 B  -\n"
     );
     let o = d.lb(&["status"]);
     let out = stdout(&o);

@@ -1189,7 +1189,8 @@ fn health_check_takes_out_and_puts_back() {
             interval_ms: 200,
             timeout_ms: 100,
             rise: 2,
-            fall: 2
+            fall: 2,
+            ..HealthCheck::default()
         }),
         "{services:#?}"
     );

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 // The domain types a body carries, part of the wire vocabulary too.
 pub use crate::{
     events::{Change, Event, EventKind, Reason},
-    model::{HealthCheck, Origin, Protocol},
+    health::CheckResult,
+    model::{CheckKind, HealthCheck, Origin, Protocol},
 };
 
 /// An error body: `{"error": "one line"}`.
@@ -37,7 +38,7 @@ pub struct NewService {
     /// The containers' port for `image`.
     #[serde(default)]
     pub target_port: Option<u16>,
-    /// Active TCP health check of the backends.
+    /// Active health check of the backends (TCP, HTTP or UDP).
     #[serde(default)]
     pub health: Option<HealthCheck>,
 }
@@ -131,6 +132,10 @@ pub struct BackendInfo {
     pub state: BackendState,
     /// Health check result.
     pub health: Health,
+    /// The last health check and what it found, once one ran (absent when
+    /// the service has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check: Option<CheckResult>,
     /// Flows given to it that carried a packet in the last 60 s.
     pub active_flows: u64,
     /// Its counters.

@@ -11,7 +11,7 @@ use clap::{builder::NonEmptyStringValueParser, Args, Parser, Subcommand, ValueEn
 use crate::{
     api::{
         server::DEFAULT_SOCKET,
-        types::{HealthCheck, NewBackend, NewService, Protocol},
+        types::{CheckKind, HealthCheck, NewBackend, NewService, Protocol},
     },
     daemon::RunArgs,
 };
@@ -138,6 +138,20 @@ impl From<Proto> for Protocol {
 pub enum HealthKind {
     /// A TCP connection to the backend.
     Tcp,
+    /// An HTTP GET of --health-path that answers --health-status.
+    Http,
+    /// A UDP datagram of --health-payload that gets any answer.
+    Udp,
+}
+
+impl From<HealthKind> for CheckKind {
+    fn from(k: HealthKind) -> Self {
+        match k {
+            HealthKind::Tcp => CheckKind::Tcp,
+            HealthKind::Http => CheckKind::Http,
+            HealthKind::Udp => CheckKind::Udp,
+        }
+    }
 }
 
 /// `lb service add`.
@@ -176,19 +190,34 @@ pub struct ServiceAdd {
     /// Failed checks in a row that take a backend out [default: 3].
     #[arg(long, value_name = "N", requires = "health")]
     pub health_fall: Option<u32>,
+    /// HTTP check: the path asked for [default: /].
+    #[arg(long, value_name = "PATH", requires = "health")]
+    pub health_path: Option<String>,
+    /// HTTP check: the status that passes [default: 200].
+    #[arg(long, value_name = "CODE", requires = "health")]
+    pub health_status: Option<u16>,
+    /// UDP check: what is sent (any answer passes).
+    #[arg(long, value_name = "TEXT", requires = "health")]
+    pub health_payload: Option<String>,
 }
 
 impl ServiceAdd {
     /// The request body: options as given, health check defaults from
     /// [`HealthCheck::default`].
     pub fn to_request(&self) -> NewService {
-        let health = self.health.map(|HealthKind::Tcp| {
+        // Path, status and payload go as given: the daemon fills in the
+        // defaults and refuses one that does not go with the kind.
+        let health = self.health.map(|kind| {
             let d = HealthCheck::default();
             HealthCheck {
+                kind: kind.into(),
                 interval_ms: self.health_interval.unwrap_or(d.interval_ms),
                 timeout_ms: self.health_timeout.unwrap_or(d.timeout_ms),
                 rise: self.health_rise.unwrap_or(d.rise),
                 fall: self.health_fall.unwrap_or(d.fall),
+                path: self.health_path.clone(),
+                status: self.health_status,
+                payload: self.health_payload.clone(),
             }
         });
         NewService {

@@ -6,8 +6,12 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::rates::{Rate, Rates};
-use crate::api::types::{
-    BackendInfo, BackendState, Counters, Event, HealthCheck, ServiceInfo, Stats, Status,
+use crate::{
+    api::types::{
+        BackendInfo, BackendState, CheckKind, Counters, Event, HealthCheck, ServiceInfo, Stats,
+        Status,
+    },
+    model::{one_line, DEFAULT_HTTP_PATH, DEFAULT_HTTP_STATUS},
 };
 
 /// Alignment of a table column.
@@ -166,10 +170,27 @@ pub fn fill(used: u64, capacity: u64) -> String {
 
 /// A health check in one cell.
 pub fn health_check(h: &HealthCheck) -> String {
+    let what = match h.kind {
+        CheckKind::Tcp => "tcp".to_owned(),
+        CheckKind::Http => format!(
+            "http GET {} = {}",
+            h.path.as_deref().unwrap_or(DEFAULT_HTTP_PATH),
+            h.status.unwrap_or(DEFAULT_HTTP_STATUS)
+        ),
+        CheckKind::Udp => format!("udp {:?}", h.payload.as_deref().unwrap_or_default()),
+    };
     format!(
-        "tcp every {}ms, timeout {}ms, rise {}, fall {}",
+        "{what} every {}ms, timeout {}ms, rise {}, fall {}",
         h.interval_ms, h.timeout_ms, h.rise, h.fall
     )
+}
+
+/// A backend's last health check in one cell: what it found, `-` before
+/// the first.
+fn last_check(b: &BackendInfo) -> String {
+    b.last_check
+        .as_ref()
+        .map_or_else(|| "-".into(), |c| one_line(&c.detail))
 }
 
 /// `lb service ls`.
@@ -212,6 +233,7 @@ pub fn backends(list: &[BackendInfo]) -> String {
         ("WEIGHT", Align::Right),
         ("STATE", Align::Left),
         ("HEALTH", Align::Left),
+        ("LAST CHECK", Align::Left),
         ("ACTIVE FLOWS", Align::Right),
         ("PACKETS", Align::Right),
         ("BYTES", Align::Right),
@@ -223,6 +245,7 @@ pub fn backends(list: &[BackendInfo]) -> String {
             b.weight.to_string(),
             api_name(&b.state),
             api_name(&b.health),
+            last_check(b),
             b.active_flows.to_string(),
             b.counters.packets.to_string(),
             bytes(b.counters.bytes),
@@ -461,8 +484,8 @@ mod tests {
 
     use super::*;
     use crate::api::types::{
-        AttachmentStatus, BackendInfo, ContainersStatus, Health, InterfaceStatus, MapStatus,
-        Origin, Protocol, ServiceStats,
+        AttachmentStatus, BackendInfo, CheckResult, ContainersStatus, Health, InterfaceStatus,
+        MapStatus, Origin, Protocol, ServiceStats,
     };
 
     fn counters(packets: u64, bytes: u64, new_flows: u64) -> Counters {
@@ -479,6 +502,7 @@ mod tests {
             weight: 1,
             state,
             health: Health::Unchecked,
+            last_check: None,
             active_flows: 2,
             counters: c,
             container: None,
@@ -587,8 +611,46 @@ mod tests {
         )]);
         assert_eq!(
             out,
-            "ADDRESS          WEIGHT  STATE     HEALTH     ACTIVE FLOWS  PACKETS    BYTES  CONTAINER\n\
-             198.18.7.1:8080       1  draining  unchecked             2       10  2.0 KiB  -\n"
+            "ADDRESS          WEIGHT  STATE     HEALTH     LAST CHECK  ACTIVE FLOWS  PACKETS    BYTES  CONTAINER\n\
+             198.18.7.1:8080       1  draining  unchecked  -                      2       10  2.0 KiB  -\n"
+        );
+    }
+
+    #[test]
+    fn backend_table_says_what_the_last_check_found() {
+        let mut b = backend("198.18.7.1:8080", BackendState::Down, counters(0, 0, 0));
+        b.health = Health::Unhealthy;
+        b.last_check = Some(CheckResult {
+            ok: false,
+            detail: "HTTP 503, expected 200".into(),
+            time: "2026-12-02T15:00:00.000Z".into(),
+            took_ms: 3,
+        });
+        let out = backends(&[b]);
+        let row = out.lines().nth(1).unwrap();
+        assert!(row.contains("unhealthy  HTTP 503, expected 200"), "{out}");
+    }
+
+    #[test]
+    fn health_checks_of_each_kind_in_one_cell() {
+        let http = HealthCheck {
+            kind: CheckKind::Http,
+            path: Some("/healthz".into()),
+            status: Some(204),
+            ..HealthCheck::default()
+        };
+        assert_eq!(
+            health_check(&http),
+            "http GET /healthz = 204 every 1000ms, timeout 500ms, rise 2, fall 3"
+        );
+        let udp = HealthCheck {
+            kind: CheckKind::Udp,
+            payload: Some("ping".into()),
+            ..HealthCheck::default()
+        };
+        assert_eq!(
+            health_check(&udp),
+            "udp \"ping\" every 1000ms, timeout 500ms, rise 2, fall 3"
         );
     }
 

@@ -157,6 +157,7 @@ mod tests {
                             weight: 1,
                             state: BackendState::Active,
                             health: Health::Unchecked,
+                            last_check: None,
                             active_flows: 0,
                             counters: *counters,
                             container: None,

@@ -9,7 +9,7 @@ use super::{
     args::{BackendCommand, HealthKind, Proto, ServiceCommand},
     stats_path, url_segment, Admin, Cli, Command,
 };
-use crate::api::types::{HealthCheck, NewBackend, NewService, Protocol};
+use crate::api::types::{CheckKind, HealthCheck, NewBackend, NewService, Protocol};
 
 fn parse(args: &[&str]) -> Cli {
     match Cli::try_parse_from(std::iter::once("lb").chain(args.iter().copied())) {
@@ -117,6 +117,53 @@ fn health_tcp_alone_uses_the_api_defaults() {
 }
 
 #[test]
+fn health_http_and_udp_carry_their_probe() {
+    let req = service_add(&[
+        "service",
+        "add",
+        "a",
+        "--vip",
+        "1.2.3.4:80",
+        "--health",
+        "http",
+        "--health-path",
+        "/healthz",
+        "--health-status",
+        "204",
+    ]);
+    assert_eq!(
+        req.health,
+        Some(HealthCheck {
+            kind: CheckKind::Http,
+            path: Some("/healthz".into()),
+            status: Some(204),
+            ..HealthCheck::default()
+        })
+    );
+    let req = service_add(&[
+        "service",
+        "add",
+        "dns",
+        "--vip",
+        "1.2.3.4:53",
+        "--proto",
+        "udp",
+        "--health",
+        "udp",
+        "--health-payload",
+        "ping",
+    ]);
+    assert_eq!(
+        req.health,
+        Some(HealthCheck {
+            kind: CheckKind::Udp,
+            payload: Some("ping".into()),
+            ..HealthCheck::default()
+        })
+    );
+}
+
+#[test]
 fn help_states_the_health_defaults() {
     let d = HealthCheck::default();
     let help = Cli::command()
@@ -154,8 +201,10 @@ fn usage_errors_exit_2() {
         with(&["--target-port", "-1"]),
         with(&["--proto", "sctp"]),
         with(&["--table-size", "big"]),
-        with(&["--health", "http"]),
+        with(&["--health", "icmp"]),
         with(&["--health-interval", "100"]), // needs --health
+        with(&["--health-path", "/"]),       // needs --health
+        with(&["--health", "http", "--health-status", "70000"]),
         with(&["--health", "tcp", "--health-rise", "-2"]),
         vec!["service", "add", "api"],                 // no --vip
         vec!["service", "add", "--vip", "1.2.3.4:80"], // no name
@@ -315,7 +364,9 @@ fn socket_is_global_and_shared_with_run() {
 fn proto_maps_to_the_config_type() {
     assert_eq!(Protocol::from(Proto::Tcp), Protocol::Tcp);
     assert_eq!(Protocol::from(Proto::Udp), Protocol::Udp);
-    let _ = HealthKind::Tcp;
+    assert_eq!(CheckKind::from(HealthKind::Tcp), CheckKind::Tcp);
+    assert_eq!(CheckKind::from(HealthKind::Http), CheckKind::Http);
+    assert_eq!(CheckKind::from(HealthKind::Udp), CheckKind::Udp);
 }
 
 #[test]

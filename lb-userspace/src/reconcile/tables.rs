@@ -1045,7 +1045,7 @@ fn service_info(st: &ServiceState) -> ServiceInfo {
         origin: st.spec.origin,
         image: st.spec.image.as_ref().map(|r| r.image.clone()),
         target_port: st.spec.image.as_ref().map(|r| r.target_port),
-        health: st.spec.health,
+        health: st.spec.health.clone(),
         backends: st.backends.len(),
         active_backends: st
             .backends
@@ -1065,6 +1065,7 @@ fn backend_info(st: &ServiceState, addr: SocketAddrV4, b: &Member) -> BackendInf
             (true, true) => Health::Healthy,
             (true, false) => Health::Unhealthy,
         },
+        last_check: None,
         active_flows: 0,
         counters: Counters::default(),
         container: None,

@@ -532,7 +532,7 @@ impl Desired {
             &new.vip,
             proto.as_deref(),
             new.table_size,
-            new.health,
+            new.health.clone(),
             self.limits.max_table_size,
         )
         .map_err(|e| Refusal::invalid(format!("{}: {}", e.field, e.reason)))?;
@@ -559,7 +559,7 @@ impl Desired {
                 vip: spec.vip,
                 protocol: spec.protocol,
                 table_size: spec.table_size,
-                health: spec.health,
+                health: spec.health.clone(),
                 image: image.as_ref().map(|r| r.image.clone()),
                 target_port: image.as_ref().map(|r| r.target_port),
                 backends: Vec::new(),
@@ -1168,7 +1168,7 @@ fn api_spec(s: &StoredService) -> ServiceSpec {
         table_size: s.table_size,
         backends: s.backends.iter().map(BackendSpec::from).collect(),
         origin: Origin::Api,
-        health: s.health,
+        health: s.health.clone(),
         image: s
             .image
             .clone()

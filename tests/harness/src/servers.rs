@@ -26,7 +26,9 @@ const MAX_HEAD: usize = 16 * 1024;
 const CONN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A minimal HTTP/1.1 server: answers every request with `200 OK` and its
-/// name as the body, then closes the connection. Stops when dropped.
+/// name as the body (or, for a health check path given to
+/// [`HttpServer::with_check`], that path's status), then closes the
+/// connection. Stops when dropped.
 #[derive(Debug)]
 pub struct HttpServer {
     port: u16,
@@ -50,9 +52,37 @@ impl HttpServer {
         HttpServer::serve(listener, name)
     }
 
+    /// Like [`HttpServer::start`], but a `GET` of `check_path` is answered
+    /// with `status` (e.g. 503: a backend whose health check fails while it
+    /// still serves everything else).
+    pub fn with_check(
+        ns: &Netns,
+        port: u16,
+        name: &str,
+        check_path: &str,
+        status: u16,
+    ) -> HttpServer {
+        let listener = ns.run(|| TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)));
+        let listener = listener.unwrap_or_else(|e| {
+            panic!(
+                "HTTP server {name}: binding 0.0.0.0:{port} in {}: {e}",
+                ns.name()
+            )
+        });
+        HttpServer::serve_checked(listener, name, Some((check_path.to_owned(), status)))
+    }
+
     /// Serves on an already bound `listener` (in whatever namespace it was
     /// created), answering with body `name`.
     pub fn serve(listener: TcpListener, name: &str) -> HttpServer {
+        HttpServer::serve_checked(listener, name, None)
+    }
+
+    fn serve_checked(
+        listener: TcpListener,
+        name: &str,
+        check: Option<(String, u16)>,
+    ) -> HttpServer {
         let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
         listener
             .set_nonblocking(true)
@@ -63,7 +93,7 @@ impl HttpServer {
             let (stop, served, name) = (stop.clone(), served.clone(), name.to_owned());
             thread::Builder::new()
                 .name(format!("http-{name}"))
-                .spawn(move || accept_loop(listener, &name, &stop, &served))
+                .spawn(move || accept_loop(listener, &name, check.as_ref(), &stop, &served))
                 .expect("spawning the HTTP acceptor")
         };
         HttpServer {
@@ -112,7 +142,13 @@ pub(crate) fn wait_readable(fd: i32, timeout: Duration) -> bool {
     unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
 
-fn accept_loop(listener: TcpListener, name: &str, stop: &AtomicBool, served: &Arc<AtomicUsize>) {
+fn accept_loop(
+    listener: TcpListener,
+    name: &str,
+    check: Option<&(String, u16)>,
+    stop: &AtomicBool,
+    served: &Arc<AtomicUsize>,
+) {
     while !stop.load(Ordering::Relaxed) {
         if !wait_readable(listener.as_raw_fd(), POLL_INTERVAL) {
             continue;
@@ -120,10 +156,11 @@ fn accept_loop(listener: TcpListener, name: &str, stop: &AtomicBool, served: &Ar
         match listener.accept() {
             Ok((stream, _peer)) => {
                 let (owned, served) = (name.to_owned(), served.clone());
+                let check = check.cloned();
                 let spawned = thread::Builder::new()
                     .name(format!("http-{name}-conn"))
                     .spawn(move || {
-                        if answer(stream, &owned).is_ok() {
+                        if answer(stream, &owned, check.as_ref()).is_ok() {
                             served.fetch_add(1, Ordering::Relaxed);
                         }
                     });
@@ -140,8 +177,9 @@ fn accept_loop(listener: TcpListener, name: &str, stop: &AtomicBool, served: &Ar
     }
 }
 
-/// Reads one request head (bounded in size and time) and answers it.
-fn answer(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
+/// Reads one request head (bounded in size and time) and answers it: the
+/// check path with its status, anything else `200 OK` with `name`.
+fn answer(mut stream: TcpStream, name: &str, check: Option<&(String, u16)>) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(CONN_TIMEOUT))?;
     stream.set_write_timeout(Some(CONN_TIMEOUT))?;
@@ -157,8 +195,18 @@ fn answer(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
             n => head.extend_from_slice(&buf[..n]),
         }
     }
+    let target = String::from_utf8_lossy(&head)
+        .split(' ')
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    let status = match check {
+        Some((path, status)) if *path == target => *status,
+        _ => 200,
+    };
+    let reason = if status == 200 { "OK" } else { "Check" };
     let response = format!(
-        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
+        "HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
         name.len()
     );
     stream.write_all(response.as_bytes())?;

@@ -151,9 +151,14 @@ pub struct ServiceValue {
     pub table_base: u32,
     /// Slots in the active table (prime).
     pub table_size: u32,
-    /// Reserved, zero.
+    /// `SERVICE_F_*` bits.
     pub flags: u32,
 }
+
+/// [`ServiceValue::flags`]: direct server return. The forward path changes
+/// only the frame's MACs (the backend holds the VIP itself and answers the
+/// client directly); no reply comes back through the balancer.
+pub const SERVICE_F_DSR: u32 = 1;
 
 /// [`Backend::state`]: no flow may use it (also the state of an unused slot).
 pub const BACKEND_DOWN: u32 = 0;

@@ -5,7 +5,7 @@
 
 use lb_common::{
     Backend, FlowKey, RevNat, ServiceKey, ServiceValue, BACKEND_ACTIVE, BACKEND_DOWN, NO_BACKEND,
-    REV_NAT_MAX,
+    REV_NAT_MAX, SERVICE_F_DSR,
 };
 
 use crate::hash::flow_hash;
@@ -75,6 +75,13 @@ pub fn keeps_flow(b: &Backend, svc: &ServiceValue) -> bool {
 #[inline(always)]
 pub fn takes_new_flow(b: &Backend, svc: &ServiceValue) -> bool {
     b.service_id == svc.id && b.state == BACKEND_ACTIVE
+}
+
+/// Whether `svc` forwards by direct server return: the packet keeps its
+/// addresses and ports, only its MACs change.
+#[inline(always)]
+pub fn direct_return(svc: &ServiceValue) -> bool {
+    svc.flags & SERVICE_F_DSR != 0
 }
 
 /// The [`lb_common::maps::MAGLEV`] slot of a new flow: its hash in the
@@ -351,6 +358,16 @@ mod tests {
         // A stale flow with nowhere to go is still a rebalance.
         let s = select(&backends, Some(2), NO_BACKEND);
         assert_eq!((s.backend, s.state), (None, FlowState::Rebalanced));
+    }
+
+    #[test]
+    fn only_the_dsr_flag_means_direct_return() {
+        assert!(!direct_return(&SVC));
+        assert!(direct_return(&ServiceValue {
+            flags: SERVICE_F_DSR,
+            ..SVC
+        }));
+        assert!(!direct_return(&ServiceValue { flags: 2, ..SVC }));
     }
 
     #[test]

@@ -15,7 +15,10 @@ use serde::Deserialize;
 use crate::{
     api::access::Access,
     maglev::{is_prime, MAX_TABLE_SIZE},
-    model::{image_rule, one_line, service_spec, BackendSpec, HealthCheck, Protocol, ServiceSpec},
+    model::{
+        image_rule, one_line, service_spec, BackendSpec, Forwarding, HealthCheck, Protocol,
+        ServiceSpec,
+    },
 };
 
 /// Why a config file was refused. Each renders as one line.
@@ -221,6 +224,7 @@ struct RawService {
     health: Option<HealthCheck>,
     image: Option<String>,
     target_port: Option<u16>,
+    forwarding: Option<Forwarding>,
 }
 
 impl Config {
@@ -331,6 +335,7 @@ impl Config {
                 s.protocol.as_deref(),
                 s.table_size,
                 s.health,
+                s.forwarding,
                 max_table_size,
             )
             .map_err(|e| {
@@ -360,6 +365,9 @@ impl Config {
             // or the admin API fill the service.
             spec.image = image_rule(s.image.as_deref(), s.target_port)
                 .map_err(|e| invalid(field(e.field), e.reason))?;
+            if let Some(why) = spec.refuses_image() {
+                return Err(invalid(field("target_port"), why));
+            }
             let mut backends = Vec::new();
             let mut seen = HashSet::new();
             for b in &s.backends {
@@ -371,6 +379,9 @@ impl Config {
                     ));
                 }
                 backends.push(spec);
+            }
+            if let Some(why) = backends.iter().find_map(|b| spec.refuses_backend(b.addr)) {
+                return Err(invalid(field("backends"), why));
             }
             if backends.len() > table_size as usize {
                 return Err(invalid(
@@ -605,6 +616,32 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080@2"]   # ip:port, optional @w
             assert!(e.contains(field), "{field:?} not named in: {e}");
             assert!(e.starts_with("lb.toml"), "file not named in: {e}");
         }
+    }
+
+    #[test]
+    fn direct_server_return_keeps_the_port() {
+        let dsr = |backends: &str| {
+            GOOD.replace(
+                r#"backends = ["198.18.103.2:8080", "198.18.104.2:8080@2"]"#,
+                &format!("backends = [{backends}]\nforwarding = \"dsr\""),
+            )
+        };
+        let c = parse(&dsr(r#""198.18.103.2:80", "198.18.104.2:80@2""#)).unwrap();
+        assert_eq!(c.services[0].forwarding, Forwarding::Dsr);
+        assert_eq!(parse(GOOD).unwrap().services[0].forwarding, Forwarding::Nat);
+        let e = err(&dsr(r#""198.18.103.2:80", "198.18.104.2:8080""#));
+        assert!(
+            e.contains("backends") && e.contains("198.18.104.2:8080") && e.contains("port"),
+            "{e}"
+        );
+        let e = err(&(dsr("") + "image = \"web:1\"\ntarget_port = 8080\n"));
+        assert!(e.contains("target_port") && e.contains("8080"), "{e}");
+        let e = err(&GOOD.replace(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\nforwarding = \"tunnel\"",
+        ));
+        assert!(e.contains("forwarding") || e.contains("tunnel"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
     }
 
     /// `GOOD` with `health = { … }` set to `fields` and its protocol to

@@ -530,7 +530,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::model::{BackendSpec, Origin};
+    use crate::model::{BackendSpec, Forwarding, Origin};
 
     type Report = (String, SocketAddrV4, bool);
 
@@ -564,6 +564,7 @@ mod tests {
             origin: Origin::Config,
             health,
             image: None,
+            forwarding: Forwarding::Nat,
         }
     }
 

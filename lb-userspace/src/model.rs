@@ -213,6 +213,31 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// How a service's packets reach its backends.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// Destination NAT: the balancer rewrites the VIP to the backend's
+    /// address and port, and the replies back.
+    #[default]
+    Nat,
+    /// Direct server return: only the frame's MACs change; each backend
+    /// holds the VIP and answers the client directly, so replies never
+    /// cross the balancer. Ports cannot change.
+    Dsr,
+}
+
+impl fmt::Display for Forwarding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Forwarding::Nat => "nat",
+            Forwarding::Dsr => "dsr",
+        })
+    }
+}
+
 /// A backend address with its weight, written `ip:port` or `ip:port@weight`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendSpec {
@@ -329,6 +354,7 @@ pub fn service_spec(
     protocol: Option<&str>,
     table_size: Option<u32>,
     health: Option<HealthCheck>,
+    forwarding: Option<Forwarding>,
     max_table_size: u32,
 ) -> Result<ServiceSpec, FieldError> {
     check_name(name)?;
@@ -369,6 +395,7 @@ pub fn service_spec(
         origin: Origin::Config,
         health,
         image: None,
+        forwarding: forwarding.unwrap_or_default(),
     })
 }
 
@@ -391,6 +418,39 @@ pub struct ServiceSpec {
     pub health: Option<HealthCheck>,
     /// Docker containers of this image join the service.
     pub image: Option<ImageRule>,
+    /// How packets reach the backends.
+    pub forwarding: Forwarding,
+}
+
+impl ServiceSpec {
+    /// Why backend `addr` cannot serve this service, if it cannot: direct
+    /// server return delivers the packet as the client sent it, so a
+    /// backend must listen on the VIP's own port.
+    pub fn refuses_backend(&self, addr: SocketAddrV4) -> Option<String> {
+        (self.forwarding == Forwarding::Dsr && addr.port() != self.vip.port()).then(|| {
+            format!(
+                "service {}: direct server return cannot change the port, but backend {addr} listens on {} and the VIP on {}",
+                self.name,
+                addr.port(),
+                self.vip.port()
+            )
+        })
+    }
+
+    /// Why the image rule cannot serve this service, if it cannot: as for
+    /// [`ServiceSpec::refuses_backend`], its containers' port must be the
+    /// VIP's under direct server return.
+    pub fn refuses_image(&self) -> Option<String> {
+        let rule = self.image.as_ref()?;
+        (self.forwarding == Forwarding::Dsr && rule.target_port != self.vip.port()).then(|| {
+            format!(
+                "service {}: direct server return cannot change the port, but target_port is {} and the VIP's port {}",
+                self.name,
+                rule.target_port,
+                self.vip.port()
+            )
+        })
+    }
 }
 
 /// An image rule: every running container of `image` is a backend on

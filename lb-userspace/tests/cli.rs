@@ -24,7 +24,7 @@ use lb::{
     },
     control::{Handle, Input, Request, Response},
     events::{Change, EventKind, EventLog, Reason},
-    model::{HealthCheck, Origin, Protocol, Refusal},
+    model::{Forwarding, HealthCheck, Origin, Protocol, Refusal},
 };
 use serde_json::Value;
 
@@ -202,6 +202,7 @@ fn service() -> ServiceInfo {
         image: None,
         target_port: None,
         health: Some(HealthCheck::default()),
+        forwarding: Forwarding::Nat,
         backends: 2,
         active_backends: 1,
     }
@@ -409,6 +410,7 @@ fn mutations_send_the_request_and_print_one_line() {
             image: None,
             target_port: None,
             health: Some(HealthCheck::default()),
+            forwarding: None,
         })
     );
     assert_eq!(reqs[2], Request::RemoveService("dns".into()));

@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use etherparse::PacketBuilder;
 use lb_common::{
     FlowKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_F_MAC, BACKEND_F_PEER,
-    BACKEND_F_XDP, IPPROTO_TCP, IPPROTO_UDP,
+    BACKEND_F_XDP, IPPROTO_TCP, IPPROTO_UDP, SERVICE_F_DSR,
 };
 use lb_ebpf::hash::flow_hash;
 use lb_harness::{netns::Netns, packets::*};
@@ -888,4 +888,62 @@ fn addresses_are_ipv4() {
         assert_eq!(ip.octets()[0], 198);
         assert!(matches!(ip.octets()[1], 18 | 19));
     }
+}
+
+/// A client's segment to VIP:80 with `payload`, optionally VLAN-tagged,
+/// with the MACs given.
+fn to_vip(macs: ([u8; 6], [u8; 6]), vlan: Option<u16>, src_port: u16, payload: &[u8]) -> Vec<u8> {
+    frame(
+        macs,
+        vlan,
+        CLIENT,
+        VIP,
+        L4::Syn {
+            src: src_port,
+            dst: 80,
+        },
+        &[],
+        payload,
+    )
+}
+
+#[test]
+fn direct_server_return_changes_only_the_macs() {
+    let payload = b"GET / HTTP/1.1\r\n\r\n";
+    // As the backend must receive it: addresses, ports and checksums as
+    // the client sent them, the backend's MAC, no tag.
+    let delivered = |port| to_vip((BACKEND_MACS[0], HOST_MAC), None, port, payload);
+    for (name, flags, vlan) in [
+        ("XDP", BACKEND_F_XDP | BACKEND_F_MAC, None),
+        ("XDP, VLAN-tagged", BACKEND_F_XDP | BACKEND_F_MAC, Some(42)),
+        ("TC into a peer", BACKEND_F_MAC | BACKEND_F_PEER, None),
+        ("TC, VLAN-tagged", BACKEND_F_MAC | BACKEND_F_PEER, Some(42)),
+    ] {
+        let mut rig = Rig::web(1, flags, FLOWS);
+        rig.service_flags(80, IPPROTO_TCP, SERVICE_F_DSR);
+        let input = to_vip((LB_MAC, CLIENT_MAC), vlan, 40000, payload);
+        let run = if flags & BACKEND_F_XDP != 0 {
+            let r = rig.xdp(&input).unwrap();
+            assert_eq!(r.action, XDP_REDIRECT, "{name}");
+            r
+        } else {
+            assert_eq!(rig.xdp(&input).unwrap().action, XDP_PASS, "{name}");
+            let r = rig.tc(&input).unwrap();
+            assert_eq!(r.action, TC_ACT_REDIRECT, "{name}");
+            r
+        };
+        assert_checksums_valid(name, &run.output);
+        assert_eq!(run.output, delivered(40000), "{name}: output bytes");
+        assert_eq!(rig.global("fwd_xdp") + rig.global("fwd_skb"), 1, "{name}");
+    }
+
+    // Without the backend's MAC the kernel resolves it, with the backend
+    // as next hop (the destination is still the VIP): the frame keeps the
+    // client's MACs until then.
+    let mut rig = Rig::web(1, 0, FLOWS);
+    rig.service_flags(80, IPPROTO_TCP, SERVICE_F_DSR);
+    let input = to_vip((LB_MAC, CLIENT_MAC), None, 40001, payload);
+    let run = rig.tc(&input).unwrap();
+    assert_eq!(run.action, TC_ACT_REDIRECT);
+    assert_eq!(run.output, input, "nothing rewritten");
 }

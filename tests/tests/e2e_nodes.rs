@@ -51,11 +51,18 @@ fn config(backends: &[usize]) -> String {
         .iter()
         .map(|&j| format!("\"{}\"", backend(j)))
         .collect();
+    service_config(&list, "nat")
+}
+
+/// A node's config with service `web` over `backends` (quoted), forwarded
+/// by `forwarding`.
+fn service_config(backends: &[String], forwarding: &str) -> String {
     format!(
         "[datapath]\nexternal = [\"eth0\"]\nmax_services = 4\nmax_backends = 16\n\
          flow_table_size = 65536\n\n[docker]\nenabled = false\n\n\
-         [[service]]\nname = \"web\"\nvip = \"{NODES_VIP}:80\"\nprotocol = \"tcp\"\nbackends = [{}]\n",
-        list.join(", ")
+         [[service]]\nname = \"web\"\nvip = \"{NODES_VIP}:80\"\nprotocol = \"tcp\"\n\
+         forwarding = \"{forwarding}\"\nbackends = [{}]\n",
+        backends.join(", ")
     )
 }
 
@@ -260,6 +267,82 @@ fn two_nodes_behind_ecmp_agree_and_lose_nothing_when_one_dies() {
     assert_same_choices(&n0, &n1, "after node 0 died and came back");
 
     drop(held);
+    for (d, i) in [(d0, 0), (d1, 1)] {
+        let status = d.stop();
+        assert!(status.success(), "node {i} exited with {status}");
+    }
+    drop(servers);
+}
+
+#[test]
+fn direct_server_return_replies_skip_the_nodes() {
+    require_root();
+    const CONNS: usize = 60;
+    let topo = EcmpNodes::new("lbd", 2, BACKENDS);
+    topo.replies_past_the_nodes();
+    // What the README has an operator set on a static DSR backend.
+    for b in &topo.backends {
+        b.ip(&["addr", "add", &format!("{NODES_VIP}/32"), "dev", "lo"]);
+        for key in ["arp_ignore=1", "arp_announce=2"] {
+            b.exec_ok(&["sysctl", "-qw", &format!("net.ipv4.conf.all.{key}")]);
+        }
+    }
+    // Direct server return cannot change the port: the backends listen on
+    // the VIP's.
+    let servers: Vec<StreamServer> = (0..BACKENDS)
+        .map(|j| StreamServer::start(&topo.backends[j], 80, &format!("b{j}")))
+        .collect();
+    let list: Vec<String> = (0..BACKENDS)
+        .map(|j| format!("\"{}:80\"", node_backend_addr(j)))
+        .collect();
+    let n0 = Node::new("lbd0", &topo.nodes[0], &service_config(&list, "dsr"));
+    let n1 = Node::new("lbd1", &topo.nodes[1], &service_config(&list, "dsr"));
+    let d0 = n0.start();
+    let d1 = n1.start();
+    assert_same_choices(&n0, &n1, "direct server return");
+
+    let before = [stats(&n0), stats(&n1)];
+    let vip = SocketAddrV4::new(NODES_VIP, 80);
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let payload = vec![b'x'; 1000];
+    for i in 0..CONNS {
+        let mut c = StreamConn::connect(&topo.client, vip)
+            .unwrap_or_else(|e| panic!("connection {i} through the VIP: {e}"));
+        c.echo(&payload)
+            .unwrap_or_else(|e| panic!("connection {i} ({}): {e}", c.backend()));
+        *seen.entry(c.backend().to_owned()).or_default() += 1;
+    }
+    assert_eq!(seen.len(), BACKENDS, "every backend answered: {seen:?}");
+    let after = [stats(&n0), stats(&n1)];
+    let delta = |name: &str| -> u64 {
+        (0..2)
+            .map(|i| counter(&after[i], name) - counter(&before[i], name))
+            .sum()
+    };
+    assert!(
+        delta("fwd_xdp") + delta("fwd_skb") >= (CONNS * 3) as u64,
+        "the nodes forwarded the requests"
+    );
+    assert_eq!(delta("reverse_nat") + delta("reverse_nat_no_flow"), 0);
+    // Every IPv4 packet reaching a node's backend side is seen by its TC
+    // program: the replies (at least three a connection) would show as
+    // packets of no service.
+    let crossed = delta("pass_no_service");
+    assert!(
+        crossed < CONNS as u64,
+        "{crossed} IPv4 packets not to the service reached the nodes: replies went through them"
+    );
+
+    // A backend on another port is refused, with one clear line.
+    let out = n0.cli().run(&["backend", "add", "web", &backend(0)]);
+    assert!(
+        !out.status.success(),
+        "a DSR backend on another port was taken"
+    );
+    let lines = out.stderr_lines();
+    assert_eq!(lines.len(), 1, "{}", out.describe());
+    assert!(lines[0].contains("port"), "{}", out.describe());
+
     for (d, i) in [(d0, 0), (d1, 1)] {
         let status = d.stop();
         assert!(status.success(), "node {i} exited with {status}");

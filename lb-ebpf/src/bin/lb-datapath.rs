@@ -24,7 +24,8 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibLookup,
+        bpf_fib_lookup as FibLookup, bpf_redir_neigh as RedirNeigh,
+        bpf_redir_neigh__bindgen_ty_1 as RedirNeighAddr,
         xdp_action::{XDP_DROP, XDP_PASS, XDP_REDIRECT},
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, TC_ACT_UNSPEC,
     },
@@ -245,7 +246,7 @@ fn xdp_forward(ctx: &XdpContext) -> u32 {
     // From here on XDP forwards or drops the packet: it is the one to count.
     count_rebalanced(&sel);
     let len = (end - start) as u64;
-    if let Err(reason) = xdp_xlate(ctx, &p, &backend) {
+    if let Err(reason) = xdp_xlate(ctx, &p, &backend, flow::direct_return(svc)) {
         count(reason);
         return XDP_DROP;
     }
@@ -259,12 +260,13 @@ fn xdp_forward(ctx: &XdpContext) -> u32 {
     xdp_deliver(&backend)
 }
 
-/// Step 3 on XDP, translation: DNAT in place, the VLAN tag removed and the
-/// backend's MACs written. `Err` holds the counter of the step that failed.
+/// Step 3 on XDP, translation: DNAT in place (not for direct server
+/// return, `dsr`), the VLAN tag removed and the backend's MACs written.
+/// `Err` holds the counter of the step that failed.
 #[inline(always)]
-fn xdp_xlate(ctx: &XdpContext, p: &Parsed, b: &Backend) -> Result<(), u32> {
+fn xdp_xlate(ctx: &XdpContext, p: &Parsed, b: &Backend, dsr: bool) -> Result<(), u32> {
     let (start, end) = (ctx.data(), ctx.data_end());
-    if !nat::rewrite(start, end, &Rewrite::new(p, Side::Dst, b.addr, b.port)) {
+    if !dsr && !nat::rewrite(start, end, &Rewrite::new(p, Side::Dst, b.addr, b.port)) {
         return Err(stat::DROP_REWRITE);
     }
     let (mut start, mut end) = (start, end);
@@ -423,7 +425,8 @@ fn tc_forward(ctx: &TcContext, p: Parsed, svc: &ServiceValue) -> i32 {
     let len = u64::from(ctx.len());
     // SAFETY: reading an skb field.
     let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let p = match tc_xlate(ctx, p, &backend) {
+    let dsr = flow::direct_return(svc);
+    let p = match tc_xlate(ctx, p, &backend, dsr) {
         Ok(p) => p,
         Err(reason) => {
             count(reason);
@@ -435,15 +438,15 @@ fn tc_forward(ctx: &TcContext, p: Parsed, svc: &ServiceValue) -> i32 {
     }
     count_flow(&SVC_STATS, svc.id, len, sel.new_flow());
     count_flow(&BE_STATS, id, len, sel.new_flow());
-    tc_deliver(&backend)
+    tc_deliver(&backend, dsr)
 }
 
 /// Step 3 on the skb, translation: the VLAN tag (in the data or offloaded)
-/// removed, DNAT, the backend's MACs written when known. Returns the packet
-/// as parsed, with the tag the flow records; `Err` holds the counter of the
-/// step that failed.
+/// removed, DNAT (not for direct server return, `dsr`), the backend's MACs
+/// written when known. Returns the packet as parsed, with the tag the flow
+/// records; `Err` holds the counter of the step that failed.
 #[inline(always)]
-fn tc_xlate(ctx: &TcContext, p: Parsed, b: &Backend) -> Result<Parsed, u32> {
+fn tc_xlate(ctx: &TcContext, p: Parsed, b: &Backend, dsr: bool) -> Result<Parsed, u32> {
     // SAFETY: reading skb fields.
     let (hw_vlan, hw_tci) = unsafe {
         let skb = &*ctx.skb.skb;
@@ -463,7 +466,7 @@ fn tc_xlate(ctx: &TcContext, p: Parsed, b: &Backend) -> Result<Parsed, u32> {
             p = p.without_tag();
         }
     }
-    if skb_rewrite(ctx, &Rewrite::new(&p, Side::Dst, b.addr, b.port)).is_err() {
+    if !dsr && skb_rewrite(ctx, &Rewrite::new(&p, Side::Dst, b.addr, b.port)).is_err() {
         return Err(stat::DROP_REWRITE);
     }
     if b.flags & BACKEND_F_MAC != 0
@@ -474,14 +477,27 @@ fn tc_xlate(ctx: &TcContext, p: Parsed, b: &Backend) -> Result<Parsed, u32> {
     Ok(p)
 }
 
-/// Step 4 on the skb, delivery.
+/// Step 4 on the skb, delivery. A direct-server-return packet (`dsr`)
+/// still carries the VIP as destination: its next hop is the backend
+/// itself, given to the kernel when it looks up the MAC.
 #[inline(always)]
-fn tc_deliver(b: &Backend) -> i32 {
-    // SAFETY: plain helper calls.
+fn tc_deliver(b: &Backend, dsr: bool) -> i32 {
+    let mut next_hop = RedirNeigh {
+        nh_family: u32::from(AF_INET),
+        __bindgen_anon_1: RedirNeighAddr { ipv4_nh: b.addr },
+    };
+    // SAFETY: plain helper calls; `next_hop` lives across the call.
     let action = unsafe {
         if b.flags & (BACKEND_F_MAC | BACKEND_F_PEER) == (BACKEND_F_MAC | BACKEND_F_PEER) {
             // Straight into the backend's namespace, past the host veth.
             bpf_redirect_peer(b.ifindex, 0)
+        } else if dsr {
+            bpf_redirect_neigh(
+                b.ifindex,
+                &mut next_hop,
+                core::mem::size_of::<RedirNeigh>() as i32,
+                0,
+            )
         } else {
             // The kernel fills in the next hop's MAC from its neighbour table.
             bpf_redirect_neigh(b.ifindex, core::ptr::null_mut(), 0, 0)

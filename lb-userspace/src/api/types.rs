@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::{
     events::{Change, Event, EventKind, Reason},
     health::CheckResult,
-    model::{CheckKind, HealthCheck, Origin, Protocol},
+    model::{CheckKind, Forwarding, HealthCheck, Origin, Protocol},
 };
 
 /// An error body: `{"error": "one line"}`.
@@ -41,6 +41,9 @@ pub struct NewService {
     /// Active health check of the backends (TCP, HTTP or UDP).
     #[serde(default)]
     pub health: Option<HealthCheck>,
+    /// `nat` (default) or `dsr` (direct server return).
+    #[serde(default)]
+    pub forwarding: Option<Forwarding>,
 }
 
 /// `GET /v1/services`: one service.
@@ -62,6 +65,10 @@ pub struct ServiceInfo {
     pub target_port: Option<u16>,
     /// Health check, if any.
     pub health: Option<HealthCheck>,
+    /// How packets reach the backends (absent from daemons before direct
+    /// server return: NAT).
+    #[serde(default)]
+    pub forwarding: Forwarding,
     /// Backends, any state.
     pub backends: usize,
     /// Backends taking new flows.

@@ -11,7 +11,7 @@ use clap::{builder::NonEmptyStringValueParser, Args, Parser, Subcommand, ValueEn
 use crate::{
     api::{
         server::DEFAULT_SOCKET,
-        types::{CheckKind, HealthCheck, NewBackend, NewService, Protocol},
+        types::{CheckKind, Forwarding, HealthCheck, NewBackend, NewService, Protocol},
     },
     daemon::RunArgs,
 };
@@ -154,6 +154,25 @@ impl From<HealthKind> for CheckKind {
     }
 }
 
+/// How a service's packets reach its backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ForwardingMode {
+    /// Destination NAT, replies back through the balancer.
+    Nat,
+    /// Direct server return: backends hold the VIP and answer clients
+    /// directly; their port must be the VIP's.
+    Dsr,
+}
+
+impl From<ForwardingMode> for Forwarding {
+    fn from(m: ForwardingMode) -> Self {
+        match m {
+            ForwardingMode::Nat => Forwarding::Nat,
+            ForwardingMode::Dsr => Forwarding::Dsr,
+        }
+    }
+}
+
 /// `lb service add`.
 #[derive(Debug, Args)]
 pub struct ServiceAdd {
@@ -169,6 +188,9 @@ pub struct ServiceAdd {
     /// Maglev table size, a prime [default: the daemon's].
     #[arg(long, value_name = "M")]
     pub table_size: Option<u32>,
+    /// How packets reach the backends [default: nat].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub forwarding: Option<ForwardingMode>,
     /// Docker containers of this image join the service as backends.
     #[arg(long, value_name = "IMAGE")]
     pub image: Option<String>,
@@ -228,6 +250,7 @@ impl ServiceAdd {
             image: self.image.clone(),
             target_port: self.target_port,
             health,
+            forwarding: self.forwarding.map(Into::into),
         }
     }
 }

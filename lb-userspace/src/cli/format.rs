@@ -484,8 +484,8 @@ mod tests {
 
     use super::*;
     use crate::api::types::{
-        AttachmentStatus, BackendInfo, CheckResult, ContainersStatus, Health, InterfaceStatus,
-        MapStatus, Origin, Protocol, ServiceStats,
+        AttachmentStatus, BackendInfo, CheckResult, ContainersStatus, Forwarding, Health,
+        InterfaceStatus, MapStatus, Origin, Protocol, ServiceStats,
     };
 
     fn counters(packets: u64, bytes: u64, new_flows: u64) -> Counters {
@@ -586,6 +586,7 @@ mod tests {
             image: Some("nginx".into()),
             target_port: Some(8080),
             health: Some(HealthCheck::default()),
+            forwarding: Forwarding::Nat,
             backends: 3,
             active_backends: 2,
         };

@@ -9,7 +9,7 @@ use super::{
     args::{BackendCommand, HealthKind, Proto, ServiceCommand},
     stats_path, url_segment, Admin, Cli, Command,
 };
-use crate::api::types::{CheckKind, HealthCheck, NewBackend, NewService, Protocol};
+use crate::api::types::{CheckKind, Forwarding, HealthCheck, NewBackend, NewService, Protocol};
 
 fn parse(args: &[&str]) -> Cli {
     match Cli::try_parse_from(std::iter::once("lb").chain(args.iter().copied())) {
@@ -57,6 +57,7 @@ fn service_add_minimal_leaves_defaults_to_the_daemon() {
             image: None,
             target_port: None,
             health: None,
+            forwarding: None,
         }
     );
 }
@@ -73,6 +74,8 @@ fn service_add_everything() {
         "udp",
         "--table-size",
         "251",
+        "--forwarding",
+        "dsr",
         "--image",
         "nginx:1.25",
         "--target-port",
@@ -98,6 +101,7 @@ fn service_add_everything() {
                 fall: 5,
                 ..HealthCheck::default()
             }),
+            forwarding: Some(Forwarding::Dsr),
         }
     );
 }

@@ -22,10 +22,11 @@ use std::{
 
 use futures_util::StreamExt as _;
 use netlink_packet_core::{
-    DefaultNla, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE,
+    DefaultNla, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE,
     NLM_F_REQUEST,
 };
 use netlink_packet_route::{
+    address::{AddressAttribute, AddressMessage, AddressScope},
     link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
     nsid::{NsidAttribute, NsidMessage},
@@ -63,6 +64,20 @@ pub enum HostError {
         #[source]
         source: io::Error,
     },
+    /// A sysctl could not be written.
+    #[error("writing {path}")]
+    Sysctl {
+        /// The file under /proc/sys.
+        path: String,
+        /// What went wrong.
+        #[source]
+        source: io::Error,
+    },
+    /// A direct-server-return backend is reached through a router.
+    #[error(
+        "{0} is behind a gateway: direct server return needs it on a segment of this host (the frame keeps the VIP as destination)"
+    )]
+    DsrBehindGateway(Ipv4Addr),
     /// No interface has that name or index.
     #[error("no interface {0}")]
     NoInterface(String),
@@ -514,6 +529,48 @@ impl Host {
             format!("with index {ifindex} in {}", netns.display())
         })
         .await
+    }
+
+    /// Makes the namespace `netns` accept packets for `vip` without
+    /// answering ARP for it, as a direct-server-return backend must: the
+    /// VIP on its `lo`, and `arp_ignore = 1`, `arp_announce = 2` for all
+    /// its interfaces (it answers ARP only for addresses of the interface
+    /// asked on, and never announces the VIP as a source). Returns whether
+    /// the VIP was added now.
+    pub async fn hold_vip(&self, netns: &Path, vip: Ipv4Addr) -> Result<bool, HostError> {
+        let handle = netns::in_netns(netns, || {
+            // Written from inside the namespace: /proc/sys/net is the
+            // opener's namespace's.
+            for (key, value) in [("arp_ignore", "1"), ("arp_announce", "2")] {
+                let path = format!("/proc/sys/net/ipv4/conf/all/{key}");
+                std::fs::write(&path, value)
+                    .map_err(|source| HostError::Sysctl { path, source })?;
+            }
+            rtnetlink_connection()
+        })
+        .await?;
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.prefix_len = 32;
+        msg.header.scope = AddressScope::Host;
+        // `lo` is interface 1 in every namespace.
+        msg.header.index = 1;
+        msg.attributes.push(AddressAttribute::Local(vip.into()));
+        msg.attributes.push(AddressAttribute::Address(vip.into()));
+        match rtnl_request(
+            &handle,
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if is_errno(&e, &[libc::EEXIST]) => Ok(false),
+            Err(e) => Err(netlink_error(
+                format!("RTM_NEWADDR {vip}/32 on lo in {}", netns.display()),
+                e,
+            )),
+        }
     }
 
     /// Turns GRO on for `ifname` in `netns` unless it already is. Returns

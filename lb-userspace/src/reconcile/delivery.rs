@@ -15,7 +15,7 @@ use futures_util::{stream, StreamExt as _};
 use lb_common::{BACKEND_F_MAC, BACKEND_F_PEER, BACKEND_F_XDP};
 use tracing::{debug, info, warn};
 
-use super::tables::Delivery;
+use super::tables::{Delivery, ToResolve};
 use crate::{
     api::types::InterfaceStatus,
     datapath::{Datapath, DatapathError},
@@ -154,27 +154,42 @@ impl Deliveries {
     pub async fn resolve_all(
         &mut self,
         dp: &mut Datapath,
-        backends: Vec<(String, SocketAddrV4, Option<Via>)>,
+        backends: Vec<ToResolve>,
     ) -> Result<Vec<(String, SocketAddrV4, Option<Delivery>)>, DatapathError> {
         let host = self.host.clone();
-        let found: Vec<(String, SocketAddrV4, Found)> = stream::iter(backends)
-            .map(|(service, addr, via)| {
+        let found: Vec<(ToResolve, Found)> = stream::iter(backends)
+            .map(|want| {
                 let host = host.clone();
                 async move {
-                    let found = match via {
+                    let found = match want.via {
                         Some(via) => Found::Container(via),
-                        None => Found::Routed(locate(&host, *addr.ip()).await),
+                        None => Found::Routed(locate(&host, *want.addr.ip()).await),
                     };
-                    (service, addr, found)
+                    (want, found)
                 }
             })
             .buffered(LOOKUPS_IN_FLIGHT)
             .collect()
             .await;
         let mut out = Vec::with_capacity(found.len());
-        for (service, addr, found) in found {
+        for (want, found) in found {
+            let ToResolve {
+                service,
+                addr,
+                dsr_vip,
+                ..
+            } = want;
             let result = match found {
-                Found::Container(via) => self.resolve_container(dp, via).await,
+                Found::Container(via) => match self.resolve_container(dp, via).await {
+                    Ok(d) => match dsr_vip {
+                        Some(vip) => self.hold_vip(via.pid, vip).await.map(|()| d),
+                        None => Ok(d),
+                    },
+                    Err(e) => Err(e),
+                },
+                Found::Routed(Ok(l)) if dsr_vip.is_some() && l.gateway => {
+                    Err(ResolveError::Host(HostError::DsrBehindGateway(*addr.ip())))
+                }
                 Found::Routed(Ok(l)) => self.prepare(dp, l).await,
                 Found::Routed(Err(e)) => Err(ResolveError::Host(e)),
             };
@@ -189,6 +204,17 @@ impl Deliveries {
             out.push((service, addr, delivery));
         }
         Ok(out)
+    }
+
+    /// Sets a direct-server-return container up to take the VIP's packets
+    /// (see [`Host::hold_vip`]), as it turns GRO on for XDP: nothing is
+    /// asked of whoever runs the container.
+    async fn hold_vip(&self, pid: u32, vip: Ipv4Addr) -> Result<(), ResolveError> {
+        let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        if self.host.hold_vip(&ns, vip).await? {
+            info!(%vip, netns = %ns.display(), "direct server return: the VIP set on the container's lo, ARP for it suppressed");
+        }
+        Ok(())
     }
 
     /// A container's delivery, from what Docker reported: the host side of

@@ -32,7 +32,7 @@ use crate::{
     events::Marks,
     host::{self, Host},
     maglev::MaglevError,
-    model::{ServiceSpec, Via},
+    model::ServiceSpec,
 };
 /// Errors of the reconcile loop.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +88,7 @@ pub struct Reconciler {
     tables: Tables,
     delivery: delivery::Deliveries,
     /// The last (service, backend) `refresh` re-checked.
-    refresh_cursor: Option<(String, SocketAddrV4, Option<Via>)>,
+    refresh_cursor: Option<tables::ToResolve>,
 }
 
 impl Reconciler {
@@ -234,10 +234,7 @@ impl Reconciler {
         let started = Instant::now();
         let wanted = self
             .tables
-            .to_resolve(changes.iter().filter_map(|(_, s)| s.as_ref()))
-            .into_iter()
-            .map(|(service, b)| (service, b.addr, b.via))
-            .collect();
+            .to_resolve(changes.iter().filter_map(|(_, s)| s.as_ref()));
         let resolved: Resolved = self
             .delivery
             .resolve_all(&mut self.dp, wanted)

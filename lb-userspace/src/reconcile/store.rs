@@ -167,7 +167,7 @@ pub use mem::MemStore;
 mod mem {
     use std::collections::{BTreeMap, HashMap};
 
-    use lb_common::{vip_filter_bit, BACKEND_ACTIVE, BACKEND_DRAINING, NO_BACKEND};
+    use lb_common::{vip_filter_bit, BACKEND_ACTIVE, BACKEND_DRAINING, NO_BACKEND, SERVICE_F_DSR};
 
     use super::*;
 
@@ -242,10 +242,14 @@ mod mem {
                 if b.state != BACKEND_ACTIVE && b.state != BACKEND_DRAINING {
                     continue;
                 }
-                let Some((key, _)) = self.services.iter().find(|(_, s)| s.id == b.service_id)
+                let Some((key, svc)) = self.services.iter().find(|(_, s)| s.id == b.service_id)
                 else {
                     continue;
                 };
+                // Direct server return: no reply comes back this way.
+                if svc.flags & SERVICE_F_DSR != 0 {
+                    continue;
+                }
                 let rev = ServiceKey {
                     addr: b.addr,
                     port: b.port,

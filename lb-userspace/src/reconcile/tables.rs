@@ -27,7 +27,8 @@ use std::{
 
 use lb_common::{
     maps, Backend, RevNat, ServiceKey, ServiceValue, BACKEND_ACTIVE, BACKEND_DOWN,
-    BACKEND_DRAINING, BACKEND_F_MAC, FLOW_IDLE_SECS, NO_BACKEND, REV_NAT_MAX, VIP_FILTER_WORDS,
+    BACKEND_DRAINING, BACKEND_F_MAC, FLOW_IDLE_SECS, NO_BACKEND, REV_NAT_MAX, SERVICE_F_DSR,
+    VIP_FILTER_WORDS,
 };
 use tracing::{info, warn};
 
@@ -37,7 +38,7 @@ use crate::{
     datapath::MapSizes,
     events::{BackendMark, Marks, Reason, ServiceMark},
     maglev::{self, MaglevBackend},
-    model::{BackendSpec, Protocol, ServiceSpec, Via},
+    model::{BackendSpec, Forwarding, Protocol, ServiceSpec, Via},
 };
 
 /// How long a freed backend id waits before it is handed out again: a flow
@@ -207,6 +208,20 @@ fn service_key(s: &ServiceSpec) -> ServiceKey {
     ServiceKey::new(s.vip.ip().octets(), s.vip.port(), s.protocol.number())
 }
 
+/// The `SERVICE_F_*` bits of a service's entry.
+fn service_flags(s: &ServiceSpec) -> u32 {
+    match s.forwarding {
+        Forwarding::Nat => 0,
+        Forwarding::Dsr => SERVICE_F_DSR,
+    }
+}
+
+/// The key a change of which makes a service another one: removed (its
+/// flows forgotten) and added again.
+fn identity(s: &ServiceSpec) -> (ServiceKey, Forwarding) {
+    (service_key(s), s.forwarding)
+}
+
 /// Stable Maglev identity of a backend: its address and port.
 fn maglev_key(addr: SocketAddrV4) -> u64 {
     (u64::from(u32::from(*addr.ip())) << 16) | u64::from(addr.port())
@@ -215,6 +230,33 @@ fn maglev_key(addr: SocketAddrV4) -> u64 {
 /// How each backend that is new, or whose container interface changed, is
 /// reached; `None` for one that cannot be (it stays out of the table).
 pub type Resolved = HashMap<(String, SocketAddrV4), Option<Delivery>>;
+
+/// A backend to find a way to: its service, address and container, and
+/// what its service asks of it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ToResolve {
+    /// The service's name.
+    pub service: String,
+    /// The backend's address and port.
+    pub addr: SocketAddrV4,
+    /// Its container's side of its veth, when Docker told us.
+    pub via: Option<Via>,
+    /// Under direct server return, the VIP it must accept packets for: it
+    /// must sit on a segment of this host, and a container gets the VIP
+    /// set up in its namespace.
+    pub dsr_vip: Option<Ipv4Addr>,
+}
+
+impl ToResolve {
+    fn new(spec: &ServiceSpec, addr: SocketAddrV4, via: Option<Via>) -> Self {
+        ToResolve {
+            service: spec.name.clone(),
+            addr,
+            via,
+            dsr_vip: (spec.forwarding == Forwarding::Dsr).then_some(*spec.vip.ip()),
+        }
+    }
+}
 
 /// The services as the maps hold them, ids, and the planning of writes.
 #[derive(Debug)]
@@ -267,20 +309,20 @@ impl Tables {
     pub fn to_resolve<'a>(
         &self,
         desired: impl IntoIterator<Item = &'a ServiceSpec>,
-    ) -> Vec<(String, BackendSpec)> {
+    ) -> Vec<ToResolve> {
         let mut out = Vec::new();
         for spec in desired {
             let st = self
                 .services
                 .get(&spec.name)
-                .filter(|st| service_key(&st.spec) == service_key(spec));
+                .filter(|st| identity(&st.spec) == identity(spec));
             if st.is_some_and(|st| st.spec == *spec) {
                 continue;
             }
             for b in &spec.backends {
                 let known = st.and_then(|st| st.backends.get(&b.addr));
                 if known.is_none_or(|m| m.via != b.via) {
-                    out.push((spec.name.clone(), *b));
+                    out.push(ToResolve::new(spec, b.addr, b.via));
                 }
             }
         }
@@ -359,7 +401,7 @@ impl Tables {
             let gone = self
                 .services
                 .get(*name)
-                .is_some_and(|st| spec.is_none_or(|s| service_key(s) != service_key(&st.spec)));
+                .is_some_and(|st| spec.is_none_or(|s| identity(s) != identity(&st.spec)));
             if gone {
                 self.remove_service(name, now, ops);
             }
@@ -657,7 +699,7 @@ impl Tables {
                 id: st.id,
                 table_base: base,
                 table_size: size,
-                flags: 0,
+                flags: service_flags(&st.spec),
             },
         });
         let in_table = members.len();
@@ -713,6 +755,11 @@ impl Tables {
         spec: &ServiceSpec,
         ops: &mut Vec<MapOp>,
     ) -> Result<(), ReconcileError> {
+        // Direct server return: replies come from the VIP itself, never
+        // through the balancer.
+        if spec.forwarding == Forwarding::Dsr {
+            return Ok(());
+        }
         let vips = self.rev_nat.entry((addr, spec.protocol)).or_default();
         if vips.contains(&spec.vip) {
             return Ok(());
@@ -782,6 +829,7 @@ impl Tables {
             let usable = spec.is_some_and(|s| {
                 value.id < self.sizes.max_services
                     && value.table_size == s.table_size
+                    && value.flags == service_flags(s)
                     && copy < 2
                     && value.table_base == (value.id * 2 + copy) * max_table
                     && !self.services.contains_key(&s.name)
@@ -817,10 +865,12 @@ impl Tables {
                 members.insert(addr, m);
                 self.backend_ids.claim(*id);
                 claimed.insert(*id);
-                self.rev_nat
-                    .entry((addr, spec.protocol))
-                    .or_default()
-                    .push(spec.vip);
+                if spec.forwarding == Forwarding::Nat {
+                    self.rev_nat
+                        .entry((addr, spec.protocol))
+                        .or_default()
+                        .push(spec.vip);
+                }
             }
             let mut copies = [Vec::new(), Vec::new()];
             copies[copy as usize] = table;
@@ -994,22 +1044,19 @@ impl Tables {
 
     /// Every (service, backend, container interface) delivered through one
     /// of `ifindexes` (egress or replies), e.g. interfaces that are gone.
-    pub fn backends_through(
-        &self,
-        ifindexes: &BTreeSet<u32>,
-    ) -> Vec<(String, SocketAddrV4, Option<Via>)> {
+    pub fn backends_through(&self, ifindexes: &BTreeSet<u32>) -> Vec<ToResolve> {
         let through = |m: &Member| {
             m.delivery.is_some_and(|d| {
                 ifindexes.contains(&d.ifindex) || ifindexes.contains(&d.reply_ifindex)
             })
         };
         self.services
-            .iter()
-            .flat_map(|(n, s)| {
+            .values()
+            .flat_map(|s| {
                 s.backends
                     .iter()
                     .filter(move |(_, m)| through(m))
-                    .map(move |(a, m)| (n.clone(), *a, m.via))
+                    .map(move |(a, m)| ToResolve::new(&s.spec, *a, m.via))
             })
             .collect()
     }
@@ -1028,10 +1075,10 @@ impl Tables {
 
     /// Every (service, backend, container interface), in order, for the
     /// periodic re-check of delivery.
-    pub fn backends(&self) -> Vec<(String, SocketAddrV4, Option<Via>)> {
+    pub fn backends(&self) -> Vec<ToResolve> {
         self.services
-            .iter()
-            .flat_map(|(n, s)| s.backends.iter().map(move |(a, m)| (n.clone(), *a, m.via)))
+            .values()
+            .flat_map(|s| (s.backends.iter()).map(move |(a, m)| ToResolve::new(&s.spec, *a, m.via)))
             .collect()
     }
 }
@@ -1046,6 +1093,7 @@ fn service_info(st: &ServiceState) -> ServiceInfo {
         image: st.spec.image.as_ref().map(|r| r.image.clone()),
         target_port: st.spec.image.as_ref().map(|r| r.target_port),
         health: st.spec.health.clone(),
+        forwarding: st.spec.forwarding,
         backends: st.backends.len(),
         active_backends: st
             .backends

@@ -97,6 +97,9 @@ impl Catalog {
                     s.name
                 ));
             }
+            if let Some(why) = s.backends.iter().find_map(|b| s.refuses_backend(b.addr)) {
+                return Err(why);
+            }
             for b in &s.backends {
                 let n = self.shared.get(&(b.addr, s.protocol)).copied().unwrap_or(0);
                 if n as usize > lb_common::REV_NAT_MAX {

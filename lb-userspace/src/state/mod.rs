@@ -29,8 +29,8 @@ use crate::{
     api::types::{NewBackend, NewService},
     config::Config,
     model::{
-        image_rule, parse_socket_addr, service_spec, BackendSpec, ImageRule, Origin, Protocol,
-        Refusal, ServiceSpec,
+        image_rule, parse_socket_addr, service_spec, BackendSpec, Forwarding, ImageRule, Origin,
+        Protocol, Refusal, ServiceSpec,
     },
 };
 
@@ -104,6 +104,9 @@ struct StoredService {
     image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     target_port: Option<u16>,
+    /// Absent in state files written before direct server return: NAT.
+    #[serde(default)]
+    forwarding: Forwarding,
     #[serde(default)]
     backends: Vec<StoredBackend>,
 }
@@ -533,11 +536,16 @@ impl Desired {
             proto.as_deref(),
             new.table_size,
             new.health.clone(),
+            new.forwarding,
             self.limits.max_table_size,
         )
         .map_err(|e| Refusal::invalid(format!("{}: {}", e.field, e.reason)))?;
         let image = image_rule(new.image.as_deref(), new.target_port)
             .map_err(|e| Refusal::invalid(format!("{}: {}", e.field, e.reason)))?;
+        let spec = ServiceSpec { image, ..spec };
+        if let Some(why) = spec.refuses_image() {
+            return Err(Refusal::invalid(why));
+        }
         if self.catalog.get(&spec.name).is_some() {
             return Err(Refusal::conflict(format!(
                 "service {} already exists",
@@ -560,14 +568,14 @@ impl Desired {
                 protocol: spec.protocol,
                 table_size: spec.table_size,
                 health: spec.health.clone(),
-                image: image.as_ref().map(|r| r.image.clone()),
-                target_port: image.as_ref().map(|r| r.target_port),
+                image: spec.image.as_ref().map(|r| r.image.clone()),
+                target_port: spec.image.as_ref().map(|r| r.target_port),
+                forwarding: spec.forwarding,
                 backends: Vec::new(),
             })
         })?;
         Ok(ServiceSpec {
             origin: Origin::Api,
-            image,
             ..spec
         })
     }
@@ -694,8 +702,16 @@ impl Desired {
             return;
         };
         let mut have: HashSet<SocketAddrV4> = s.backends.iter().map(|b| b.addr).collect();
-        s.backends
-            .extend(containers.iter().filter(|b| have.insert(b.addr)).copied());
+        let mut usable = Vec::with_capacity(containers.len());
+        for b in containers.iter().filter(|b| have.insert(b.addr)) {
+            // A container is observed, not asked for: one the service
+            // cannot use stays out, said once per change of Docker's view.
+            match s.refuses_backend(b.addr) {
+                Some(why) => warn!(container = %b.addr, "{why}; the container stays out"),
+                None => usable.push(*b),
+            }
+        }
+        s.backends.extend(usable);
     }
 
     /// Removes a backend from any service.
@@ -1145,18 +1161,28 @@ fn same_but_backends(a: &StoredService, b: &StoredService) -> bool {
         health,
         image,
         target_port,
+        forwarding,
         backends: _,
     } = a;
-    (name, vip, protocol, table_size, health, image, target_port)
-        == (
-            &b.name,
-            &b.vip,
-            &b.protocol,
-            &b.table_size,
-            &b.health,
-            &b.image,
-            &b.target_port,
-        )
+    (
+        name,
+        vip,
+        protocol,
+        table_size,
+        health,
+        image,
+        target_port,
+        forwarding,
+    ) == (
+        &b.name,
+        &b.vip,
+        &b.protocol,
+        &b.table_size,
+        &b.health,
+        &b.image,
+        &b.target_port,
+        &b.forwarding,
+    )
 }
 
 /// A service created through the API, as a spec.
@@ -1174,6 +1200,7 @@ fn api_spec(s: &StoredService) -> ServiceSpec {
             .clone()
             .zip(s.target_port)
             .map(|(image, target_port)| ImageRule { image, target_port }),
+        forwarding: s.forwarding,
     }
 }
 
@@ -1262,6 +1289,7 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
             image: None,
             target_port: None,
             health: None,
+            forwarding: None,
         }
     }
 

@@ -6,6 +6,7 @@
 //!  eth0 .140.2 ─── eth0 .140.1
 //!                  eth{1+i} .141.{4i+1}/30 ─── eth0 .141.{4i+2}/30
 //!                                              eth1 .142.{1+i}/24 ─── s{i} ─ br0 ─ b{j} ─── eth0 .142.{10+j}/24
+//!                  seg .142.254/24 ──────────────────────────────── r ─┘
 //! ```
 //!
 //! (addresses are in 198.18.0.0/15). The router reaches the VIP
@@ -38,6 +39,8 @@ use crate::{
 pub const NODES_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 143, 1);
 /// The client's address.
 pub const NODES_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 140, 2);
+/// The router's address on the backends' segment.
+const ROUTER_SEGMENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 142, 254);
 /// The clients' network, which the backends route through the nodes.
 const CLIENT_NET: &str = "198.18.140.0/24";
 /// The most nodes and backends a topology can have.
@@ -207,6 +210,29 @@ impl EcmpNodes {
             // Forwarding on: the FIB routes replies no flow entry holds.
             node.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         }
+        // The router's own leg on the segment: the way back to the clients
+        // that skips the nodes, for direct server return.
+        sw.ip(&[
+            "link",
+            "add",
+            "r",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "seg",
+            "netns",
+            rt.name(),
+        ]);
+        sw.ip(&["link", "set", "r", "master", "br0", "up"]);
+        rt.ip(&[
+            "addr",
+            "add",
+            &format!("{ROUTER_SEGMENT_ADDR}/24"),
+            "dev",
+            "seg",
+        ]);
+        rt.ip(&["link", "set", "seg", "up"]);
         for (j, backend) in self.backends.iter().enumerate() {
             let port = format!("b{j}");
             sw.ip(&[
@@ -280,6 +306,20 @@ impl EcmpNodes {
         self.router.ip(&as_strs(&vip_route));
         for b in &self.backends {
             b.ip(&as_strs(&client_route));
+        }
+    }
+
+    /// Routes the backends' replies to the clients straight through the
+    /// router, past every node, as direct server return has them go.
+    pub fn replies_past_the_nodes(&self) {
+        for b in &self.backends {
+            b.ip(&[
+                "route",
+                "replace",
+                CLIENT_NET,
+                "via",
+                &ROUTER_SEGMENT_ADDR.to_string(),
+            ]);
         }
     }
 

@@ -457,6 +457,23 @@ impl Rig {
         r
     }
 
+    /// Sets the `SERVICE_F_*` bits of the service at VIP:`port`/`proto`.
+    pub fn service_flags(&mut self, port: u16, proto: u8, flags: u32) {
+        let key = ServiceKey::new(VIP, port, proto);
+        let mut value = self
+            .dp
+            .maps
+            .services
+            .get(&key, 0)
+            .expect("the service is written first");
+        value.flags = flags;
+        self.dp
+            .maps
+            .services
+            .insert(key, value, 0)
+            .expect("service written");
+    }
+
     /// Runs the XDP forward program once on `input`.
     pub fn xdp(&mut self, input: &[u8]) -> Result<Run, ProgramError> {
         test_run(input, |o| self.dp.xdp_program().test_run(o))

@@ -112,10 +112,18 @@ mod write_order {
                 vip,
                 protocol: Protocol::Tcp,
                 table_size: if s % 2 == 0 { 13 } else { 7 },
-                backends: specs,
                 origin: Origin::Api,
                 health: None,
                 image: None,
+                // Service 1 switches between NAT and direct server return
+                // as its backend count changes parity: the mode changes
+                // under the same VIP.
+                forwarding: if s == 1 && specs.len() % 2 == 1 {
+                    Forwarding::Dsr
+                } else {
+                    Forwarding::Nat
+                },
+                backends: specs,
             });
         }
         (out, reach)
@@ -147,9 +155,12 @@ mod write_order {
         let resolved: Resolved = tables
             .to_resolve(services)
             .into_iter()
-            .map(|(s, b)| {
-                let ok = reach.get(&(s.clone(), b.addr)).copied().unwrap_or(true);
-                ((s, b.addr), ok.then(|| delivery(7)))
+            .map(|w| {
+                let ok = reach
+                    .get(&(w.service.clone(), w.addr))
+                    .copied()
+                    .unwrap_or(true);
+                ((w.service, w.addr), ok.then(|| delivery(7)))
             })
             .collect();
         // As the daemon does: only the services that changed are planned.
@@ -182,6 +193,18 @@ mod write_order {
             let key = service_key(spec);
             let entry = store.services.get(&key).expect("service entry");
             assert_eq!(entry.id, st.id);
+            assert_eq!(entry.flags, service_flags(spec), "{} flags", spec.name);
+            // Replies of a NAT service are recognised; a DSR service's never
+            // come back, so its VIP is in no reverse entry.
+            let reverse_names_vip = store.rev_nat.values().any(|r| {
+                (0..r.count as usize).any(|i| r.vip[i] == key.addr && r.vport[i] == key.port)
+            });
+            assert_eq!(
+                reverse_names_vip,
+                spec.forwarding == Forwarding::Nat && !spec.backends.is_empty(),
+                "{}: reverse entries",
+                spec.name
+            );
             let in_table: BTreeSet<u32> = (0..entry.table_size)
                 .map(|i| store.slots[(entry.table_base + i) as usize])
                 .filter(|id| *id != NO_BACKEND)
@@ -406,10 +429,10 @@ mod write_order {
             .expect("adoptable");
         store::apply(&mut store, &ops).expect("the memory store takes everything");
         let gone = BTreeSet::from([8]);
-        assert_eq!(
-            tables.backends_through(&gone),
-            [("svc0".to_owned(), addr(1), None)]
-        );
+        let through: Vec<(String, SocketAddrV4)> = (tables.backends_through(&gone).into_iter())
+            .map(|w| (w.service, w.addr))
+            .collect();
+        assert_eq!(through, [("svc0".to_owned(), addr(1))]);
         // Resolved again: a new interface under the same name.
         assert!(tables.set_delivery("svc0", addr(1), Some(delivery(9))));
         let mut ops = Vec::new();

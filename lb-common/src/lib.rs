@@ -73,6 +73,10 @@ pub const MAGLEV_SLOT_STRIDE: usize = 8;
 /// [`maps::IFACES`] flag: the XDP forward program runs on this interface, so
 /// the TC program there sees only what XDP passed (and XDP counted).
 pub const IFACE_F_XDP: u32 = 1 << 0;
+/// [`maps::IFACES`] flag: backends' replies come in on this interface (the
+/// reverse path runs here); only here is a packet from a direct-server-
+/// return VIP a local backend's reply to send on.
+pub const IFACE_F_REPLIES: u32 = 1 << 1;
 
 /// Names of the programs in the eBPF object.
 pub mod programs {
@@ -344,8 +348,12 @@ pub mod stat {
     /// entry, but with no route to its client from this node (or forwarding
     /// disabled on the interface it came in on).
     pub const PASS_NO_ROUTE: u32 = 20;
+    /// Replies of a direct-server-return backend on this host (a
+    /// container, from the VIP) sent on to the client where the FIB routes
+    /// it, unchanged.
+    pub const FWD_DSR_REPLY: u32 = 21;
     /// Number of counters.
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 22;
 
     /// Counter names, by index, as userspace reports them.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -370,6 +378,7 @@ pub mod stat {
         "drop_vlan_push",
         "reverse_nat_no_flow",
         "pass_no_route",
+        "fwd_dsr_reply",
     ];
 }
 
@@ -517,6 +526,7 @@ mod tests {
             (stat::DROP_VLAN_PUSH, "drop_vlan_push"),
             (stat::REVERSE_NAT_NO_FLOW, "reverse_nat_no_flow"),
             (stat::PASS_NO_ROUTE, "pass_no_route"),
+            (stat::FWD_DSR_REPLY, "fwd_dsr_reply"),
         ] {
             assert_eq!(stat::NAMES[index as usize], name);
         }

@@ -159,6 +159,22 @@ pub fn reply_flow_key(reply: &FlowKey, rev: &RevNat, i: usize) -> Option<FlowKey
     })
 }
 
+/// The client's flow key of a packet `reply` sent by a service's address
+/// itself (a direct-server-return backend answering from the VIP): the
+/// same 5-tuple, the other way round.
+#[inline(always)]
+pub fn client_key_of(reply: &FlowKey) -> FlowKey {
+    FlowKey {
+        src_addr: reply.dst_addr,
+        dst_addr: reply.src_addr,
+        src_port: reply.dst_port,
+        dst_port: reply.src_port,
+        proto: reply.proto,
+        _pad1: 0,
+        _pad2: 0,
+    }
+}
+
 /// Whether `reply` comes from backend `b`: a flow found by
 /// [`reply_flow_key`] is only the reply's while it is still given to the
 /// very backend that sent it.
@@ -358,6 +374,22 @@ mod tests {
         // A stale flow with nowhere to go is still a rebalance.
         let s = select(&backends, Some(2), NO_BACKEND);
         assert_eq!((s.backend, s.state), (None, FlowState::Rebalanced));
+    }
+
+    #[test]
+    fn a_reply_from_the_vip_names_its_clients_flow() {
+        let client = key(40000);
+        let reply = FlowKey {
+            src_addr: client.dst_addr,
+            dst_addr: client.src_addr,
+            src_port: client.dst_port,
+            dst_port: client.src_port,
+            proto: client.proto,
+            _pad1: 0,
+            _pad2: 0,
+        };
+        assert_eq!(client_key_of(&reply), client);
+        assert_eq!(client_key_of(&client_key_of(&reply)), reply);
     }
 
     #[test]

@@ -224,7 +224,7 @@ fn attach_externals(
         if xdp {
             dp.attach_xdp(&link.name, link.ifindex, XdpMode::Default)
                 .with_context(|| format!("attaching to {}; try mode = \"tc\"", link.name))?;
-            dp.set_iface_flags(link.ifindex, IFACE_F_XDP)?;
+            dp.add_iface_flags(link.ifindex, IFACE_F_XDP)?;
         }
         dp.attach_tc(&link.name, link.ifindex)?;
         info!(

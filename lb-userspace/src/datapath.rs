@@ -1115,15 +1115,30 @@ impl Datapath {
         }
     }
 
-    /// Records `IFACE_F_*` flags for `ifindex` for the programs to read.
-    pub fn set_iface_flags(&mut self, ifindex: u32, flags: u32) -> Result<(), DatapathError> {
+    /// Adds `IFACE_F_*` flags for `ifindex`, for the programs to read,
+    /// keeping those it has.
+    pub fn add_iface_flags(&mut self, ifindex: u32, flags: u32) -> Result<(), DatapathError> {
+        let have = self.maps.ifaces.get(&ifindex, 0).unwrap_or(0);
         self.maps
             .ifaces
-            .insert(ifindex, flags, 0)
+            .insert(ifindex, have | flags, 0)
             .map_err(|source| DatapathError::Map {
                 name: maps::IFACES,
                 source,
             })
+    }
+
+    /// Clears `IFACE_F_*` flags of `ifindex`; its entry goes with the last.
+    /// An interface gone already is no error.
+    pub fn clear_iface_flags(&mut self, ifindex: u32, flags: u32) {
+        let Ok(have) = self.maps.ifaces.get(&ifindex, 0) else {
+            return;
+        };
+        let _ = if have & !flags == 0 {
+            self.maps.ifaces.remove(&ifindex)
+        } else {
+            self.maps.ifaces.insert(ifindex, have & !flags, 0)
+        };
     }
 }
 

@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use etherparse::PacketBuilder;
 use lb_common::{
     FlowKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_F_MAC, BACKEND_F_PEER,
-    BACKEND_F_XDP, IPPROTO_TCP, IPPROTO_UDP, SERVICE_F_DSR,
+    BACKEND_F_XDP, IFACE_F_REPLIES, IPPROTO_TCP, IPPROTO_UDP, SERVICE_F_DSR,
 };
 use lb_ebpf::hash::flow_hash;
 use lb_harness::{netns::Netns, packets::*};
@@ -946,4 +946,61 @@ fn direct_server_return_changes_only_the_macs() {
     let run = rig.tc(&input).unwrap();
     assert_eq!(run.action, TC_ACT_REDIRECT);
     assert_eq!(run.output, input, "nothing rewritten");
+}
+
+#[test]
+fn a_local_dsr_backends_reply_is_sent_on_unchanged_where_replies_come_in() {
+    // A container answering from the VIP, as direct server return has it.
+    let from_vip = |dst_mac, src_mac| {
+        frame(
+            (dst_mac, src_mac),
+            None,
+            VIP,
+            CLIENT,
+            L4::SynAck {
+                src: 80,
+                dst: 40000,
+            },
+            &[],
+            &[],
+        )
+    };
+    let reply = from_vip(HOST_MAC, BACKEND_MACS[0]);
+    let mut rig = Rig::web(1, BACKEND_F_MAC | BACKEND_F_PEER, FLOWS);
+    rig.service_flags(80, IPPROTO_TCP, SERVICE_F_DSR);
+    let (ns, b0) = fib_namespace("lbdpfib4", true);
+
+    // Not an interface replies come in on: left to the kernel.
+    let run = ns.run(|| rig.tc_from(&reply, b0)).unwrap();
+    assert_eq!((run.action, &run.output), (TC_ACT_UNSPEC, &reply));
+    assert_eq!(rig.global("pass_no_service"), 1);
+
+    rig.dp.add_iface_flags(b0, IFACE_F_REPLIES).unwrap();
+    let run = ns.run(|| rig.tc_from(&reply, b0)).unwrap();
+    assert_eq!(
+        run.action, TC_ACT_REDIRECT,
+        "sent where the FIB routes the client"
+    );
+    assert_eq!(
+        run.output,
+        from_vip(CLIENT_MAC, LB_MAC),
+        "only the MACs change"
+    );
+    assert_eq!(rig.global("fwd_dsr_reply"), 1);
+
+    // Once the client's flow is recorded, the reply goes back the way the
+    // client came, whatever the routes (here: none, outside the namespace).
+    let syn = to_vip((LB_MAC, CLIENT_MAC), None, 40000, &[]);
+    assert_eq!(rig.tc(&syn).unwrap().action, TC_ACT_REDIRECT);
+    let run = rig.tc_from(&reply, b0).unwrap();
+    assert_eq!(run.action, TC_ACT_REDIRECT, "sent back the client's way");
+    assert_eq!(run.output, from_vip(CLIENT_MAC, LB_MAC));
+    assert_eq!(rig.global("fwd_dsr_reply"), 2);
+    assert_eq!(rig.global("reverse_nat"), 0);
+
+    // A NAT service's VIP is no DSR backend's source: left alone.
+    rig.service_flags(80, IPPROTO_TCP, 0);
+    let run = ns.run(|| rig.tc_from(&reply, b0)).unwrap();
+    assert_eq!(run.action, TC_ACT_UNSPEC);
+    assert_eq!(rig.global("pass_no_service"), 2);
 }

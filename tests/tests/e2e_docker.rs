@@ -19,12 +19,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb::api::types::{BackendInfo, BackendState, Status};
+use lb::api::types::{BackendInfo, BackendState, Stats, Status};
 use lb_harness::{
     docker_engine::{http_name_cmd_draining, Container, Engine, RunOpts, IMAGE},
     http_tally,
     ops::{stop_with_output, with_pin_path, LbCli, PinDir},
-    require_root,
+    require_root, run_ok,
     stream::StreamConn,
     Daemon, HttpTally, TempDir, Topology, READY_MARKER,
 };
@@ -73,6 +73,11 @@ impl Files {
 
     /// With `datapath.mode = mode`.
     fn with_mode(topo: &Topology, mode: &str) -> Files {
+        Files::with(topo, mode, "nat")
+    }
+
+    /// With `datapath.mode = mode` and `echo` forwarded by `echo_forwarding`.
+    fn with(topo: &Topology, mode: &str, echo_forwarding: &str) -> Files {
         let pins = PinDir::new(&format!("/sys/fs/bpf/lb-e2e-{}", topo.prefix()));
         let dir = TempDir::new(&format!("docker-{}", topo.prefix()));
         let vip = topo.vip();
@@ -80,7 +85,7 @@ impl Files {
             "[datapath]\nexternal = [\"{ext}\"]\nmode = \"{mode}\"\n\n[docker]\nenabled = true\n\n\
              [[service]]\nname = \"web\"\nvip = \"{vip}:{WEB_PORT}\"\n\n\
              [[service]]\nname = \"echo\"\nvip = \"{vip}:{ECHO_PORT}\"\n\
-             image = \"{IMAGE}\"\ntarget_port = 9000\n",
+             image = \"{IMAGE}\"\ntarget_port = 9000\nforwarding = \"{echo_forwarding}\"\n",
             ext = topo.client_host_if()
         );
         let config = dir.write("lb.toml", &with_pin_path(&text, pins.as_str()));
@@ -620,4 +625,58 @@ fn docker_stop_and_a_rolling_update_fail_no_request() {
             c.name()
         );
     }
+}
+
+#[test]
+fn a_container_serves_by_direct_server_return_with_nothing_set_by_hand() {
+    require_root();
+    let engine = Engine::ensure();
+    let topo = Topology::new("lbd8", 0);
+    // `echo` (VIP port 9000, its containers' port 9000) by direct server
+    // return.
+    let files = Files::with(&topo, "auto", "dsr");
+    let c: Vec<Container> = (1..=2)
+        .map(|i| engine.run(&format!("lbd8-e{i}"), RunOpts::default().cmd(serve())))
+        .collect();
+    let daemon = files.start();
+    let cli = files.cli();
+    let both = names(&[&c[0], &c[1]]);
+    wait_active(&cli, &daemon, "echo", &both);
+
+    // The daemon set each container up: the VIP on its lo, ARP for it off.
+    for x in &c {
+        let pid = x.pid().to_string();
+        let lo = run_ok(
+            "nsenter",
+            &["-t", &pid, "-n", "ip", "-o", "-4", "addr", "show", "lo"],
+        );
+        assert!(
+            lo.contains(&format!("{}/32", topo.vip())),
+            "{}: lo holds no VIP: {lo}",
+            x.name()
+        );
+        for (key, want) in [("arp_ignore", "1"), ("arp_announce", "2")] {
+            let path = format!("/proc/sys/net/ipv4/conf/all/{key}");
+            let got = run_ok("nsenter", &["-t", &pid, "-n", "cat", &path]);
+            assert_eq!(got.trim(), want, "{}: {key}", x.name());
+        }
+    }
+
+    let before: Stats = cli.json(&["stats", "--json"]);
+    let mut held = hold(&topo, 8, &both);
+    let mut served = BTreeSet::new();
+    for (i, conn) in held.iter_mut().enumerate() {
+        conn.echo(format!("dsr {i}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("connection {i} ({}): {e}", conn.backend()));
+        served.insert(conn.backend().to_owned());
+    }
+    assert_eq!(served, both, "both containers answered");
+    let after: Stats = cli.json(&["stats", "--json"]);
+    let delta = |name: &str| after.global[name] - before.global[name];
+    // The replies left the containers from the VIP: nothing was translated
+    // back, the data path only sent them on.
+    assert_eq!(delta("reverse_nat") + delta("reverse_nat_no_flow"), 0);
+    assert!(delta("fwd_dsr_reply") > 0, "no reply went the DSR way");
+    drop(held);
+    drop(daemon);
 }

@@ -39,8 +39,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     defaults, stat, Backend, Counters, Flow, FlowKey, RevNat, ServiceKey, ServiceValue,
-    BACKEND_F_MAC, BACKEND_F_PEER, BACKEND_F_XDP, FLOW_F_VLAN, IFACE_F_XDP, MAGLEV_MAP_FLAGS,
-    REV_NAT_MAX, VIP_FILTER_WORDS,
+    BACKEND_F_MAC, BACKEND_F_PEER, BACKEND_F_XDP, FLOW_F_VLAN, IFACE_F_REPLIES, IFACE_F_XDP,
+    MAGLEV_MAP_FLAGS, REV_NAT_MAX, VIP_FILTER_WORDS,
 };
 use lb_ebpf::{
     flow::{self, FlowState, Selection},
@@ -349,10 +349,10 @@ fn tc_main(ctx: &TcContext) -> i32 {
     }
     // SAFETY: plain data, values replaced whole.
     let Some(rev) = (unsafe { REV_NAT.get(flow::rev_nat_key(&p.key)) }) else {
-        return tc_pass(ctx, stat::PASS_NO_SERVICE);
+        return tc_dsr_reply(ctx, &p);
     };
     match lookup_reply_flow(&p, rev) {
-        Some((key, flow)) => tc_reverse(ctx, &p, &key, &flow),
+        Some((key, flow)) => tc_reverse(ctx, &p, &key, &flow, false),
         None => tc_reverse_without_flow(ctx, &p, rev),
     }
 }
@@ -511,13 +511,14 @@ fn tc_deliver(b: &Backend, dsr: bool) -> i32 {
     action
 }
 
-/// Reverse steps 2 and 3: the reply's source becomes the service again, the
+/// Reverse steps 2 and 3: the reply's source becomes the service again
+/// (unless it already is: a direct-server-return reply, `dsr`), the
 /// client's MACs and VLAN tag are restored, and the reply leaves through the
 /// interface its client came in on. `key` is the client's flow key.
 #[inline(always)]
-fn tc_reverse(ctx: &TcContext, p: &Parsed, key: &FlowKey, flow: &Flow) -> i32 {
+fn tc_reverse(ctx: &TcContext, p: &Parsed, key: &FlowKey, flow: &Flow, dsr: bool) -> i32 {
     let rw = Rewrite::new(p, Side::Src, key.dst_addr, key.dst_port);
-    if skb_rewrite(ctx, &rw).is_err()
+    if (!dsr && skb_rewrite(ctx, &rw).is_err())
         || ctx.store(0, &flow.client_mac, 0).is_err()
         || ctx.store(6, &flow.lb_mac, 0).is_err()
     {
@@ -532,7 +533,11 @@ fn tc_reverse(ctx: &TcContext, p: &Parsed, key: &FlowKey, flow: &Flow) -> i32 {
             return TC_ACT_SHOT;
         }
     }
-    count(stat::REVERSE_NAT);
+    count(if dsr {
+        stat::FWD_DSR_REPLY
+    } else {
+        stat::REVERSE_NAT
+    });
     // SAFETY: plain helper call; egress of the client's interface.
     unsafe { bpf_redirect(flow.ifindex, 0) as i32 }
 }
@@ -619,7 +624,15 @@ fn tc_reverse_without_flow(ctx: &TcContext, p: &Parsed, rev: &RevNat) -> i32 {
         count(stat::DROP_REVERSE_REWRITE);
         return TC_ACT_SHOT;
     }
-    let action = match route {
+    send_on(ctx, &route, stat::REVERSE_NAT_NO_FLOW)
+}
+
+/// Sends the packet out where `route` says, counting `sent` (or a failed
+/// redirect); a frame whose MACs cannot be written is dropped as a failed
+/// reverse rewrite.
+#[inline(always)]
+fn send_on(ctx: &TcContext, route: &Route, sent: u32) -> i32 {
+    let action = match *route {
         Route::Resolved { ifindex, macs } => {
             if ctx.store(0, &macs.0, 0).is_err() || ctx.store(6, &macs.1, 0).is_err() {
                 count(stat::DROP_REVERSE_REWRITE);
@@ -634,11 +647,44 @@ fn tc_reverse_without_flow(ctx: &TcContext, p: &Parsed, rev: &RevNat) -> i32 {
         },
     } as i32;
     if action == TC_ACT_REDIRECT {
-        count(stat::REVERSE_NAT_NO_FLOW);
+        count(sent);
     } else {
         count(stat::DROP_REDIRECT);
     }
     action
+}
+
+/// A packet from a direct-server-return service's own VIP and port, come in
+/// where backends' replies do: a backend on this host (a container) answering
+/// its client directly. Sent on unchanged the way its client came, as the
+/// flow recorded it (MACs, interface, VLAN tag), else where the FIB routes
+/// the client: the host's stack would drop it as a martian when the VIP is
+/// one of the host's own addresses, or not route it with forwarding off.
+/// Anything else passes.
+#[inline(always)]
+fn tc_dsr_reply(ctx: &TcContext, p: &Parsed) -> i32 {
+    // SAFETY: reading an skb field.
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // SAFETY: plain data.
+    let replies_here = unsafe { IFACES.get(ifindex) }.is_some_and(|f| f & IFACE_F_REPLIES != 0);
+    // The reply's source is the service's key.
+    // SAFETY: plain data, values replaced whole.
+    let dsr = replies_here
+        && unsafe { SERVICES.get(flow::rev_nat_key(&p.key)) }.is_some_and(flow::direct_return);
+    if !dsr {
+        return tc_pass(ctx, stat::PASS_NO_SERVICE);
+    }
+    let client = flow::client_key_of(&p.key);
+    if let Some(ptr) = FLOWS.get_ptr_mut(client) {
+        touch(ptr);
+        // SAFETY: a valid map value pointer; `Flow` is plain data.
+        let flow = unsafe { *ptr };
+        return tc_reverse(ctx, p, &client, &flow, true);
+    }
+    match route_to_client(ctx, &client) {
+        Some(route) => send_on(ctx, &route, stat::FWD_DSR_REPLY),
+        None => tc_pass(ctx, stat::PASS_NO_ROUTE),
+    }
 }
 
 #[cfg(not(test))]

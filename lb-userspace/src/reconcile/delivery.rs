@@ -12,7 +12,7 @@ use std::{
 };
 
 use futures_util::{stream, StreamExt as _};
-use lb_common::{BACKEND_F_MAC, BACKEND_F_PEER, BACKEND_F_XDP};
+use lb_common::{BACKEND_F_MAC, BACKEND_F_PEER, BACKEND_F_XDP, IFACE_F_REPLIES};
 use tracing::{debug, info, warn};
 
 use super::tables::{Delivery, ToResolve};
@@ -94,6 +94,7 @@ impl Deliveries {
             }
             if let Some(name) = host::interface_name(ifindex) {
                 dp.attach_tc(&name, ifindex)?;
+                dp.add_iface_flags(ifindex, IFACE_F_REPLIES)?;
                 self.ready_ifaces.insert(ifindex, name);
             }
         }
@@ -115,6 +116,7 @@ impl Deliveries {
             self.container_ifaces.remove(&ifindex);
             if let Some(name) = self.ready_ifaces.remove(&ifindex) {
                 dp.detach_tc(ifindex);
+                dp.clear_iface_flags(ifindex, IFACE_F_REPLIES);
                 info!(
                     iface = name,
                     "reverse path detached: no container backend behind it"
@@ -137,6 +139,7 @@ impl Deliveries {
             self.ready_ifaces.remove(&ifindex);
             self.container_ifaces.remove(&ifindex);
             dp.detach_tc(ifindex);
+            dp.clear_iface_flags(ifindex, IFACE_F_REPLIES);
             info!(
                 iface = name,
                 ifindex, "reverse path dropped: the interface is gone"
@@ -330,6 +333,8 @@ impl Deliveries {
             return Ok(false);
         }
         dp.attach_tc(name, ifindex)
+            .map_err(ResolveError::Datapath)?;
+        dp.add_iface_flags(ifindex, IFACE_F_REPLIES)
             .map_err(ResolveError::Datapath)?;
         self.ready_ifaces.insert(ifindex, name.to_owned());
         Ok(true)

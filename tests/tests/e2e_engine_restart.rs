@@ -83,6 +83,13 @@ fn with_live_restore_an_engine_restart_fails_no_request_and_changes_nothing() {
         "events across the restart: {:#?}",
         r.events
     );
+    // One warning for the loss, not one per reconnection attempt.
+    let warned = r
+        .daemon_output
+        .lines()
+        .filter(|l| l.contains("docker watcher lost the engine"))
+        .count();
+    assert_eq!(warned, 1, "daemon output:\n{}", r.daemon_output);
 }
 
 /// The engine goes away, one container dies meanwhile, the engine comes

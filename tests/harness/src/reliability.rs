@@ -357,8 +357,8 @@ pub struct EngineRestart {
 }
 
 /// Docker's `live-restore` under load: an engine with it on, a daemon
-/// following it, [`RESTART_CONTAINERS`] containers in `web` (HTTP requests
-/// through the VIP) and as many in `echo` ([`RESTART_HELD`] connections
+/// following it, [`RESTART_CONTAINERS`] containers in `web` (with a health
+/// check; HTTP requests through the VIP) and as many in `echo` ([`RESTART_HELD`] connections
 /// held through the VIP). `dockerd` is stopped and started again (as a
 /// user would, e.g. for its own upgrade) while the load runs; the scenario
 /// waits for the daemon to reconnect and a second more. Container names
@@ -367,8 +367,20 @@ pub fn engine_restart(prefix: &str) -> EngineRestart {
     let mut engine = Engine::ensure();
     engine.live_restore();
     let rig = DockerRig::new(prefix);
+    // With a health check, as production containers have, and Docker's
+    // default of 3 retries: the engine counts a probe its own shutdown cut
+    // short as a failure, which with 1 retry alone reports the container
+    // unhealthy after the restart (and lb drains it until the next probe
+    // passes, as it must for a container the engine calls unhealthy).
     let web: Vec<Container> = (1..=RESTART_CONTAINERS)
-        .map(|i| engine.run(&format!("{prefix}-w{i}"), labelled()))
+        .map(|i| {
+            let mut opts = labelled().health(
+                "wget -q -O /dev/null http://127.0.0.1:8080/",
+                Duration::from_millis(200),
+            );
+            opts.health_retries = 3;
+            engine.run(&format!("{prefix}-w{i}"), opts)
+        })
         .collect();
     let echo: Vec<Container> = (1..=RESTART_CONTAINERS)
         .map(|i| engine.run(&format!("{prefix}-e{i}"), unlabelled()))

@@ -316,9 +316,9 @@ pub fn section(o: &Outcome) -> Section {
         ),
         format!(
             "Engine restart: `dockerd --live-restore` (Debian's, started as the tests start it), \
-             `lb run` following it, {RESTART_CONTAINERS} labelled containers in `web` (the HTTP \
-             load) and {RESTART_CONTAINERS} in `echo` by an image rule ({RESTART_HELD} connections \
-             held); `dockerd` is sent SIGTERM, and once `lb status` shows the engine lost and 20 \
+             `lb run` following it, {RESTART_CONTAINERS} labelled containers in `web` (a health \
+             check every 200 ms, Docker's default 3 retries; the HTTP load) and \
+             {RESTART_CONTAINERS} in `echo` by an image rule ({RESTART_HELD} connections held); `dockerd` is sent SIGTERM, and once `lb status` shows the engine lost and 20 \
              more requests were answered, started again; then one second after the daemon's \
              `docker_connected`. Unchanged: `lb backend ls` of both services (address, \
              container, state, weight) and the pinned maps (every service entry with its active \

@@ -155,6 +155,22 @@ pub struct DaemonInfo {
     pub externals: Vec<InterfaceStatus>,
 }
 
+/// The change log's event for the Docker engine client's status going from
+/// `was` to `now`, if any. While the engine is away the client retries and
+/// reports each failed attempt (for `lb status`); only the first is an
+/// event, so a restart of the engine shows as one `docker_lost` and one
+/// `docker_connected`.
+fn status_event(was: &str, now: &str) -> Option<EventKind> {
+    let lost = |s: &str| s.starts_with("disconnected");
+    if now.starts_with("connected") {
+        Some(EventKind::DockerConnected)
+    } else if lost(now) && !lost(was) {
+        Some(EventKind::DockerLost)
+    } else {
+        None
+    }
+}
+
 /// How often routes, neighbours and veth peers are checked again.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
 
@@ -304,13 +320,10 @@ impl Controller {
         self.marks.extend(after);
     }
 
-    /// Publishes what the Docker engine client says about its connection.
+    /// Publishes what the Docker engine client says about its connection
+    /// (before the tracker takes the new status in).
     fn docker_status(&self, status: &str) {
-        let kind = if status.starts_with("connected") {
-            EventKind::DockerConnected
-        } else if status.starts_with("disconnected") {
-            EventKind::DockerLost
-        } else {
+        let Some(kind) = status_event(self.docker.status(), status) else {
             return;
         };
         self.events.emit(Change {
@@ -663,5 +676,30 @@ impl Request {
             self,
             Request::ListServices | Request::ListBackends(_) | Request::Stats(_) | Request::Status
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{status_event, EventKind};
+
+    #[test]
+    fn an_engine_away_is_lost_once_however_often_the_client_retries() {
+        let retry =
+            |ms: u32| format!("disconnected: docker at unix:///x: gone; retrying in {ms} ms");
+        assert_eq!(
+            status_event("connected to unix:///x (API 1.41)", &retry(100)),
+            Some(EventKind::DockerLost)
+        );
+        assert_eq!(status_event(&retry(100), &retry(200)), None);
+        assert_eq!(
+            status_event(&retry(200), "connected to unix:///x (API 1.41)"),
+            Some(EventKind::DockerConnected)
+        );
+        assert_eq!(
+            status_event("connecting", &retry(100)),
+            Some(EventKind::DockerLost)
+        );
+        assert_eq!(status_event("disabled", "disabled"), None);
     }
 }

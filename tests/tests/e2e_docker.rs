@@ -3,7 +3,7 @@
 //! root, one at a time: `cargo test -p lb-tests --test e2e_docker --
 //! --test-threads=1`.
 //!
-//! Every container runs two servers (see [`serve`]): HTTP on 8080 answering
+//! Every container runs two servers (`reliability::http_and_echo_cmd`): HTTP on 8080 answering
 //! its own name, and on 9000 a stream server that greets each connection
 //! with its name and then echoes, to hold connections and see where they
 //! went. Two services use them:
@@ -21,9 +21,10 @@ use std::{
 
 use lb::api::types::{BackendInfo, BackendState, Stats, Status};
 use lb_harness::{
-    docker_engine::{http_name_cmd_draining, Container, Engine, RunOpts, IMAGE},
+    docker_engine::{Container, Engine, RunOpts, IMAGE},
     http_tally,
     ops::{stop_with_output, with_pin_path, LbCli, PinDir},
+    reliability::{http_and_echo_cmd, labelled, rolling_update, ROLLING_CONTAINERS},
     require_root, run_ok,
     stream::StreamConn,
     Daemon, HttpTally, TempDir, Topology, READY_MARKER,
@@ -36,27 +37,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_secs(10);
 const WEB_PORT: u16 = 80;
 const ECHO_PORT: u16 = 9000;
-
-/// The command of every container: the two servers of the module docs.
-fn serve() -> Vec<String> {
-    [
-        "sh",
-        "-c",
-        "echo -n $(hostname) > /www/index.html; \
-         nc -ll -p 9000 -e sh -c 'hostname; exec cat' & \
-         exec httpd -f -p 8080 -h /www",
-    ]
-    .map(str::to_owned)
-    .to_vec()
-}
-
-/// Options of a container that joins `web` by its labels.
-fn labelled() -> RunOpts {
-    RunOpts::default()
-        .cmd(serve())
-        .label("lb.service", "web")
-        .label("lb.port", "8080")
-}
 
 /// One test's daemon files: config, socket, pins.
 struct Files {
@@ -247,19 +227,26 @@ fn an_image_rule_takes_its_image_and_no_other() {
     let topo = Topology::new("lbd2", 0);
     let files = Files::new(&topo);
     let mine: Vec<Container> = (1..=2)
-        .map(|i| engine.run(&format!("lbd2-m{i}"), RunOpts::default().cmd(serve())))
+        .map(|i| {
+            engine.run(
+                &format!("lbd2-m{i}"),
+                RunOpts::default().cmd(http_and_echo_cmd()),
+            )
+        })
         .collect();
     let other_image = engine.other_image();
     let other = engine.run(
         "lbd2-o1",
-        RunOpts::default().cmd(serve()).image(&other_image),
+        RunOpts::default()
+            .cmd(http_and_echo_cmd())
+            .image(&other_image),
     );
     let daemon = files.start();
     let cli = files.cli();
     let want = names(&[&mine[0], &mine[1]]);
     wait_active(&cli, &daemon, "echo", &want);
     // Started after the daemon: joins by its image too.
-    let m3 = engine.run("lbd2-m3", RunOpts::default().cmd(serve()));
+    let m3 = engine.run("lbd2-m3", RunOpts::default().cmd(http_and_echo_cmd()));
     let want = names(&[&mine[0], &mine[1], &m3]);
     wait_active(&cli, &daemon, "echo", &want);
     assert!(
@@ -332,7 +319,12 @@ fn a_held_connection_survives_other_containers_coming_and_going() {
     let topo = Topology::new("lbd4", 0);
     let files = Files::new(&topo);
     let first: Vec<Container> = (1..=3)
-        .map(|i| engine.run(&format!("lbd4-a{i}"), RunOpts::default().cmd(serve())))
+        .map(|i| {
+            engine.run(
+                &format!("lbd4-a{i}"),
+                RunOpts::default().cmd(http_and_echo_cmd()),
+            )
+        })
         .collect();
     let daemon = files.start();
     let cli = files.cli();
@@ -350,7 +342,12 @@ fn a_held_connection_survives_other_containers_coming_and_going() {
     };
     echo(&mut held, "connecting");
     let more: Vec<Container> = (1..=2)
-        .map(|i| engine.run(&format!("lbd4-b{i}"), RunOpts::default().cmd(serve())))
+        .map(|i| {
+            engine.run(
+                &format!("lbd4-b{i}"),
+                RunOpts::default().cmd(http_and_echo_cmd()),
+            )
+        })
         .collect();
     let mut now = all.clone();
     now.extend(names(&[&more[0], &more[1]]));
@@ -375,7 +372,7 @@ fn a_malformed_label_skips_that_container_with_one_log_line() {
     let bad = engine.run(
         "lbd5-bad",
         RunOpts::default()
-            .cmd(serve())
+            .cmd(http_and_echo_cmd())
             .label("lb.service", "web")
             .label("lb.port", "http"),
     );
@@ -413,11 +410,11 @@ fn an_unhealthy_container_is_drained_and_comes_back_when_healthy() {
     let files = Files::new(&topo);
     // Unlabelled: both serve echo by the image rule, whose connections
     // stay open.
-    let plain = engine.run("lbd6-plain", RunOpts::default().cmd(serve()));
+    let plain = engine.run("lbd6-plain", RunOpts::default().cmd(http_and_echo_cmd()));
     let checked = engine.run(
         "lbd6-checked",
         RunOpts::default()
-            .cmd(serve())
+            .cmd(http_and_echo_cmd())
             .health("test ! -e /tmp/sick", Duration::from_millis(300)),
     );
     let daemon = files.start();
@@ -460,7 +457,12 @@ fn a_restart_keeps_container_backends_and_their_connections() {
     let topo = Topology::new("lbd7", 0);
     let files = Files::new(&topo);
     let cs: Vec<Container> = (1..=3)
-        .map(|i| engine.run(&format!("lbd7-c{i}"), RunOpts::default().cmd(serve())))
+        .map(|i| {
+            engine.run(
+                &format!("lbd7-c{i}"),
+                RunOpts::default().cmd(http_and_echo_cmd()),
+            )
+        })
         .collect();
     let all = names(&[&cs[0], &cs[1], &cs[2]]);
     let first = files.start_with(&["--keep-datapath"]);
@@ -503,7 +505,7 @@ fn a_restart_keeps_container_backends_and_their_connections() {
         h.echo(format!("after a death {i}\n").as_bytes())
             .unwrap_or_else(|e| panic!("connection {i} after {victim} died: {e}"));
     }
-    let late = engine.run("lbd7-late", RunOpts::default().cmd(serve()));
+    let late = engine.run("lbd7-late", RunOpts::default().cmd(http_and_echo_cmd()));
     let mut now = rest.clone();
     now.insert(late.name().to_owned());
     wait_active(&cli, &second, "echo", &now);
@@ -517,7 +519,7 @@ fn with_xdp_forwarding_the_daemon_turns_gro_on_inside_the_container() {
     let engine = Engine::ensure();
     let topo = Topology::new("lbd8", 0);
     let files = Files::with_mode(&topo, "xdp");
-    let c = engine.run("lbd8-c1", RunOpts::default().cmd(serve()));
+    let c = engine.run("lbd8-c1", RunOpts::default().cmd(http_and_echo_cmd()));
     let gro = || {
         let ns = format!("--net=/proc/{}/ns/net", c.pid());
         let out = lb_harness::run_ok("nsenter", &[&ns, "ethtool", "-k", "eth0"]);
@@ -539,90 +541,40 @@ fn with_xdp_forwarding_the_daemon_turns_gro_on_inside_the_container() {
     );
 }
 
-/// The command of a container whose server finishes on SIGTERM, as a
-/// well-behaved one does: it keeps answering for a second, then exits.
 /// `docker stop` sends SIGTERM first (the engine's `kill` event): the
 /// container is drained at that moment and leaves at `die`, so a server
 /// that finishes its requests on SIGTERM loses none, and replacing every
 /// container of a service one by one (a rolling update, containers with a
-/// health check) under a steady stream of requests fails none of them.
+/// health check: [`rolling_update`]) under a steady stream of requests
+/// fails none of them.
 #[test]
 fn docker_stop_and_a_rolling_update_fail_no_request() {
     require_root();
-    let engine = Engine::ensure();
-    let topo = Topology::new("lbd9", 0);
-    let files = Files::new(&topo);
-    // A health check, as a rolling update needs: a container whose server
-    // is not listening yet joins drained ("health: starting") and takes
-    // new flows only once it answers.
-    let opts = || {
-        labelled().cmd(http_name_cmd_draining()).health(
-            "wget -q -O /dev/null http://127.0.0.1:8080/",
-            Duration::from_millis(200),
-        )
-    };
-    let old: Vec<Container> = (1..=3)
-        .map(|i| engine.run(&format!("lbd9-a{i}"), opts()))
-        .collect();
-    let daemon = files.start();
-    let cli = files.cli();
-    let mut live: BTreeSet<String> = old.iter().map(|c| c.name().to_owned()).collect();
-    wait_active(&cli, &daemon, "web", &live);
-
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let (tally, new) = std::thread::scope(|scope| {
-        let client = scope.spawn(|| {
-            let mut all = HttpTally::default();
-            // Bounded: the updates below take a few seconds; 120 s at most.
-            let end = Instant::now() + Duration::from_secs(120);
-            while !done.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
-                let t = web_tally(&topo, 10);
-                all.requested += t.requested;
-                all.failures += t.failures;
-                all.errors.extend(t.errors);
-                for (name, n) in t.counts {
-                    *all.counts.entry(name).or_default() += n;
-                }
-            }
-            all
-        });
-        // One by one: a new container in, then an old one stopped.
-        let mut new = Vec::new();
-        for (i, c) in old.iter().enumerate() {
-            let n = engine.run(&format!("lbd9-b{}", i + 1), opts());
-            live.insert(n.name().to_owned());
-            wait_active(&cli, &daemon, "web", &live);
-            c.stop(10);
-            live.remove(c.name());
-            wait_active(&cli, &daemon, "web", &live);
-            new.push(n);
-        }
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        (client.join().expect("the client thread"), new)
-    });
+    let r = rolling_update("lbd9");
     assert_eq!(
-        tally.failures, 0,
-        "requests failed during the rolling update: {tally:?}"
+        r.load.failed, 0,
+        "requests failed during the rolling update: {:?}",
+        r.load
     );
+    assert!(!r.load.timed_out, "{:?}", r.load);
     assert!(
-        tally.successes() >= 30,
-        "too few requests to show anything: {tally:?}"
+        r.load.answered() >= 30,
+        "too few requests to show anything: {:?}",
+        r.load
     );
-    for n in &new {
-        assert!(
-            tally.count(n.name()) > 0,
-            "{} served nothing: {tally:?}",
-            n.name()
-        );
+    assert_eq!(r.new.len(), ROLLING_CONTAINERS);
+    for n in &r.new {
+        assert!(r.load.count(n) > 0, "{n} served nothing: {:?}", r.load);
     }
-    let log = daemon.output();
-    for c in &old {
+    for c in &r.old {
         assert!(
-            log.lines().any(|l| l.contains("container drained")
-                && l.contains(c.name())
-                && l.contains("stopping")),
-            "{} was not drained when asked to stop:\n{log}",
-            c.name()
+            r.daemon_output
+                .lines()
+                .any(|l| l.contains("container drained")
+                    && l.contains(c.as_str())
+                    && l.contains("stopping")),
+            "{c} was not drained when asked to stop:\n{}",
+            r.daemon_output
         );
     }
 }
@@ -636,7 +588,12 @@ fn a_container_serves_by_direct_server_return_with_nothing_set_by_hand() {
     // return.
     let files = Files::with(&topo, "auto", "dsr");
     let c: Vec<Container> = (1..=2)
-        .map(|i| engine.run(&format!("lbd8-e{i}"), RunOpts::default().cmd(serve())))
+        .map(|i| {
+            engine.run(
+                &format!("lbd8-e{i}"),
+                RunOpts::default().cmd(http_and_echo_cmd()),
+            )
+        })
         .collect();
     let daemon = files.start();
     let cli = files.cli();

@@ -14,7 +14,6 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     os::unix::fs::{FileTypeExt as _, MetadataExt as _},
     path::{Path, PathBuf},
-    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -23,8 +22,9 @@ use lb::api::types::{
     BackendInfo, BackendState, Health, HealthCheck, Origin, ServiceInfo, Stats, Status,
 };
 use lb_harness::{
-    attachments, http_get_here, http_tally,
-    ops::{free_loopback_port, stop_with_output, DaemonFiles, LbCli},
+    http_tally,
+    ops::{free_loopback_port, DaemonFiles, LbCli},
+    reliability::{daemon_restart, Ending},
     render_config, require_root,
     stream::{StreamConn, StreamServer},
     ForwardDrop, HttpServer, HttpTally, ServiceConfig, Topology,
@@ -663,117 +663,6 @@ fn socket_is_root_only() {
     );
 }
 
-/// What the sequence-echo client saw.
-#[derive(Debug)]
-struct SeqOutcome {
-    /// Sequence numbers echoed back correctly, in order.
-    echoed: u32,
-    /// The error that ended it, if any.
-    error: Option<String>,
-    /// Whether it ran into its own time limit.
-    timed_out: bool,
-}
-
-/// Writes 4-byte sequence numbers on `conn` every ~5 ms and reads each back
-/// before the next, until `stop` or 30 s.
-fn sequence_echo(mut conn: StreamConn, stop: &AtomicBool) -> SeqOutcome {
-    let end = Instant::now() + Duration::from_secs(30);
-    let mut n: u32 = 0;
-    while !stop.load(Ordering::Relaxed) {
-        if Instant::now() >= end {
-            return SeqOutcome {
-                echoed: n,
-                error: None,
-                timed_out: true,
-            };
-        }
-        if let Err(e) = conn.echo(&n.to_be_bytes()) {
-            return SeqOutcome {
-                echoed: n,
-                error: Some(format!("sequence number {n}: {e}")),
-                timed_out: false,
-            };
-        }
-        n += 1;
-        thread::sleep(Duration::from_millis(5));
-    }
-    SeqOutcome {
-        echoed: n,
-        error: None,
-        timed_out: false,
-    }
-}
-
-/// What the HTTP loop saw.
-#[derive(Debug, Default)]
-struct LoopOutcome {
-    successes: usize,
-    failures: usize,
-    errors: Vec<String>,
-    timed_out: bool,
-}
-
-/// HTTP requests to `addr` one after another (in the calling thread's
-/// namespace) until `stop`, 60 s or 20000 requests; `ok` counts successes
-/// as they happen.
-fn http_loop(addr: SocketAddrV4, stop: &AtomicBool, ok: &AtomicUsize) -> LoopOutcome {
-    let end = Instant::now() + Duration::from_secs(60);
-    let mut out = LoopOutcome::default();
-    for _ in 0..20_000 {
-        if stop.load(Ordering::Relaxed) {
-            return out;
-        }
-        if Instant::now() >= end {
-            out.timed_out = true;
-            return out;
-        }
-        match http_get_here(addr) {
-            Ok(_) => {
-                out.successes += 1;
-                ok.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                out.failures += 1;
-                if out.errors.len() < 10 {
-                    out.errors.push(e);
-                }
-            }
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    out.timed_out = true;
-    out
-}
-
-/// Sets the flag when dropped: a panicking test stops its client threads.
-struct SetOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for SetOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Waits (bounded) until `ok` grows past `from`.
-fn wait_for_more(ok: &AtomicUsize, from: usize, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if ok.load(Ordering::Relaxed) > from {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    false
-}
-
-/// How the first daemon of [`restart_serves_throughout`] ends.
-enum Ending {
-    /// `lb run --keep-datapath`, then SIGTERM: a planned restart.
-    KeepDatapath,
-    /// A plain `lb run`, then SIGKILL: a crash.
-    Crash,
-}
-
 #[test]
 fn restart_keeps_connections_and_serves_throughout() {
     restart_serves_throughout("lbo4", Ending::KeepDatapath);
@@ -788,125 +677,73 @@ fn a_crashed_daemon_fails_no_request_and_the_next_one_takes_over() {
 }
 
 /// A first daemon under HTTP requests and a held connection, ended as
-/// `ending` says, a while with no daemon, then a plain second one: every
-/// request answered, the connection unbroken, the second daemon adopting.
+/// `ending` says, a while with no daemon, then a plain second one
+/// ([`daemon_restart`]): every request answered, the connection unbroken,
+/// the second daemon adopting, and nothing left once it stops.
 fn restart_serves_throughout(prefix: &str, ending: Ending) {
     require_root();
-    let topo = Topology::new(prefix, 2);
-    let _http = http_servers(&topo);
-    let _streams = stream_servers(&topo);
-    let _forward = ForwardDrop::new();
-    let files = ops_files(&topo, &[stream_service(&topo), web_service(&topo, &[0, 1])]);
-    let lb = files.cli();
-    let web_vip = SocketAddrV4::new(topo.vip(), WEB_PORT);
-    let stream_vip = SocketAddrV4::new(topo.vip(), STREAM_PORT);
-    let mut daemon_a = match ending {
-        Ending::KeepDatapath => files.start(&["--keep-datapath"]),
-        Ending::Crash => files.start(&[]),
-    };
-
-    let stop = AtomicBool::new(false);
-    let ok = AtomicUsize::new(0);
-    let (seq, http, daemon_b, no_daemon_successes) = thread::scope(|s| {
-        let _stop_clients = SetOnDrop(&stop);
-        let conn = StreamConn::connect(&topo.client, stream_vip)
-            .unwrap_or_else(|e| panic!("connecting to the stream service: {e}"));
-        eprintln!("stream connection held by {}", conn.backend());
-        let seq = s.spawn(|| sequence_echo(conn, &stop));
-        let http = s.spawn(|| topo.client.run(|| http_loop(web_vip, &stop, &ok)));
-
-        thread::sleep(Duration::from_secs(1));
-        assert!(
-            ok.load(Ordering::Relaxed) > 0,
-            "no HTTP request succeeded in 1 s with daemon A running"
-        );
-
-        match ending {
-            Ending::KeepDatapath => {
-                let (status, out) = stop_with_output(daemon_a);
-                assert!(
-                    status.success(),
-                    "daemon A (--keep-datapath) exited with {status} on SIGTERM; its output:\n{out}"
-                );
-                assert!(
-                    out.contains(KEEP_MARKER),
-                    "daemon A did not log {KEEP_MARKER:?}; its output:\n{out}"
-                );
-            }
-            Ending::Crash => {
-                daemon_a.kill();
-                assert!(!daemon_a.is_running(), "daemon A survived SIGKILL");
-            }
+    let r = daemon_restart(prefix, ending);
+    eprintln!(
+        "load: {:?}; {} answered with no daemon",
+        r.load, r.answered_without_daemon
+    );
+    match ending {
+        Ending::KeepDatapath => {
+            let status = r.first_exit.expect("daemon A was stopped with SIGTERM");
+            assert!(
+                status.success(),
+                "daemon A (--keep-datapath) exited with {status} on SIGTERM; its output:\n{}",
+                r.first_output
+            );
+            assert!(
+                r.first_output.contains(KEEP_MARKER),
+                "daemon A did not log {KEEP_MARKER:?}; its output:\n{}",
+                r.first_output
+            );
         }
-
-        let gap_start = ok.load(Ordering::Relaxed);
-        thread::sleep(Duration::from_secs(1));
-        assert!(
-            wait_for_more(&ok, gap_start, Duration::from_secs(2)),
-            "no HTTP request succeeded while no daemon ran"
-        );
-        let no_daemon_successes = ok.load(Ordering::Relaxed) - gap_start;
-
-        let daemon_b = files.start(&[]);
-        let after_b = ok.load(Ordering::Relaxed);
-        thread::sleep(Duration::from_secs(1));
-        assert!(
-            wait_for_more(&ok, after_b, Duration::from_secs(2)),
-            "no HTTP request succeeded after daemon B started"
-        );
-        stop.store(true, Ordering::Relaxed);
-        let seq = seq.join().expect("the stream client panicked");
-        let http = http.join().expect("the HTTP client panicked");
-        (seq, http, daemon_b, no_daemon_successes)
-    });
-    eprintln!("stream: {seq:?}; HTTP: {http:?}; {no_daemon_successes} answered with no daemon");
-
-    assert_eq!(
-        http.failures, 0,
-        "HTTP requests failed across the restart: {http:?}"
-    );
-    assert!(
-        !http.timed_out,
-        "the HTTP loop ran into its limit: {http:?}"
-    );
-    assert!(http.successes > 20, "too few HTTP requests made: {http:?}");
-    assert!(
-        seq.error.is_none() && !seq.timed_out,
-        "the long-lived connection broke across the restart: {seq:?}"
-    );
-    assert!(
-        seq.echoed > 100,
-        "too few sequence numbers went through the held connection: {seq:?}"
-    );
-
-    let out_b = daemon_b.output();
-    assert!(
-        out_b.contains(TAKEOVER_MARKER),
-        "daemon B did not log {TAKEOVER_MARKER:?}; its output:\n{out_b}"
-    );
-    let status: Status = lb.json(&["status", "--json"]);
-    assert!(
-        status.adopted,
-        "daemon B does not report adoption: {status:#?}"
-    );
-
-    let (status, out) = stop_with_output(daemon_b);
-    assert!(
-        status.success(),
-        "daemon B exited with {status} on SIGTERM; its output:\n{out}"
-    );
-    assert!(
-        !files.pins.exists(),
-        "pins left under {} after a plain stop: {:?}",
-        files.pins.path().display(),
-        files.pins.listing()
-    );
-    let mut ifaces = vec![topo.client_host_if()];
-    ifaces.extend((0..topo.backend_count()).map(|i| topo.backend_host_if(i)));
-    for ifname in ifaces {
-        let a = attachments(&ifname);
-        assert!(a.is_empty(), "left attached after daemon B stopped:\n{a}");
+        Ending::Crash => assert!(!r.first_survived_kill, "daemon A survived SIGKILL"),
     }
+    assert!(
+        r.answered_without_daemon > 0,
+        "no HTTP request succeeded while no daemon ran"
+    );
+    assert!(
+        r.load.clean(),
+        "requests failed or the held connection broke across the restart: {:#?}",
+        r.load
+    );
+    assert!(
+        r.load.answered() > 20,
+        "too few HTTP requests made: {:?}",
+        r.load
+    );
+    assert!(
+        r.load.echoes > 100,
+        "too few sequence numbers went through the held connection: {:?}",
+        r.load
+    );
+    assert!(
+        r.second_output.contains(TAKEOVER_MARKER),
+        "daemon B did not log {TAKEOVER_MARKER:?}; its output:\n{}",
+        r.second_output
+    );
+    assert!(r.adopted, "daemon B does not report adoption");
+    assert!(
+        r.second_exit.success(),
+        "daemon B exited with {} on SIGTERM; its output:\n{}",
+        r.second_exit,
+        r.second_output
+    );
+    assert!(
+        r.pins_left.is_none(),
+        "pins left after a plain stop: {:?}",
+        r.pins_left
+    );
+    assert!(
+        r.attached_left.is_empty(),
+        "left attached after daemon B stopped:\n{}",
+        r.attached_left.join("\n")
+    );
 }
 
 /// Backend name (`b{i}`) to `"ip:port"` on the stream port.

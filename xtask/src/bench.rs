@@ -20,7 +20,7 @@ pub struct Args {
     #[arg(long)]
     update_readme: bool,
     /// Run only this section (per_packet, rate, scale, control, docker,
-    /// e2e); may be given more than once.
+    /// e2e, reliability); may be given more than once.
     #[arg(long, value_name = "SECTION")]
     only: Vec<String>,
 }

@@ -84,9 +84,14 @@ pub enum WatchError {
 
 /// How long an engine call may take before the session is given up.
 const CALL_TIMEOUT_SECS: u64 = 10;
-/// First and longest wait before reconnecting.
+/// First and longest wait before reconnecting. While the engine is away
+/// the backends stay as last known (with `live-restore` its containers
+/// keep serving), but a container that dies meanwhile stays in its table
+/// until the list after the reconnection: a restarted engine is found
+/// again within a second of answering. An attempt costs one failed
+/// connect.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// How often a connected engine is pinged (a remote one can vanish without
 /// closing the event stream).
 const PING_EVERY: Duration = Duration::from_secs(30);
@@ -255,20 +260,23 @@ pub async fn open(host: &str) -> Result<Session, WatchError> {
 pub async fn watch(host: String, sink: impl DockerSink, mut first: Option<Session>) {
     let mut backoff = BACKOFF_MIN;
     loop {
-        let started = tokio::time::Instant::now();
-        let e = match first.take() {
-            Some(s) => follow(&host, &sink, s).await,
+        // Whether this attempt got a session (and so lost it when it ended).
+        let (e, connected) = match first.take() {
+            Some(s) => (follow(&host, &sink, s).await, true),
             None => match open(&host).await {
-                Ok(s) => follow(&host, &sink, s).await,
-                Err(e) => e,
+                Ok(s) => (follow(&host, &sink, s).await, true),
+                Err(e) => (e, false),
             },
         };
-        // A session that ran a while was healthy: start the backoff over.
-        if started.elapsed() > BACKOFF_MAX {
+        if connected {
+            // A new loss: warned once, and the backoff starts over.
             backoff = BACKOFF_MIN;
+            warn!(error = %e, retry_ms = backoff.as_millis() as u64, "docker watcher lost the engine");
+        } else {
+            // Still away: `lb status` shows each attempt, the log does not.
+            debug!(error = %e, retry_ms = backoff.as_millis() as u64, "docker engine still unreachable");
         }
         let status = format!("disconnected: {e}; retrying in {} ms", backoff.as_millis());
-        warn!(error = %e, retry_ms = backoff.as_millis() as u64, "docker watcher lost the engine");
         sink.report(DockerUpdate::Status(status)).await;
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);

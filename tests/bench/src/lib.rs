@@ -9,6 +9,7 @@ pub mod e2e;
 pub mod per_packet;
 pub mod rate;
 mod raw_bpf;
+pub mod reliability;
 pub mod report;
 pub mod scale;
 

@@ -5,7 +5,7 @@
 use std::{fs, path::PathBuf};
 
 use lb_bench::{
-    control_plane, docker_churn, e2e, per_packet, rate,
+    control_plane, docker_churn, e2e, per_packet, rate, reliability,
     report::{Machine, Report, Section},
     scale,
 };
@@ -14,13 +14,14 @@ use lb_bench::{
 type RunSection = fn(bool) -> Section;
 
 /// The sections, in report order.
-const SECTIONS: [(&str, RunSection); 6] = [
+const SECTIONS: [(&str, RunSection); 7] = [
     ("per_packet", per_packet::run),
     ("rate", rate::run),
     ("scale", scale::run),
     ("control", control_plane::run),
     ("docker", docker_churn::run),
     ("e2e", e2e::run),
+    ("reliability", reliability::run),
 ];
 
 struct Args {

@@ -275,6 +275,8 @@ pub struct Engine {
     child: Option<Child>,
     /// Whether [`Engine::stop`] stopped the engine (and no `start` since).
     stopped: bool,
+    /// Whether [`Engine::live_restore`] restarted it with `--live-restore`.
+    live_restore: bool,
     /// The command line of a not-owned `dockerd`, read before stopping it.
     foreign_argv: Option<Vec<String>>,
     log: PathBuf,
@@ -302,6 +304,7 @@ impl Engine {
             docker0_existed: host_links().iter().any(|l| l == "docker0"),
             child: None,
             stopped: false,
+            live_restore: false,
             foreign_argv: None,
             log: log_dir.path().join("dockerd.log"),
             _log_dir: log_dir,
@@ -346,9 +349,37 @@ impl Engine {
         answers(PROBE_TIMEOUT)
     }
 
+    /// Makes the engine keep its containers running while it is away
+    /// (Docker's `live-restore`): unless `docker info` says it does already,
+    /// stops it and starts it again with `--live-restore` added to its
+    /// command line. An engine this guard did not start is put back as it
+    /// was found when the guard is dropped. Call it before running
+    /// containers: the restart stops those of an engine without it.
+    ///
+    /// Panics if the engine does not come back, or comes back without it.
+    pub fn live_restore(&mut self) {
+        if self.has_live_restore() {
+            return;
+        }
+        self.terminate().unwrap_or_else(|e| panic!("{e}"));
+        self.live_restore = true;
+        self.spawn().unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            self.has_live_restore(),
+            "dockerd restarted with --live-restore, but `docker info` says it is off"
+        );
+    }
+
+    /// Whether the engine has `live-restore` on (`docker info`).
+    fn has_live_restore(&self) -> bool {
+        docker_ok(&["info", "--format", "{{.LiveRestoreEnabled}}"]) == "true"
+    }
+
     /// Stops the engine while the test runs: SIGTERM, then SIGKILL if it has
     /// not exited after 20 s. Running containers stop with it (after
-    /// [`STOP_TIMEOUT_SECS`]) but stay known to it. An engine this guard did
+    /// [`STOP_TIMEOUT_SECS`]) but stay known to it, unless it has
+    /// [`Engine::live_restore`]: then they keep running, and it finds them
+    /// again when it starts. An engine this guard did
     /// not start is found by the pid in [`DOCKERD_PIDFILE`], and its command
     /// line is kept for [`Engine::start`]. Does nothing if no engine runs.
     ///
@@ -361,7 +392,8 @@ impl Engine {
     /// Starts the engine again (after [`Engine::stop`]) and waits (30 s)
     /// until it answers; does nothing if an engine answers already. An owned
     /// engine restarts with [`DOCKERD_ARGS`]; a not-owned one with the
-    /// command line it had (minus a systemd `-H fd://`), as its own process
+    /// command line it had (minus a systemd `-H fd://`), either with
+    /// `--live-restore` after [`Engine::live_restore`], as its own process
     /// group so that it outlives the test, logging to
     /// `{temp_dir}/lb-tests-dockerd.log`.
     ///
@@ -482,12 +514,15 @@ impl Engine {
     /// the tail of its log; the process (if still running) stays in
     /// `self.child` for `Drop`.
     fn spawn(&mut self) -> Result<(), String> {
-        let (argv, log) = if self.owned {
+        let (mut argv, log) = if self.owned {
             (harness_argv(), self.log.clone())
         } else {
             let argv = self.foreign_argv.clone().unwrap_or_else(harness_argv);
             (argv, std::env::temp_dir().join("lb-tests-dockerd.log"))
         };
+        if self.live_restore && !argv.iter().any(|a| a == "--live-restore") {
+            argv.push("--live-restore".to_owned());
+        }
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -588,9 +623,15 @@ impl Drop for Engine {
                     eprintln!("warning: `ip link del docker0`: {err}");
                 }
             }
-        } else if self.stopped {
-            // Someone else's engine, stopped by this test: leave it running
-            // as it was found.
+        } else if self.stopped || self.live_restore {
+            // Someone else's engine, stopped or restarted by this test:
+            // leave it running as it was found.
+            if self.live_restore {
+                if let Err(e) = self.terminate() {
+                    eprintln!("warning: stopping the engine restarted with --live-restore: {e}");
+                }
+                self.live_restore = false;
+            }
             if let Err(e) = self.spawn() {
                 eprintln!("warning: restarting the engine this test stopped: {e}");
             }

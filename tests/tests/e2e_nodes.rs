@@ -19,7 +19,7 @@ use std::{
 };
 
 use lb::api::types::Stats;
-use lb_common::{FlowKey, IPPROTO_TCP};
+use lb_common::{FlowKey, ServiceKey, IPPROTO_TCP};
 use lb_harness::{
     netns::Netns,
     nodes::{node_backend_addr, EcmpNodes, Node, NODES_VIP},
@@ -103,6 +103,11 @@ fn tuples() -> Vec<FlowKey> {
 /// [`TUPLES`] random flows, and that the picks spread over every backend.
 fn assert_same_choices(a: &Node, b: &Node, when: &str) {
     let (ta, tb) = (a.pinned(), b.pinned());
+    // Slot for slot, the two tables name the same backends.
+    let web = ServiceKey::new(NODES_VIP.octets(), 80, IPPROTO_TCP);
+    let (table_a, table_b) = (ta.table(&web), tb.table(&web));
+    assert!(table_a.iter().all(Option::is_some), "{when}: empty slots");
+    assert!(table_a == table_b, "{when}: the nodes' tables differ");
     let mut spread: BTreeMap<(Ipv4Addr, u16), usize> = BTreeMap::new();
     for key in tuples() {
         let (ca, cb) = (ta.choice(&key), tb.choice(&key));

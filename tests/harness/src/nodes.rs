@@ -470,6 +470,27 @@ impl PinnedTables {
         }
     }
 
+    /// Service `key`'s whole active Maglev table, each slot as the backend
+    /// (address, port) it names (`None`: empty): ids are each node's own,
+    /// the backends they name must be the same on every node.
+    pub fn table(&self, key: &ServiceKey) -> Vec<Option<(Ipv4Addr, u16)>> {
+        let svc = self
+            .services
+            .get(key, 0)
+            .unwrap_or_else(|e| panic!("no service {key:?}: {e}"));
+        (svc.table_base..svc.table_base + svc.table_size)
+            .map(|slot| {
+                let id = self.maglev.get(&slot, 0).expect("a slot of the table");
+                (id != NO_BACKEND).then(|| self.backend(id)).flatten()
+            })
+            .collect()
+    }
+
+    fn backend(&self, id: u32) -> Option<(Ipv4Addr, u16)> {
+        let b = self.backends.get(&id, 0).ok()?;
+        Some((Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port)))
+    }
+
     /// The backend (address, port) a new flow `key` goes to, as the data
     /// path picks it from the Maglev table; `None` for no service or an
     /// empty slot.
@@ -480,7 +501,6 @@ impl PinnedTables {
         if id == NO_BACKEND {
             return None;
         }
-        let b = self.backends.get(&id, 0).ok()?;
-        Some((Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port)))
+        self.backend(id)
     }
 }

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::{
     api::{server, types::InterfaceStatus},
+    cluster::{self, Membership},
     config::{self, ApiSpec, Config, ForwardMode},
     control::{Controller, DaemonInfo, Handle},
     datapath::{Datapath, MapSizes},
@@ -75,6 +76,11 @@ const DOCKER_FIRST_LIST: Duration = Duration::from_secs(5);
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     let desired = load_desired(&args, &config)?;
+    let cluster_options = config
+        .cluster
+        .as_ref()
+        .map(cluster::connect_options)
+        .transpose()?;
     let host = Host::new()?;
     let externals = find_externals(&host, &config, &args.config).await?;
     let listeners = bind_listeners(&args, &config.api).await?;
@@ -111,8 +117,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let running = serve(rec, desired, tracker, info, listeners, &docker, first)?;
     info!(services = services.len(), socket = %args.socket.display(), "data path ready");
+    let membership = config
+        .cluster
+        .zip(cluster_options)
+        .map(|(spec, options)| Membership::start(spec, options));
 
     wait_for_signal().await?;
+    if let Some(m) = membership {
+        // First: the other nodes drop what this one published at once.
+        m.leave().await;
+    }
     if args.keep_datapath {
         info!("shutting down: the data path keeps forwarding (--keep-datapath)");
     } else {

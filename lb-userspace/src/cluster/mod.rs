@@ -1,23 +1,46 @@
-//! Cluster mode (`[cluster]`): nodes share what they know through etcd.
+//! Cluster mode (`[cluster]`): nodes share their backends through etcd.
 //!
 //! Each node holds one etcd lease while it runs and attaches every key it
 //! writes to it, so what a node published leaves etcd when it stops (the
 //! lease is revoked) or dies (the lease expires a TTL after its last
-//! keep-alive). [`Membership`] owns that lease: it connects, grants it,
-//! writes the node's record (see [`keys`]), keeps the lease alive, and
-//! reconnects with backoff when etcd is lost, taking the same lease back
-//! when etcd still has it.
+//! keep-alive). [`Membership`] is the one task that talks to etcd: it
+//! connects, grants the lease, writes the node's record and its own
+//! backends (see [`keys`]) and keeps them equal to what the controller
+//! sends, keeps the lease alive, and follows every node's keys, sending
+//! the controller the other nodes' backends ([`remote`]) after each change.
+//!
+//! When etcd is lost the controller keeps what it last received (nothing is
+//! flushed: forwarding goes on as it was), and the task reconnects with
+//! backoff, takes the same lease back when etcd still has it, publishes
+//! again, and reads every node's keys afresh before following them: a
+//! full read replaces the whole view, so nothing missed while away
+//! (compacted or not) leaves a stale or missing backend.
 
 pub mod keys;
+pub mod remote;
 pub mod spec;
 
-use std::time::Duration;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
+    time::Duration,
+};
 
-use etcd_client::{Certificate, Client, ConnectOptions, Identity, PutOptions, TlsOptions};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, KeyValue, PutOptions,
+    TlsOptions, WatchOptions,
+};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
 pub use spec::ClusterSpec;
+
+use crate::control::Handle;
+use keys::BackendRecord;
+use remote::{Clash, RemoteSet, View};
+
+/// A node's own backends as it publishes them: by service, then address.
+pub type LocalSet = BTreeMap<String, BTreeMap<SocketAddrV4, BackendRecord>>;
 
 /// Why talking to etcd failed. Each renders as one line.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +68,13 @@ pub enum ClusterError {
     /// The keep-alive stream ended.
     #[error("etcd: the lease keep-alive stream ended")]
     StreamEnded,
+    /// etcd ended the watch (its start revision was compacted, or etcd
+    /// cancelled it).
+    #[error("etcd: the watch was cancelled: {0}")]
+    WatchCancelled(String),
+    /// The watch stream ended.
+    #[error("etcd: the watch stream ended")]
+    WatchEnded,
 }
 
 /// How long one connection attempt may take.
@@ -98,11 +128,17 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// Starts holding a lease for `spec.node` in the background; it keeps
-    /// trying until etcd answers.
-    pub fn start(spec: ClusterSpec, options: ConnectOptions) -> Self {
+    /// Starts the node's membership in the background: it publishes what
+    /// `local` holds and sends the other nodes' backends to `handle`; it
+    /// keeps trying until etcd answers.
+    pub fn start(
+        spec: ClusterSpec,
+        options: ConnectOptions,
+        handle: Handle,
+        local: watch::Receiver<LocalSet>,
+    ) -> Self {
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(hold(spec, options, stop_rx));
+        let task = tokio::spawn(hold(spec, options, handle, local, stop_rx));
         Self { stop, task }
     }
 
@@ -115,10 +151,18 @@ impl Membership {
     }
 }
 
-/// Holds the lease until `stop`, reconnecting with backoff.
-async fn hold(spec: ClusterSpec, options: ConnectOptions, mut stop: watch::Receiver<bool>) {
+/// Holds the lease, publishes and follows until `stop`, reconnecting with
+/// backoff.
+async fn hold(
+    spec: ClusterSpec,
+    options: ConnectOptions,
+    handle: Handle,
+    mut local: watch::Receiver<LocalSet>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut backoff = BACKOFF_MIN;
     let mut lease = None;
+    let mut follower = Follower::new(&spec, handle);
     loop {
         let opened = tokio::select! {
             () = stopped(&mut stop) => return,
@@ -134,12 +178,16 @@ async fn hold(spec: ClusterSpec, options: ConnectOptions, mut stop: watch::Recei
                     ttl_secs = spec.lease_ttl.as_secs(),
                     "cluster: joined through etcd"
                 );
+                let (publisher, reader) = (session.client.clone(), session.client.clone());
+                let id = session.lease;
                 let lost = tokio::select! {
                     () = stopped(&mut stop) => {
                         session.revoke().await;
                         return;
                     }
                     e = session.keep_alive(spec.lease_ttl) => e,
+                    e = publish(publisher, &spec, id, &mut local) => e,
+                    e = follower.follow(reader) => e,
                 };
                 if matches!(lost, ClusterError::LeaseLost(_)) {
                     lease = None;
@@ -155,6 +203,182 @@ async fn hold(spec: ClusterSpec, options: ConnectOptions, mut stop: watch::Recei
             () = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Keeps this node's backend keys equal to what `local` holds, on `lease`:
+/// all of them at once first (keys left by an earlier run are deleted),
+/// then each change. Returns what went wrong.
+async fn publish(
+    mut client: Client,
+    spec: &ClusterSpec,
+    lease: i64,
+    local: &mut watch::Receiver<LocalSet>,
+) -> ClusterError {
+    let mine = format!("{}backends/", keys::node_prefix(&spec.prefix, &spec.node));
+    let existing = match client
+        .get(
+            mine.as_str(),
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return e.into(),
+    };
+    // Every key is written again: one left by a run that was killed is
+    // still on that run's lease, which is expiring.
+    let mut published: BTreeMap<String, Vec<u8>> = existing
+        .kvs()
+        .iter()
+        .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), Vec::new()))
+        .collect();
+    loop {
+        let want: BTreeMap<String, Vec<u8>> = local
+            .borrow_and_update()
+            .iter()
+            .flat_map(|(service, backends)| {
+                backends.iter().map(move |(addr, record)| {
+                    (
+                        keys::backend_key(&spec.prefix, &spec.node, service, *addr),
+                        record.encode(),
+                    )
+                })
+            })
+            .collect();
+        for (key, value) in &want {
+            if published.get(key) == Some(value) {
+                continue;
+            }
+            let put = PutOptions::new().with_lease(lease);
+            if let Err(e) = client.put(key.as_str(), value.clone(), Some(put)).await {
+                return e.into();
+            }
+            published.insert(key.clone(), value.clone());
+        }
+        let gone: Vec<String> = published
+            .keys()
+            .filter(|k| !want.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Err(e) = client.delete(key.as_str(), None).await {
+                return e.into();
+            }
+            published.remove(&key);
+        }
+        if local.changed().await.is_err() {
+            // The controller is gone: the daemon is stopping.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Follows every node's keys and sends the controller the other nodes'
+/// backends whenever they change.
+struct Follower {
+    prefix: String,
+    view: View,
+    handle: Handle,
+    /// What the controller was last sent.
+    sent: Option<RemoteSet>,
+    /// Clashes already logged.
+    clashes: BTreeSet<Clash>,
+    /// Keys whose value was refused, with why (logged once each).
+    skipped: BTreeMap<Vec<u8>, String>,
+}
+
+impl Follower {
+    fn new(spec: &ClusterSpec, handle: Handle) -> Self {
+        Self {
+            prefix: keys::nodes_prefix(&spec.prefix),
+            view: View::new(&spec.prefix, &spec.node),
+            handle,
+            sent: None,
+            clashes: BTreeSet::new(),
+            skipped: BTreeMap::new(),
+        }
+    }
+
+    /// Reads every node's keys, then follows them from the next revision
+    /// until something goes wrong; returns what did.
+    async fn follow(&mut self, mut client: Client) -> ClusterError {
+        let all = match client
+            .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return e.into(),
+        };
+        let revision = all.header().map_or(0, |h| h.revision());
+        self.view.clear();
+        self.skipped.clear();
+        for kv in all.kvs() {
+            self.take(kv);
+        }
+        self.send().await;
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        let mut stream = match client.watch(self.prefix.as_str(), Some(options)).await {
+            Ok(s) => s,
+            Err(e) => return e.into(),
+        };
+        loop {
+            let answer = match stream.message().await {
+                Ok(Some(a)) => a,
+                Ok(None) => return ClusterError::WatchEnded,
+                Err(e) => return e.into(),
+            };
+            if answer.canceled() {
+                return ClusterError::WatchCancelled(answer.cancel_reason().to_owned());
+            }
+            for event in answer.events() {
+                let Some(kv) = event.kv() else { continue };
+                match event.event_type() {
+                    EventType::Put => self.take(kv),
+                    EventType::Delete => {
+                        self.skipped.remove(kv.key());
+                        self.view.delete(kv.key());
+                    }
+                }
+            }
+            self.send().await;
+        }
+    }
+
+    /// Takes in one key, or logs (once) why it is skipped.
+    fn take(&mut self, kv: &KeyValue) {
+        match self.view.put(kv.key(), kv.value(), kv.create_revision()) {
+            Ok(()) => {
+                self.skipped.remove(kv.key());
+            }
+            Err(e) => {
+                let why = e.to_string();
+                if self.skipped.get(kv.key()) != Some(&why) {
+                    warn!(
+                        key = %String::from_utf8_lossy(kv.key()),
+                        error = why,
+                        skipped = self.skipped.len() + 1,
+                        "cluster: a value in etcd that lb does not read is skipped"
+                    );
+                    self.skipped.insert(kv.key().to_vec(), why);
+                }
+            }
+        }
+    }
+
+    /// Sends the merged view if it changed, and logs new clashes.
+    async fn send(&mut self) {
+        let (set, clashes) = self.view.merge();
+        for c in clashes.difference(&self.clashes) {
+            warn!("cluster: {c}");
+        }
+        self.clashes = clashes;
+        if self.sent.as_ref() != Some(&set) {
+            self.sent = Some(set.clone());
+            self.handle.remote(set).await;
+        }
     }
 }
 

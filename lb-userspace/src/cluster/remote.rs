@@ -68,7 +68,6 @@ struct Entry {
 pub struct View {
     prefix: String,
     own: String,
-    nodes: BTreeMap<String, NodeRecord>,
     /// By (service, address), then by node.
     backends: BTreeMap<(String, SocketAddrV4), BTreeMap<String, Entry>>,
 }
@@ -79,14 +78,12 @@ impl View {
         Self {
             prefix: prefix.into(),
             own: own.into(),
-            nodes: BTreeMap::new(),
             backends: BTreeMap::new(),
         }
     }
 
     /// Forgets everything (before a full read).
     pub fn clear(&mut self) {
-        self.nodes.clear();
         self.backends.clear();
     }
 
@@ -94,8 +91,9 @@ impl View {
     /// value lb does not write is refused and changes nothing.
     pub fn put(&mut self, key: &[u8], value: &[u8], created: i64) -> Result<(), DecodeError> {
         match parse_key(&self.prefix, key)? {
-            NodeKey::Node { node } => {
-                self.nodes.insert(node, NodeRecord::decode(value)?);
+            // Checked, so a foreign record is reported; nothing reads it yet.
+            NodeKey::Node { .. } => {
+                NodeRecord::decode(value)?;
             }
             NodeKey::Backend {
                 node,
@@ -115,9 +113,6 @@ impl View {
     /// Takes in a key deleted (or expired with its lease).
     pub fn delete(&mut self, key: &[u8]) {
         match parse_key(&self.prefix, key) {
-            Ok(NodeKey::Node { node }) => {
-                self.nodes.remove(&node);
-            }
             Ok(NodeKey::Backend {
                 node,
                 service,
@@ -131,25 +126,9 @@ impl View {
                     }
                 }
             }
-            // Nothing was taken in for it.
-            Err(_) => {}
+            // A node's record, or nothing that was taken in.
+            Ok(NodeKey::Node { .. }) | Err(_) => {}
         }
-    }
-
-    /// The other nodes with a record, and how many backends each publishes.
-    pub fn others(&self) -> BTreeMap<String, usize> {
-        let mut out: BTreeMap<String, usize> = self
-            .nodes
-            .keys()
-            .filter(|n| **n != self.own)
-            .map(|n| (n.clone(), 0))
-            .collect();
-        for by_node in self.backends.values() {
-            for node in by_node.keys().filter(|n| **n != self.own) {
-                *out.entry(node.clone()).or_default() += 1;
-            }
-        }
-        out
     }
 
     /// The backends to apply here, by service, and the clashes (see the
@@ -267,10 +246,6 @@ mod tests {
             }]
         );
         assert_eq!(set["api"][0].node, "c");
-        assert_eq!(
-            v.others(),
-            BTreeMap::from([("b".into(), 1), ("c".into(), 1)])
-        );
 
         // Its lease gone, b's backend leaves.
         v.delete(backend_key("/lb/", "b", "web", addr("198.18.142.11:80")).as_bytes());

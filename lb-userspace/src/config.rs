@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::{
     api::access::Access,
+    cluster::spec::{ClusterSpec, RawCluster},
     maglev::{is_prime, MAX_TABLE_SIZE},
     model::{
         image_rule, one_line, service_spec, BackendSpec, Forwarding, HealthCheck, Protocol,
@@ -169,6 +170,8 @@ pub struct Config {
     pub docker: DockerSpec,
     /// The admin API.
     pub api: ApiSpec,
+    /// Cluster mode (`[cluster]`); `None`: this node alone.
+    pub cluster: Option<ClusterSpec>,
 }
 
 #[derive(Deserialize)]
@@ -181,6 +184,7 @@ struct RawConfig {
     docker: RawDocker,
     #[serde(default)]
     api: RawApi,
+    cluster: Option<RawCluster>,
 }
 
 #[derive(Default, Deserialize)]
@@ -471,11 +475,16 @@ impl Config {
                 ms => Duration::from_millis(ms.unwrap_or(DEFAULT_API_REQUEST_TIMEOUT_MS)),
             },
         };
+        let cluster = raw
+            .cluster
+            .map(|c| c.validate().map_err(|e| invalid(e.field.into(), e.reason)))
+            .transpose()?;
         Ok(Self {
             datapath,
             services,
             docker,
             api,
+            cluster,
         })
     }
 }
@@ -566,6 +575,26 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080@2"]   # ip:port, optional @w
             "error must be one line: {e:?}"
         );
         e
+    }
+
+    #[test]
+    fn cluster_section() {
+        assert_eq!(parse(GOOD).unwrap().cluster, None, "no [cluster]: alone");
+        let c = parse(&format!(
+            "{GOOD}\n[cluster]\netcd = [\"http://198.18.0.1:2379\"]\nnode = \"host-a\"\n"
+        ))
+        .unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!(cluster.node, "host-a");
+        assert_eq!(cluster.prefix, "/lb/");
+        let e = err(&format!(
+            "{GOOD}\n[cluster]\netcd = [\"http://198.18.0.1:2379\"]\nnode = \"a b\"\n"
+        ));
+        assert!(e.starts_with("lb.toml: cluster.node: \"a b\""), "{e}");
+        let e = err(&format!(
+            "{GOOD}\n[cluster]\netcd = [\"http://198.18.0.1:2379\"]\nnode = \"a\"\nttl = 3\n"
+        ));
+        assert!(e.contains("unknown field `ttl`"), "{e}");
     }
 
     #[test]
@@ -863,6 +892,15 @@ pin_path = "/sys/fs/bpf/lb-test"
 [docker]
 enabled = true
 host = "unix:///run/docker.sock"
+
+[cluster]
+etcd = ["https://198.18.0.1:2379", "https://198.18.0.2:2379"]
+node = "host-a"
+prefix = "/lb/"
+lease_ttl_secs = 10
+ca_file = "/etc/lb/ca.pem"
+cert_file = "/etc/lb/host-a.pem"
+key_file = "/etc/lb/host-a.key"
 
 [api]
 admin_group = "0"

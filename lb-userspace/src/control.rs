@@ -16,13 +16,13 @@
 //! fills it in through the [`Reader`], so a scrape never holds up a change.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddrV4,
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use crate::{
@@ -30,6 +30,7 @@ use crate::{
         AttachmentStatus, BackendInfo, ContainersStatus, InterfaceStatus, NewBackend, NewService,
         ServiceInfo, Stats, Status,
     },
+    cluster::{keys::BackendRecord, remote::RemoteSet, LocalSet},
     docker::{DockerSink, DockerUpdate, Tracker},
     events::{self, Cause, Change, EventKind, EventLog, Marks, Reason},
     health::{HealthReport, HealthSink, HealthUpdater},
@@ -93,6 +94,8 @@ pub enum Input {
     Health(HealthReport),
     /// What the Docker watcher saw.
     Docker(DockerUpdate),
+    /// Every other node's backends, as etcd now holds them (cluster mode).
+    Remote(RemoteSet),
 }
 
 /// The sending side of the control task's inbox; cheap to clone.
@@ -122,6 +125,11 @@ impl Handle {
     /// Reports what the Docker watcher saw.
     pub async fn docker(&self, update: DockerUpdate) {
         let _ = self.tx.send(Input::Docker(update)).await;
+    }
+
+    /// Reports the other nodes' backends.
+    pub async fn remote(&self, set: RemoteSet) {
+        let _ = self.tx.send(Input::Remote(set)).await;
     }
 
     /// Reports a backend's change of health.
@@ -193,6 +201,15 @@ pub struct Controller {
     /// The last apply failed: the maps' state is unknown, so the next one
     /// applies every service, not only those that changed.
     apply_all: bool,
+    /// Other nodes' backends received and not yet committed.
+    remote_pending: Option<RemoteSet>,
+    /// The node (and container) behind each applied remote backend, by
+    /// service and address.
+    remote_names: BTreeMap<(String, SocketAddrV4), (String, Option<String>)>,
+    /// Remote backends the last set left out (the maps were full).
+    remote_left_out: usize,
+    /// Where this node's own backends are published (cluster mode).
+    local: Option<watch::Sender<LocalSet>>,
 }
 
 impl Controller {
@@ -217,7 +234,78 @@ impl Controller {
             events,
             marks: Marks::new(),
             apply_all: false,
+            remote_pending: None,
+            remote_names: BTreeMap::new(),
+            remote_left_out: 0,
+            local: None,
         }
+    }
+
+    /// Publishes this node's own backends to `local` after every change
+    /// (cluster mode), starting now.
+    pub fn with_cluster(mut self, local: watch::Sender<LocalSet>) -> Self {
+        self.local = Some(local);
+        self.publish_local();
+        self
+    }
+
+    /// Sends this node's own backends to the cluster task, if they changed.
+    fn publish_local(&self) {
+        let Some(tx) = &self.local else { return };
+        let set: LocalSet = self
+            .desired
+            .local_backends()
+            .into_iter()
+            .map(|(service, backends)| {
+                let records = backends
+                    .iter()
+                    .map(|b| {
+                        let record = BackendRecord {
+                            version: crate::cluster::keys::VERSION,
+                            weight: b.weight,
+                            drained: b.drained,
+                            container: self.docker.container(&service, b.addr).map(str::to_owned),
+                        };
+                        (b.addr, record)
+                    })
+                    .collect();
+                (service, records)
+            })
+            .collect();
+        tx.send_if_modified(|now| {
+            let changed = *now != set;
+            if changed {
+                *now = set;
+            }
+            changed
+        });
+    }
+
+    /// Takes in the other nodes' backends.
+    fn take_remote(&mut self, set: RemoteSet) {
+        self.remote_names = set
+            .iter()
+            .flat_map(|(service, list)| {
+                list.iter().map(|r| {
+                    (
+                        (service.clone(), r.spec.addr),
+                        (r.node.clone(), r.container.clone()),
+                    )
+                })
+            })
+            .collect();
+        let specs = set
+            .into_iter()
+            .map(|(service, list)| (service, list.into_iter().map(|r| r.spec).collect()))
+            .collect();
+        let left_out = self.desired.set_remote(specs);
+        if left_out > 0 && left_out != self.remote_left_out {
+            warn!(
+                left_out,
+                "other nodes' backends left out: datapath.max_backends reached"
+            );
+        }
+        self.remote_left_out = left_out;
     }
 
     /// Keeps `health`'s checks in step with the desired services.
@@ -350,6 +438,7 @@ impl Controller {
                     }
                     docker_changed |= self.docker.update(update);
                 }
+                Input::Remote(set) => self.remote_pending = Some(set),
                 Input::Call(req, reply) if req.is_change() => changes.push((req, reply)),
                 // A read or a health result: what came before it is
                 // committed first, so it sees it.
@@ -376,7 +465,7 @@ impl Controller {
         changes: &mut Vec<(Request, Reply)>,
         docker_changed: &mut bool,
     ) -> bool {
-        let any = !changes.is_empty() || *docker_changed;
+        let any = !changes.is_empty() || *docker_changed || self.remote_pending.is_some();
         self.commit(std::mem::take(changes), std::mem::take(docker_changed))
             .await;
         any
@@ -384,9 +473,16 @@ impl Controller {
 
     /// Carries out `changes` and the Docker news with one save and one apply.
     async fn commit(&mut self, changes: Vec<(Request, Reply)>, docker_changed: bool) {
-        if changes.is_empty() && !docker_changed {
+        let remote = self.remote_pending.take();
+        if changes.is_empty() && !docker_changed && remote.is_none() {
             return;
         }
+        // Only other nodes' news: their changes are the cluster's.
+        let reason = if changes.is_empty() && !docker_changed {
+            Reason::Cluster
+        } else {
+            Reason::Api
+        };
         self.desired.hold();
         let mut membership = docker_changed;
         let (requests, replies): (Vec<Request>, Vec<Reply>) = changes.into_iter().unzip();
@@ -406,6 +502,9 @@ impl Controller {
         if membership {
             // Image rules and labels may name a service added or removed.
             self.docker.assign(&mut self.desired);
+        }
+        if let Some(set) = remote {
+            self.take_remote(set);
         }
         // The state file is written on a blocking thread while the maps
         // are applied here: a change costs the slower of the two, not both.
@@ -442,7 +541,8 @@ impl Controller {
                 "applying changes failed; retrying at the next change"
             );
         }
-        self.publish(touched.as_ref(), Reason::Api);
+        self.publish(touched.as_ref(), reason);
+        self.publish_local();
         for (r, reply) in results.into_iter().zip(replies) {
             let answer = match (r, &saved, &applied) {
                 (Err(e), _, _) => Err(e),
@@ -572,6 +672,12 @@ impl Controller {
             for (_, b) in &mut v.backends {
                 if let Ok(addr) = b.address.parse() {
                     b.container = self.docker.container(&v.info.name, addr).map(str::to_owned);
+                    if let Some((node, container)) =
+                        self.remote_names.get(&(v.info.name.clone(), addr))
+                    {
+                        b.node = Some(node.clone());
+                        b.container.clone_from(container);
+                    }
                     if checked {
                         b.last_check = last.and_then(|l| l.get(&v.info.name, addr));
                     }

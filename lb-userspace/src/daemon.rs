@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use aya::programs::XdpMode;
+use etcd_client::ConnectOptions;
 use lb_common::IFACE_F_XDP;
 use tokio::{
     signal::unix::{signal, SignalKind},
@@ -14,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::{
     api::{server, types::InterfaceStatus},
+    cluster::{self, ClusterSpec, LocalSet, Membership},
     config::{self, ApiSpec, Config, ForwardMode},
     control::{Controller, DaemonInfo, Handle},
     datapath::{Datapath, MapSizes},
@@ -75,6 +77,11 @@ const DOCKER_FIRST_LIST: Duration = Duration::from_secs(5);
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     let desired = load_desired(&args, &config)?;
+    let cluster_options = config
+        .cluster
+        .as_ref()
+        .map(cluster::connect_options)
+        .transpose()?;
     let host = Host::new()?;
     let externals = find_externals(&host, &config, &args.config).await?;
     let listeners = bind_listeners(&args, &config.api).await?;
@@ -109,7 +116,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         pin_path: config.datapath.pin_path.display().to_string(),
         externals: attached.into_iter().map(|a| a.status).collect(),
     };
-    let running = serve(rec, desired, tracker, info, listeners, &docker, first)?;
+    let cluster = config.cluster.zip(cluster_options);
+    let running = serve(
+        rec, desired, tracker, info, listeners, &docker, first, cluster,
+    )?;
     info!(services = services.len(), socket = %args.socket.display(), "data path ready");
 
     wait_for_signal().await?;
@@ -311,11 +321,14 @@ struct Running {
     metrics: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     ui: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     watcher: Option<tokio::task::JoinHandle<()>>,
+    membership: Option<Membership>,
     _listeners: RemoveOnDrop,
 }
 
 /// Starts the controller, the admin API, metrics, the dashboard, the Docker
-/// engine client and the health checker.
+/// engine client, the health checker and, in cluster mode, the node's
+/// membership.
+#[allow(clippy::too_many_arguments)]
 fn serve(
     rec: Reconciler,
     desired: Desired,
@@ -324,6 +337,7 @@ fn serve(
     listeners: Listeners,
     docker: &DockerStart,
     first: Option<Session>,
+    cluster: Option<(ClusterSpec, ConnectOptions)>,
 ) -> anyhow::Result<Running> {
     let reader = rec.reader()?;
     let events = EventLog::default();
@@ -331,8 +345,14 @@ fn serve(
     let (stop, stop_rx) = watch::channel(false);
     // Backends start healthy (as the reconciler assumes); checks can only
     // take them out. The controller keeps them in step with the services.
-    let control = Controller::new(rec, desired, tracker, info, reader, events.clone())
+    let mut control = Controller::new(rec, desired, tracker, info, reader, events.clone())
         .with_health(health::spawn(handle.clone()));
+    let mut membership = None;
+    if let Some((spec, options)) = cluster {
+        let (local, local_rx) = watch::channel(LocalSet::new());
+        control = control.with_cluster(local);
+        membership = Some(Membership::start(spec, options, handle.clone(), local_rx));
+    }
     let control = tokio::spawn(control.run(inbox, wait_for(stop_rx.clone())));
     let api = tokio::spawn(server::serve(
         listeners.api,
@@ -372,15 +392,20 @@ fn serve(
         metrics,
         ui,
         watcher,
+        membership,
         _listeners: listeners._socket,
     })
 }
 
 impl Running {
-    /// Stops serving: the engine client goes, the API and metrics finish
+    /// Stops serving: the node leaves the cluster, the engine client goes, the API and metrics finish
     /// what they accepted (5 s at most), the controller answers what is in
     /// its inbox and hands the reconciler back.
     async fn stop(self) -> anyhow::Result<Reconciler> {
+        if let Some(m) = self.membership {
+            // First: the other nodes drop what this one published at once.
+            m.leave().await;
+        }
         let _ = self.stop.send(true);
         if let Some(w) = self.watcher {
             w.abort();

@@ -108,6 +108,8 @@ pub enum Reason {
     DockerUpdate,
     /// Docker: what the engine's list of containers showed (at connection).
     DockerList,
+    /// Cluster mode: another node published, changed or withdrew it.
+    Cluster,
 }
 
 /// A change, before the log numbers it.

@@ -1,9 +1,10 @@
-//! The `lb` daemon as a library: config, Maglev, the data path loader, host
+//! The `lb` daemon as a library: config, cluster mode, Maglev, the data path loader, host
 //! queries, the reconcile loop, the admin API and CLI, health checks,
 //! metrics, the change log and the dashboard. `main.rs` only parses the
 //! command line and dispatches.
 pub mod api;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -299,6 +299,7 @@ mod tests {
                 new_flows: packets / 10,
             },
             container: None,
+            node: None,
         }
     }
 

@@ -228,6 +228,7 @@ fn backends(packets: u64) -> Vec<BackendInfo> {
                 new_flows: 3,
             },
             container: Some("web-1".into()),
+            node: None,
         },
         BackendInfo {
             address: "198.18.7.2:8080".into(),
@@ -243,6 +244,7 @@ fn backends(packets: u64) -> Vec<BackendInfo> {
             active_flows: 0,
             counters: Counters::default(),
             container: None,
+            node: None,
         },
     ]
 }

@@ -17,23 +17,34 @@ use crate::cmd::{self, is_root, tools_bin, tools_dir};
 
 /// Debian packages that the tests, the demo and the daemon run.
 pub const PACKAGES: &[&str] = &[
-    "iproute2",        // ip: namespaces, veths, addresses, routes
-    "iptables",        // the FORWARD policy in tests; the iptables DNAT baseline
-    "ethtool",         // GRO on veth peers (XDP redirect needs it)
-    "util-linux",      // nsenter, mount
-    "busybox-static",  // httpd and nc servers in namespaces and images
-    "bpftool",         // inspecting loaded programs, maps and links
-    "tcpdump",         // looking at traffic when a test fails
-    "procps",          // ps, sysctl, pkill
-    "conntrack",       // clearing the benchmark's conntrack entries between contenders
-    "nginx",           // real HTTP backends in the end-to-end benchmark
-    "wrk",             // the benchmark's HTTP load generator
-    "haproxy",         // the proxy contender of the benchmark
-    "nftables",        // nft: removing the nat table the iptables contender created
-    "docker.io",       // a real engine for the Docker watcher's tests (the harness starts dockerd)
-    "chromium",        // a real browser for the dashboard's test
+    "iproute2",          // ip: namespaces, veths, addresses, routes
+    "iptables",          // the FORWARD policy in tests; the iptables DNAT baseline
+    "ethtool",           // GRO on veth peers (XDP redirect needs it)
+    "util-linux",        // nsenter, mount
+    "busybox-static",    // httpd and nc servers in namespaces and images
+    "bpftool",           // inspecting loaded programs, maps and links
+    "tcpdump",           // looking at traffic when a test fails
+    "procps",            // ps, sysctl, pkill
+    "conntrack",         // clearing the benchmark's conntrack entries between contenders
+    "nginx",             // real HTTP backends in the end-to-end benchmark
+    "wrk",               // the benchmark's HTTP load generator
+    "haproxy",           // the proxy contender of the benchmark
+    "nftables",          // nft: removing the nat table the iptables contender created
+    "docker.io", // a real engine for the Docker watcher's tests (the harness starts dockerd)
+    "chromium",  // a real browser for the dashboard's test
     "chromium-driver", // chromedriver: the test drives chromium over WebDriver
+    "etcd-server", // the etcd the cluster tests start (never the package's service)
+    "protobuf-compiler", // protoc: etcd-client's build compiles etcd's protos
+    "libprotobuf-dev", // the well-known .proto files those protos import
 ];
+
+/// The package whose service must not start: the tests start their own
+/// etcd, and one on the default 127.0.0.1:2379 would answer for it.
+const ETCD_PACKAGE: &str = "etcd-server";
+
+/// Debian's hook that `invoke-rc.d` and `deb-systemd-invoke` ask before
+/// starting a package's service; exit status 101 means "do not".
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 /// The bpf-linker release the eBPF build is known to work with (see
 /// docs/HOST-FACTS.md).
@@ -108,15 +119,51 @@ fn packages(root: bool) -> anyhow::Result<Outcome> {
         return Ok(Outcome::NeedsRoot(format!("missing {list}")));
     }
     cmd::run(Command::new("apt-get").arg("update"))?;
+    let etcd = missing.contains(&ETCD_PACKAGE);
+    let policy = if etcd { NoServiceStart::new()? } else { None };
     cmd::run(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y", "--no-install-recommends"])
             .args(&missing),
     )?;
+    drop(policy);
+    if etcd && Path::new("/run/systemd/system").is_dir() {
+        // Not at the next boot either.
+        cmd::run(Command::new("systemctl").args(["disable", "--now", "etcd.service"]))?;
+    }
     let still = missing_packages()?;
     ensure!(still.is_empty(), "still not installed: {}", still.join(" "));
     Ok(Outcome::Done(format!("installed {list}")))
+}
+
+/// A `policy-rc.d` that refuses every service start while it lives, unless
+/// the machine has one of its own (then that one decides).
+struct NoServiceStart;
+
+impl NoServiceStart {
+    fn new() -> anyhow::Result<Option<Self>> {
+        if Path::new(POLICY_RC_D).exists() {
+            return Ok(None);
+        }
+        fs::write(
+            POLICY_RC_D,
+            "#!/bin/sh\n# cargo xtask setup: no service starts while it installs\nexit 101\n",
+        )
+        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        fs::set_permissions(
+            POLICY_RC_D,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .with_context(|| format!("making {POLICY_RC_D} executable"))?;
+        Ok(Some(Self))
+    }
+}
+
+impl Drop for NoServiceStart {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(POLICY_RC_D);
+    }
 }
 
 /// The packages of [`PACKAGES`] that dpkg does not list as installed.

@@ -150,6 +150,10 @@ pub struct BackendInfo {
     /// The Docker container behind it, if it is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+    /// The other node that published it (cluster mode); absent for this
+    /// node's own backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// `GET /v1/stats`: one service's counters.

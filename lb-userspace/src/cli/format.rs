@@ -506,6 +506,7 @@ mod tests {
             active_flows: 2,
             counters: c,
             container: None,
+            node: None,
         }
     }
 

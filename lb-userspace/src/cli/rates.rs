@@ -161,6 +161,7 @@ mod tests {
                             active_flows: 0,
                             counters: *counters,
                             container: None,
+                            node: None,
                         })
                         .collect(),
                 })

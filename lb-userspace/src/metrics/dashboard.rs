@@ -24,6 +24,7 @@ fn exported() -> (BTreeSet<String>, BTreeSet<String>) {
         active_flows: 1,
         counters: Counters::default(),
         container: container.map(Into::into),
+        node: None,
     };
     let stats = Stats {
         services: vec![ServiceStats {

@@ -1117,6 +1117,7 @@ fn backend_info(st: &ServiceState, addr: SocketAddrV4, b: &Member) -> BackendInf
         active_flows: 0,
         counters: Counters::default(),
         container: None,
+        node: None,
     }
 }
 

@@ -262,6 +262,9 @@ pub struct Desired {
     path: PathBuf,
     limits: Limits,
     docker: BTreeMap<String, Vec<BackendSpec>>,
+    /// Other nodes' backends (cluster mode), never saved: etcd is read
+    /// again after a restart.
+    remote: BTreeMap<String, Vec<BackendSpec>>,
     /// While saves are held ([`Desired::hold`]): what the held changes
     /// replaced.
     held: Option<Held>,
@@ -313,6 +316,18 @@ struct Disk {
     /// The journal is folded into a snapshot once it is larger than this
     /// and than the snapshot ([`JOURNAL_MIN`]; tests lower it).
     compact_above: u64,
+}
+
+/// The names whose list differs between `old` and `new`.
+fn changed_names(
+    old: &BTreeMap<String, Vec<BackendSpec>>,
+    new: &BTreeMap<String, Vec<BackendSpec>>,
+) -> BTreeSet<String> {
+    old.keys()
+        .chain(new.keys())
+        .filter(|name| old.get(*name) != new.get(*name))
+        .cloned()
+        .collect()
 }
 
 /// Where the state file of config file `config` lives.
@@ -379,6 +394,7 @@ impl Desired {
                 max_table_size: d.max_table_size,
             },
             docker: BTreeMap::new(),
+            remote: BTreeMap::new(),
             held: None,
             disk,
             catalog: Catalog::default(),
@@ -421,26 +437,49 @@ impl Desired {
     /// Replaces the backends Docker contributes, by service name.
     pub fn set_docker(&mut self, backends: BTreeMap<String, Vec<BackendSpec>>) {
         let old = std::mem::replace(&mut self.docker, backends);
-        let changed: BTreeSet<String> = old
-            .iter()
-            .filter(|(name, b)| self.docker.get(*name) != Some(*b))
-            .map(|(name, _)| name.clone())
-            .chain(
-                self.docker
-                    .iter()
-                    .filter(|(name, b)| old.get(*name) != Some(*b))
-                    .map(|(name, _)| name.clone()),
-            )
-            .collect();
-        for name in changed {
+        for name in changed_names(&old, &self.docker) {
             self.rebuild(&name);
         }
+    }
+
+    /// Replaces the backends other nodes contribute, by service name.
+    /// Those beyond `max_backends` (after this node's own) are left out;
+    /// returns how many.
+    pub fn set_remote(&mut self, mut backends: BTreeMap<String, Vec<BackendSpec>>) -> usize {
+        let local: usize = self.local_backends().values().map(Vec::len).sum();
+        let mut room = (self.limits.max_backends as usize).saturating_sub(local);
+        let mut left_out = 0;
+        for list in backends.values_mut() {
+            let keep = list.len().min(room);
+            left_out += list.len() - keep;
+            list.truncate(keep);
+            room -= keep;
+        }
+        backends.retain(|_, list| !list.is_empty());
+        let old = std::mem::replace(&mut self.remote, backends);
+        for name in changed_names(&old, &self.remote) {
+            self.rebuild(&name);
+        }
+        left_out
+    }
+
+    /// This node's own backends by service (declared and Docker's, not
+    /// other nodes'): what it publishes in cluster mode.
+    pub fn local_backends(&self) -> BTreeMap<String, Vec<BackendSpec>> {
+        self.declared()
+            .into_iter()
+            .map(|mut s| {
+                self.add_source(&mut s, &self.docker);
+                (s.name, s.backends)
+            })
+            .filter(|(_, b)| !b.is_empty())
+            .collect()
     }
 
     /// Builds service `name` again from the config, the state and Docker.
     fn rebuild(&mut self, name: &str) {
         let spec = self.declared_one(name).map(|mut s| {
-            self.add_containers(&mut s);
+            self.add_contributed(&mut s);
             s
         });
         self.catalog.set(name, spec);
@@ -690,24 +729,37 @@ impl Desired {
         let mut s = self
             .declared_one(service)
             .ok_or_else(|| Refusal::not_found(format!("no service {service}")))?;
-        self.add_containers(&mut s);
+        self.add_contributed(&mut s);
         Ok(s)
     }
 
     /// Adds the backends Docker contributes to `s`. A backend declared by
     /// hand wins over a container at the same address (the membership check
     /// already warned).
-    fn add_containers(&self, s: &mut ServiceSpec) {
-        let Some(containers) = self.docker.get(&s.name) else {
+    fn add_contributed(&self, s: &mut ServiceSpec) {
+        self.add_source(s, &self.docker);
+        // Other nodes' last: an address this node has is its own.
+        self.add_source(s, &self.remote);
+    }
+
+    /// Adds `source`'s backends of `s` whose address it lacks, as many as
+    /// its table has slots for.
+    fn add_source(&self, s: &mut ServiceSpec, source: &BTreeMap<String, Vec<BackendSpec>>) {
+        let Some(extra) = source.get(&s.name) else {
             return;
         };
+        let room = (s.table_size as usize).saturating_sub(s.backends.len());
         let mut have: HashSet<SocketAddrV4> = s.backends.iter().map(|b| b.addr).collect();
-        let mut usable = Vec::with_capacity(containers.len());
-        for b in containers.iter().filter(|b| have.insert(b.addr)) {
-            // A container is observed, not asked for: one the service
-            // cannot use stays out, said once per change of Docker's view.
+        let mut usable = Vec::new();
+        for b in extra.iter().filter(|b| have.insert(b.addr)) {
+            if usable.len() == room {
+                break;
+            }
+            // A contributed backend is observed, not asked for: one the
+            // service cannot use stays out, said once per change of the
+            // source's view.
             match s.refuses_backend(b.addr) {
-                Some(why) => warn!(container = %b.addr, "{why}; the container stays out"),
+                Some(why) => warn!(backend = %b.addr, "{why}; it stays out"),
                 None => usable.push(*b),
             }
         }
@@ -1771,6 +1823,66 @@ backends = ["198.18.103.2:8080", "198.18.104.2:8080"]
         let saved = on_disk(&path);
         assert!(saved.contains("198.18.105.2"), "{saved}");
         assert!(!saved.contains("198.18.0.2"), "{saved}");
+    }
+
+    #[test]
+    fn remote_backends_come_after_own_ones_and_are_not_published() {
+        let dir = tmp("remote");
+        let mut d = Desired::load(&config(), dir.0.join("lb.state.json")).unwrap();
+        let b = |s: &str| s.parse::<BackendSpec>().unwrap();
+        d.set_docker(BTreeMap::from([(
+            "web".to_owned(),
+            vec![b("198.18.0.2:8080")],
+        )]));
+        // One address this node has (its own wins), one new, and one for
+        // a service this node does not declare.
+        let left_out = d.set_remote(BTreeMap::from([
+            (
+                "web".to_owned(),
+                vec![b("198.18.103.2:8080@5"), b("198.18.142.10:8080@2")],
+            ),
+            ("api".to_owned(), vec![b("198.18.142.11:8080")]),
+        ]));
+        assert_eq!(left_out, 0);
+        let web = &d.services()[0];
+        let addrs: Vec<String> = web.backends.iter().map(|b| b.addr.to_string()).collect();
+        assert_eq!(
+            addrs,
+            [
+                "198.18.103.2:8080",
+                "198.18.104.2:8080",
+                "198.18.0.2:8080",
+                "198.18.142.10:8080"
+            ]
+        );
+        assert_eq!(web.backends[0].weight, 1, "this node's own entry is kept");
+        assert_eq!(web.backends[3].weight, 2);
+        assert_eq!(d.services().len(), 1, "no service comes from another node");
+        let local = d.local_backends();
+        assert_eq!(local["web"].len(), 3, "what is published: {local:?}");
+
+        // Gone from etcd, gone here.
+        d.set_remote(BTreeMap::new());
+        assert_eq!(d.services()[0].backends.len(), 3);
+    }
+
+    #[test]
+    fn remote_backends_beyond_max_backends_are_left_out() {
+        let dir = tmp("remote-full");
+        let mut d = Desired::load(&config(), dir.0.join("lb.state.json")).unwrap();
+        let room = d.limits().max_backends as usize - 2;
+        let many: Vec<BackendSpec> = (0..room + 3)
+            .map(|i| BackendSpec {
+                addr: SocketAddrV4::new(std::net::Ipv4Addr::from(0xc612_8e00 + i as u32), 80),
+                weight: 1,
+                drained: false,
+                via: None,
+            })
+            .collect();
+        let left_out = d.set_remote(BTreeMap::from([("web".to_owned(), many)]));
+        assert_eq!(left_out, 3);
+        let total = d.services()[0].backends.len();
+        assert!(total <= d.limits().max_backends as usize, "{total}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Test harness of `lb`: network namespaces, a veth topology, real kernel
 //! servers and clients, guards for host state, a guard for the `lb` daemon
-//! process, a real Docker engine, and a rig for `BPF_PROG_TEST_RUN`.
+//! process, a real Docker engine, a real etcd, and a rig for `BPF_PROG_TEST_RUN`.
 //!
 //! Everything here is meant to be reused by the kernel and end-to-end tests
 //! (`tests/tests/`), by `cargo xtask demo` (`lb-demo`) and by the benchmark
@@ -21,6 +21,7 @@ pub mod cmd;
 pub mod config_files;
 pub mod demo;
 pub mod docker_engine;
+pub mod etcd;
 pub mod forward;
 pub mod lb_process;
 pub mod load;

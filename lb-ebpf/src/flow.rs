@@ -262,6 +262,19 @@ mod tests {
         }
     }
 
+    /// Backend 198.18.103.1:8080's reply to the client of [`key`]`(40000)`.
+    fn reply_to_client() -> FlowKey {
+        FlowKey {
+            src_addr: u32::from_ne_bytes([198, 18, 103, 1]),
+            dst_addr: u32::from_ne_bytes([198, 18, 100, 2]),
+            src_port: 8080u16.to_be(),
+            dst_port: 40000u16.to_be(),
+            proto: IPPROTO_TCP,
+            _pad1: 0,
+            _pad2: 0,
+        }
+    }
+
     /// Runs [`select_backend`] on `backends` (by id) and a Maglev table of
     /// the service whose every slot holds `slot`.
     fn select(backends: &[Backend], recorded: Option<u32>, slot: u32) -> Selection {
@@ -424,16 +437,7 @@ mod tests {
             vport: [80u16.to_be(), 81u16.to_be(), 82u16.to_be(), 83u16.to_be()],
             count: 2,
         };
-        // The backend 198.18.103.1:8080 answers the client.
-        let reply = FlowKey {
-            src_addr: u32::from_ne_bytes([198, 18, 103, 1]),
-            dst_addr: u32::from_ne_bytes([198, 18, 100, 2]),
-            src_port: 8080u16.to_be(),
-            dst_port: 40000u16.to_be(),
-            proto: IPPROTO_TCP,
-            _pad1: 0,
-            _pad2: 0,
-        };
+        let reply = reply_to_client();
         assert_eq!(reply_flow_key(&reply, &rev, 0), Some(key(40000)));
         let second = reply_flow_key(&reply, &rev, 1).unwrap();
         assert_eq!(
@@ -472,15 +476,7 @@ mod tests {
             be(2, 3, BACKEND_ACTIVE),
             be(1, 4, BACKEND_ACTIVE),
         ];
-        let reply = FlowKey {
-            src_addr: u32::from_ne_bytes([198, 18, 103, 1]),
-            dst_addr: u32::from_ne_bytes([198, 18, 100, 2]),
-            src_port: 8080u16.to_be(),
-            dst_port: 40000u16.to_be(),
-            proto: IPPROTO_TCP,
-            _pad1: 0,
-            _pad2: 0,
-        };
+        let reply = reply_to_client();
         let both = RevNat {
             vip: [vip(1), vip(2), 0, 0],
             vport: [80u16.to_be(), 81u16.to_be(), 0, 0],

@@ -116,25 +116,11 @@ impl EcmpNodes {
             ns.ip(&["link", "set", "lo", "up"]);
         }
         // Client and router.
-        rt.ip(&[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            self.client.name(),
-        ]);
-        self.client
-            .ip(&["addr", "add", &format!("{NODES_CLIENT}/24"), "dev", "eth0"]);
-        self.client.ip(&["link", "set", "eth0", "up"]);
+        veth(rt, "eth0", &self.client, "eth0");
+        up_with(&self.client, "eth0", &format!("{NODES_CLIENT}/24"));
         self.client
             .ip(&["route", "add", "default", "via", "198.18.140.1"]);
-        rt.ip(&["addr", "add", "198.18.140.1/24", "dev", "eth0"]);
-        rt.ip(&["link", "set", "eth0", "up"]);
+        up_with(rt, "eth0", "198.18.140.1/24");
         for (key, value) in [
             ("net.ipv4.ip_forward", "1"),
             // Spread by the whole 5-tuple, as routers in front of
@@ -150,56 +136,11 @@ impl EcmpNodes {
         // Nodes: uplink to the router, downlink to the segment.
         for (i, node) in self.nodes.iter().enumerate() {
             let uplink = format!("eth{}", i + 1);
-            rt.ip(&[
-                "link",
-                "add",
-                &uplink,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                node.name(),
-            ]);
-            rt.ip(&[
-                "addr",
-                "add",
-                &format!("{}/30", router_downlink(i)),
-                "dev",
-                &uplink,
-            ]);
-            rt.ip(&["link", "set", &uplink, "up"]);
-            node.ip(&[
-                "addr",
-                "add",
-                &format!("{}/30", node_uplink(i)),
-                "dev",
-                "eth0",
-            ]);
-            let port = format!("s{i}");
-            sw.ip(&[
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth1",
-                "netns",
-                node.name(),
-            ]);
-            sw.ip(&["link", "set", &port, "master", "br0", "up"]);
-            node.ip(&[
-                "addr",
-                "add",
-                &format!("{}/24", node_segment_addr(i)),
-                "dev",
-                "eth1",
-            ]);
-            node.ip(&["link", "set", "eth0", "up"]);
-            node.ip(&["link", "set", "eth1", "up"]);
+            veth(rt, &uplink, node, "eth0");
+            up_with(rt, &uplink, &format!("{}/30", router_downlink(i)));
+            up_with(node, "eth0", &format!("{}/30", node_uplink(i)));
+            bridge_port(sw, &format!("s{i}"), node, "eth1");
+            up_with(node, "eth1", &format!("{}/24", node_segment_addr(i)));
             node.ip(&[
                 "route",
                 "add",
@@ -212,50 +153,11 @@ impl EcmpNodes {
         }
         // The router's own leg on the segment: the way back to the clients
         // that skips the nodes, for direct server return.
-        sw.ip(&[
-            "link",
-            "add",
-            "r",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "seg",
-            "netns",
-            rt.name(),
-        ]);
-        sw.ip(&["link", "set", "r", "master", "br0", "up"]);
-        rt.ip(&[
-            "addr",
-            "add",
-            &format!("{ROUTER_SEGMENT_ADDR}/24"),
-            "dev",
-            "seg",
-        ]);
-        rt.ip(&["link", "set", "seg", "up"]);
+        bridge_port(sw, "r", rt, "seg");
+        up_with(rt, "seg", &format!("{ROUTER_SEGMENT_ADDR}/24"));
         for (j, backend) in self.backends.iter().enumerate() {
-            let port = format!("b{j}");
-            sw.ip(&[
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                backend.name(),
-            ]);
-            sw.ip(&["link", "set", &port, "master", "br0", "up"]);
-            backend.ip(&[
-                "addr",
-                "add",
-                &format!("{}/24", node_backend_addr(j)),
-                "dev",
-                "eth0",
-            ]);
-            backend.ip(&["link", "set", "eth0", "up"]);
+            bridge_port(sw, &format!("b{j}"), backend, "eth0");
+            up_with(backend, "eth0", &format!("{}/24", node_backend_addr(j)));
             backend.exec_ok(&["sysctl", "-qw", "net.ipv4.fib_multipath_hash_policy=1"]);
         }
         self.route_over_live_nodes();
@@ -346,6 +248,35 @@ impl EcmpNodes {
         self.up.lock().unwrap_or_else(PoisonError::into_inner)[i] = true;
         self.route_over_live_nodes();
     }
+}
+
+/// Links `a`'s interface `a_if` and `b`'s `b_if` with a veth pair.
+fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
+    a.ip(&[
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ]);
+}
+
+/// Gives `ns`'s interface `ifname` the address `cidr` and brings it up.
+fn up_with(ns: &Netns, ifname: &str, cidr: &str) {
+    ns.ip(&["addr", "add", cidr, "dev", ifname]);
+    ns.ip(&["link", "set", ifname, "up"]);
+}
+
+/// Plugs `peer`'s new interface `peer_if` into the switch's bridge as port
+/// `port`.
+fn bridge_port(sw: &Netns, port: &str, peer: &Netns, peer_if: &str) {
+    veth(sw, port, peer, peer_if);
+    sw.ip(&["link", "set", port, "master", "br0", "up"]);
 }
 
 fn as_strs(v: &[String]) -> Vec<&str> {
